@@ -1,0 +1,266 @@
+"""The contract as data: what a generation request may contain, what comes back, what a run records.
+
+Everything that decides *which pixels* an image has lives in `ImageRequest`, so its `cache_key` is
+the single identity used by Prefect's cache, by storage object keys and by batch de-duplication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+    model_validator,
+)
+
+SCHNELL = "flux-1-schnell-fp8"
+DEV = "flux-1-dev-fp8"
+ModelName = Literal["flux-1-schnell-fp8", "flux-1-dev-fp8"]
+MODELS: tuple[str, ...] = (SCHNELL, DEV)
+
+AspectRatio = Literal["1:1", "21:9", "16:9", "3:2", "5:4", "4:5", "2:3", "9:16", "9:21", "4:3", "3:4"]
+# Sizes from the published list of supported resolutions; 5:4 and 4:5 are not listed there, so
+# these two are our choice (see shared/fireworks-api.md).
+ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "21:9": (1536, 640),
+    "16:9": (1344, 768),
+    "3:2": (1216, 832),
+    "5:4": (1120, 896),
+    "4:5": (896, 1120),
+    "2:3": (832, 1216),
+    "9:16": (768, 1344),
+    "9:21": (640, 1536),
+    "4:3": (1152, 896),
+    "3:4": (896, 1152),
+}
+OutputFormat = Literal["jpeg", "png"]
+CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png"}
+
+DEFAULT_STEPS: dict[str, int] = {SCHNELL: 4, DEV: 28}
+MAX_STEPS: dict[str, int] = {SCHNELL: 12, DEV: 50}
+MIN_GUIDANCE_EXCLUSIVE = 0.0
+MAX_GUIDANCE = 20.0
+# Seed 0 asks the API for a random seed; every seed we send is in 1..MAX_SEED so it is reproducible.
+MAX_SEED = 2**32 - 1
+_DERIVED_SEED_SPAN = 2**31 - 1
+# Bumped only when the meaning of a cache key changes, so old keys never alias new images.
+CACHE_KEY_VERSION = 1
+
+
+class FinishReason(StrEnum):
+    """How one requested image ended. The API sends the first two; the library adds the rest."""
+
+    SUCCESS = "SUCCESS"
+    CONTENT_FILTERED = "CONTENT_FILTERED"
+    ERROR = "ERROR"
+    SKIPPED_BUDGET = "SKIPPED_BUDGET"
+
+
+def derive_seed(base_seed: int | None, prompt: str, variant: int = 0) -> int:
+    """A seed that depends only on its inputs, so a re-run sends exactly the same requests.
+
+    Hashing (rather than `base_seed + variant`) keeps variants of neighbouring base seeds from
+    overlapping. The result is never 0, which the API would read as "pick one at random".
+    """
+    payload = json.dumps([base_seed, prompt, variant], ensure_ascii=True, separators=(",", ":"))
+    digest = hashlib.sha256(payload.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") % _DERIVED_SEED_SPAN + 1
+
+
+class ImageRequest(BaseModel):
+    """One text-to-image generation, validated against the published contract before any spend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=10_000)]
+    model: ModelName = SCHNELL
+    aspect_ratio: AspectRatio = "1:1"
+    guidance_scale: Annotated[float, Field(gt=MIN_GUIDANCE_EXCLUSIVE, le=MAX_GUIDANCE)] = 3.5
+    num_inference_steps: Annotated[int, Field(ge=1, le=50)] = DEFAULT_STEPS[SCHNELL]
+    seed: Annotated[int, Field(ge=1, le=MAX_SEED)] = 1
+    safety_check: bool = False
+    output_format: OutputFormat = "jpeg"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_model_dependent_defaults(cls, data: Any) -> Any:
+        """Steps default per model, and a missing seed is derived from the prompt (never random)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        model = data.get("model") or SCHNELL
+        if data.get("num_inference_steps") is None and model in DEFAULT_STEPS:
+            data["num_inference_steps"] = DEFAULT_STEPS[model]
+        if data.get("seed") is None:
+            prompt = data.get("prompt")
+            if isinstance(prompt, str) and prompt.strip():
+                data["seed"] = derive_seed(None, prompt.strip(), 0)
+        for key in ("guidance_scale",):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _reject_random_seed(cls, value: Any) -> Any:
+        if value == 0 or value == "0":
+            raise ValueError(
+                "seed 0 asks the API for a random seed, which can be neither reproduced nor "
+                "cached; omit the seed to get a stable one derived from the prompt"
+            )
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _reject_control_characters(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("prompt contains a NUL character")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_within_model_range(self) -> ImageRequest:
+        limit = MAX_STEPS[self.model]
+        if self.num_inference_steps > limit:
+            raise ValueError(
+                f"num_inference_steps={self.num_inference_steps} is above {limit}, the most "
+                f"{self.model} accepts (allowed: 1..{limit})"
+            )
+        return self
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) the API renders for this aspect ratio."""
+        return ASPECT_RATIO_SIZES[self.aspect_ratio]
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.output_format]
+
+    @property
+    def cache_key(self) -> str:
+        """Identity of the pixels: same fields -> same key, on any machine and Python version.
+
+        Canonical JSON (sorted keys, ASCII, shortest float repr) of every field that changes the
+        image, plus a version, hashed with SHA-256. 32 hex characters keep object keys short while
+        leaving collisions out of reach (128 bits).
+        """
+        payload = {"v": CACHE_KEY_VERSION, **self.api_body()}
+        payload["output_format"] = self.output_format
+        canonical = json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
+
+    def api_body(self) -> dict[str, Any]:
+        """The JSON body the text_to_image endpoint takes (model and format travel elsewhere)."""
+        return {
+            "prompt": self.prompt,
+            "aspect_ratio": self.aspect_ratio,
+            "guidance_scale": self.guidance_scale,
+            "num_inference_steps": self.num_inference_steps,
+            "seed": self.seed,
+            "safety_check": self.safety_check,
+        }
+
+
+class GeneratedImage(BaseModel):
+    """One answer of the API. Holds the bytes: keep it short-lived, carry `ImageRecord`s instead."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request: ImageRequest
+    data: bytes = Field(repr=False)
+    content_type: str
+    seed: int | None
+    finish_reason: FinishReason
+    request_id: str | None = None
+    latency_s: float = 0.0
+    width: int
+    height: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+
+class ImageRecord(BaseModel):
+    """One line of the manifest: what was asked, how it ended, where it is. Never the bytes."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    index: int = Field(description="position of the prompt in the input")
+    variant: int = 0
+    prompt: str
+    model: str
+    aspect_ratio: str
+    guidance_scale: float
+    num_inference_steps: int
+    seed: int
+    safety_check: bool
+    output_format: str
+    cache_key: str
+    finish_reason: FinishReason
+    uri: str | None = None
+    thumbnail_uri: str | None = None
+    cached: bool = False
+    error: str | None = None
+    spill_path: str | None = None
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+    size_bytes: int | None = None
+    request_id: str | None = None
+    latency_s: float | None = None
+    api_calls: int = 0
+    estimated_cost_usd: float = 0.0
+
+    @classmethod
+    def for_request(cls, request: ImageRequest, *, index: int, variant: int, **fields: Any) -> ImageRecord:
+        return cls(
+            index=index,
+            variant=variant,
+            cache_key=request.cache_key,
+            **request.model_dump(),
+            **fields,
+        )
+
+    def to_request(self) -> ImageRequest:
+        """The exact request that produced (or should produce) this record, for replays."""
+        return ImageRequest(
+            prompt=self.prompt,
+            model=self.model,
+            aspect_ratio=self.aspect_ratio,
+            guidance_scale=self.guidance_scale,
+            num_inference_steps=self.num_inference_steps,
+            seed=self.seed,
+            safety_check=self.safety_check,
+            output_format=self.output_format,
+        )
+
+
+class BatchReport(BaseModel):
+    """What a batch run returns: every record, counts by outcome, and what the run cost."""
+
+    records: list[ImageRecord]
+    counts: dict[str, int]
+    api_calls: int
+    cache_hits: int
+    manifest_uri: str | None
+    destination: str
+    contact_sheet_uri: str | None = None
+    spill_dir: str | None = None
+    estimated_cost_usd: float = 0.0
+    saved_usd: float = 0.0
+    wall_time_s: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(FinishReason.ERROR, 0)
