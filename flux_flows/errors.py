@@ -18,11 +18,14 @@ class FluxError(Exception):
         *,
         status_code: int | None = None,
         request_id: str | None = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.request_id = request_id
+        # HTTP requests this failure took: the batch counts API calls, failed ones included.
+        self.attempts = attempts
 
     def __str__(self) -> str:
         parts = [self.message]
@@ -50,7 +53,9 @@ class RateLimitError(FluxError):
 
     retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, **kwargs: object
+    ) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.retry_after_s = retry_after_s
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
+    ValidationInfo,
     computed_field,
     field_validator,
     model_validator,
@@ -25,7 +28,9 @@ DEV = "flux-1-dev-fp8"
 ModelName = Literal["flux-1-schnell-fp8", "flux-1-dev-fp8"]
 MODELS: tuple[str, ...] = (SCHNELL, DEV)
 
-AspectRatio = Literal["1:1", "21:9", "16:9", "3:2", "5:4", "4:5", "2:3", "9:16", "9:21", "4:3", "3:4"]
+AspectRatio = Literal[
+    "1:1", "21:9", "16:9", "3:2", "5:4", "4:5", "2:3", "9:16", "9:21", "4:3", "3:4"
+]
 # Sizes from the published list of supported resolutions; 5:4 and 4:5 are not listed there, so
 # these two are our choice (see shared/fireworks-api.md).
 ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
@@ -73,6 +78,18 @@ def derive_seed(base_seed: int | None, prompt: str, variant: int = 0) -> int:
     payload = json.dumps([base_seed, prompt, variant], ensure_ascii=True, separators=(",", ":"))
     digest = hashlib.sha256(payload.encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") % _DERIVED_SEED_SPAN + 1
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field, for CLI output and batch pre-flight errors."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or "request"
+        message = error["msg"].removeprefix("Value error, ")
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{field}: {message}{shown}")
+    return "; ".join(lines)
 
 
 class ImageRequest(BaseModel):
@@ -125,15 +142,14 @@ class ImageRequest(BaseModel):
             raise ValueError("prompt contains a NUL character")
         return value
 
-    @model_validator(mode="after")
-    def _steps_within_model_range(self) -> ImageRequest:
-        limit = MAX_STEPS[self.model]
-        if self.num_inference_steps > limit:
-            raise ValueError(
-                f"num_inference_steps={self.num_inference_steps} is above {limit}, the most "
-                f"{self.model} accepts (allowed: 1..{limit})"
-            )
-        return self
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _steps_within_model_range(cls, value: int, info: ValidationInfo) -> int:
+        model = info.data.get("model")
+        limit = MAX_STEPS.get(model, 50) if isinstance(model, str) else 50
+        if value > limit:
+            raise ValueError(f"{model} takes at most {limit} steps (allowed: 1..{limit})")
+        return value
 
     @property
     def size(self) -> tuple[int, int]:
@@ -152,8 +168,12 @@ class ImageRequest(BaseModel):
         image, plus a version, hashed with SHA-256. 32 hex characters keep object keys short while
         leaving collisions out of reach (128 bits).
         """
-        payload = {"v": CACHE_KEY_VERSION, **self.api_body()}
-        payload["output_format"] = self.output_format
+        payload = {
+            "v": CACHE_KEY_VERSION,
+            **self.api_body(),
+            "model": self.model,
+            "output_format": self.output_format,
+        }
         canonical = json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
 
@@ -183,6 +203,7 @@ class GeneratedImage(BaseModel):
     latency_s: float = 0.0
     width: int
     height: int
+    attempts: int = Field(default=1, description="HTTP requests it took, retries included")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -207,7 +228,11 @@ class ImageRecord(BaseModel):
     output_format: str
     cache_key: str
     finish_reason: FinishReason
-    uri: str | None = None
+    item_id: str | None = Field(default=None, description="the user's id for the prompt row")
+    uri: str | None = Field(
+        default=None, description="where the real image is; None unless SUCCESS"
+    )
+    filtered_uri: str | None = Field(default=None, description="a CONTENT_FILTERED answer's bytes")
     thumbnail_uri: str | None = None
     cached: bool = False
     error: str | None = None
@@ -222,7 +247,9 @@ class ImageRecord(BaseModel):
     estimated_cost_usd: float = 0.0
 
     @classmethod
-    def for_request(cls, request: ImageRequest, *, index: int, variant: int, **fields: Any) -> ImageRecord:
+    def for_request(
+        cls, request: ImageRequest, *, index: int, variant: int, **fields: Any
+    ) -> ImageRecord:
         return cls(
             index=index,
             variant=variant,
@@ -264,3 +291,48 @@ class BatchReport(BaseModel):
     @property
     def failed(self) -> int:
         return self.counts.get(FinishReason.ERROR, 0)
+
+    @property
+    def spilled(self) -> int:
+        return sum(1 for r in self.records if r.spill_path)
+
+
+PIXEL_FIELDS = (
+    "model",
+    "aspect_ratio",
+    "guidance_scale",
+    "num_inference_steps",
+    "seed",
+    "safety_check",
+    "output_format",
+)
+
+
+def request_for(
+    prompt: str | Mapping[str, Any],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    base_seed: int | None = None,
+    variant: int = 0,
+) -> ImageRequest:
+    """The request for one prompt (string or dict of overrides) and variant, always seeded.
+
+    Precedence: the prompt's own overrides, then `defaults` (a batch's settings). The seed is the
+    prompt's explicit seed for variant 0, else derived from (explicit seed or `base_seed`,
+    prompt, variant), so K variants get K distinct, reproducible seeds.
+    """
+    fields: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
+    if isinstance(prompt, str):
+        fields["prompt"] = prompt
+    else:
+        fields.update({k: v for k, v in prompt.items() if v is not None and k != "id"})
+    text = fields.get("prompt")
+    own_seed = prompt.get("seed") if not isinstance(prompt, str) else None
+    if isinstance(text, str):
+        text = text.strip()
+        if own_seed is not None and variant == 0:
+            fields["seed"] = own_seed
+        else:
+            seed_base = int(own_seed) if own_seed is not None else base_seed
+            fields["seed"] = derive_seed(seed_base, text, variant)
+    return ImageRequest.model_validate(fields)

@@ -77,3 +77,30 @@ def _no_real_services(monkeypatch: pytest.MonkeyPatch) -> None:
     if os.environ.get("FIREWORKS_BASE_URL", "").startswith("https://api.fireworks.ai"):
         monkeypatch.delenv("FIREWORKS_BASE_URL")
     monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One real (ephemeral, SQLite) Prefect API for the whole session, with its own result store.
+
+    Prefect keeps cached task results on disk (~/.prefect/storage by default); a private folder
+    keeps one session's cache from answering for the next.
+    """
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with (
+        temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}),
+        prefect_test_harness(server_startup_timeout=90),
+    ):
+        yield
+
+
+@pytest.fixture
+def flow_env(
+    prefect_api: None, fireworks_env: object, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> object:
+    """Prefect API + emulator via env vars + a private spill folder: what a flow test needs."""
+    monkeypatch.setenv("FLUX_FLOWS_SPILL_DIR", str(tmp_path / "spill"))  # type: ignore[operator]
+    return fireworks_env

@@ -1,0 +1,145 @@
+"""Planning a batch before any money is spent: expand prompts into requests, find what is done.
+
+Everything here is pure or read-only, so `dry_run=True` and `flux-flows plan` share it with the
+real run: the plan a user sees is the plan that runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from flux_flows import layout
+from flux_flows.models import FinishReason, ImageRequest, describe_validation_error, request_for
+from flux_flows.pricing import estimate_cost
+from flux_flows.prompts import PromptRow
+from flux_flows.storage import Storage
+
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One requested image: which prompt row, which variant, the exact request."""
+
+    index: int
+    variant: int
+    request: ImageRequest
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    object_key: str
+    finish_reason: FinishReason
+
+
+@dataclass
+class BatchPlan:
+    """What a run will do: every image, which are stored already, which to generate, at what cost."""
+
+    images: list[PlannedImage]
+    unique: dict[str, ImageRequest]
+    stored: dict[str, StoredImage]
+    to_generate: list[str]
+    skipped_for_budget: list[str] = field(default_factory=list)
+    cost_by_key: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def estimated_cost_usd(self) -> float:
+        return sum(self.cost_by_key[k] for k in self.to_generate)
+
+    @property
+    def saved_usd(self) -> float:
+        """What the cache saves: stored images plus duplicates inside the batch, at list price."""
+        return sum(self.cost_by_key[p.request.cache_key] for p in self.images) - sum(
+            self.cost_by_key[k] for k in self.to_generate + self.skipped_for_budget
+        )
+
+
+def expand(
+    rows: Sequence[PromptRow],
+    *,
+    defaults: Mapping[str, Any],
+    base_seed: int | None,
+    variants: int,
+) -> list[PlannedImage]:
+    """Validate every row x variant up front; all problems are reported at once, with where."""
+    if variants < 1:
+        raise ValueError(f"variants must be at least 1, got {variants}")
+    images: list[PlannedImage] = []
+    problems: list[str] = []
+    for index, row in enumerate(rows):
+        item_id = row.fields.get("id")
+        for variant in range(variants):
+            try:
+                request = request_for(
+                    row.fields, defaults=defaults, base_seed=base_seed, variant=variant
+                )
+            except ValidationError as exc:
+                problems.append(f"{row.where}: {describe_validation_error(exc)}")
+                break
+            images.append(
+                PlannedImage(index, variant, request, None if item_id is None else str(item_id))
+            )
+    if problems:
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise ValueError(
+            f"{len(problems)} invalid prompt(s), nothing was generated:\n  "
+            + "\n  ".join(shown)
+            + tail
+        )
+    if not images:
+        raise ValueError("no prompts to generate: the prompt list is empty")
+    return images
+
+
+def find_stored(storage: Storage) -> dict[str, StoredImage]:
+    """What the destination already holds, by cache key: two listings, not one HEAD per image."""
+    stored: dict[str, StoredImage] = {}
+    for prefix, finish in (
+        (layout.FILTERED, FinishReason.CONTENT_FILTERED),
+        (layout.IMAGES, FinishReason.SUCCESS),
+    ):
+        for cache_key, object_key in layout.keys_by_cache_key(storage.list_keys(prefix)).items():
+            stored[cache_key] = StoredImage(object_key, finish)
+    return stored
+
+
+def plan_batch(
+    images: list[PlannedImage],
+    stored: Mapping[str, StoredImage],
+    *,
+    prices: Mapping[str, float],
+    budget_usd: float | None = None,
+) -> BatchPlan:
+    """Decide what to generate: each distinct missing request once, in order, within budget."""
+    unique: dict[str, ImageRequest] = {}
+    for planned in images:
+        unique.setdefault(planned.request.cache_key, planned.request)
+    cost = {key: estimate_cost(request, prices) for key, request in unique.items()}
+    missing = [key for key in unique if key not in stored]
+    to_generate, skipped = missing, []
+    if budget_usd is not None:
+        if budget_usd < 0:
+            raise ValueError(f"budget_usd must not be negative, got {budget_usd}")
+        spent, to_generate = 0.0, []
+        for key in missing:
+            if not skipped and spent + cost[key] <= budget_usd + 1e-12:
+                spent += cost[key]
+                to_generate.append(key)
+            else:
+                skipped.append(key)
+    return BatchPlan(
+        images=images,
+        unique=unique,
+        stored=dict(stored),
+        to_generate=to_generate,
+        skipped_for_budget=skipped,
+        cost_by_key=cost,
+    )

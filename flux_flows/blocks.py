@@ -1,0 +1,52 @@
+"""FireworksCredentials: where the API key lives when Prefect runs the code on another machine.
+
+A block keeps the key in Prefect's encrypted storage, so deployments reference it by name instead
+of carrying it in parameters (which Prefect stores and shows in the UI).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.blocks.abstract import CredentialsBlock
+from pydantic import Field, SecretStr
+
+from flux_flows.client import DEFAULT_BASE_URL, AsyncFluxClient, FluxClient
+
+
+class FireworksCredentials(CredentialsBlock):
+    """Fireworks AI API key and endpoint.
+
+    Example:
+        Save once, load anywhere:
+        ```python
+        from flux_flows import FireworksCredentials
+
+        FireworksCredentials(api_key="fw-...").save("fireworks", overwrite=True)
+        credentials = FireworksCredentials.load("fireworks")
+        with credentials.get_client() as client:
+            ...
+        ```
+    """
+
+    _block_type_name = "Fireworks Credentials"
+    _block_type_slug = "fireworks-credentials"
+    _logo_url = "https://avatars.githubusercontent.com/u/121359744"
+    _documentation_url = "https://github.com/flux-flows/flux-flows#configuration"
+    _description = "API key and base URL for FLUX.1 image generation on Fireworks AI."
+
+    api_key: SecretStr = Field(
+        default=..., title="API key", description="A Fireworks API key (fw-...)."
+    )
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL,
+        description="Inference base URL; point it at `flux-flows emulator` to work offline.",
+    )
+
+    def get_client(self, **kwargs: Any) -> FluxClient:
+        """A synchronous FluxClient; keyword arguments go to FluxClient (timeouts, retries)."""
+        return FluxClient(self.api_key, base_url=self.base_url, **kwargs)
+
+    def get_async_client(self, **kwargs: Any) -> AsyncFluxClient:
+        """An AsyncFluxClient with the same settings."""
+        return AsyncFluxClient(self.api_key, base_url=self.base_url, **kwargs)

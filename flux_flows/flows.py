@@ -1,0 +1,487 @@
+"""The batch flows: prompts in; images, a manifest and artifacts out; nothing paid for twice.
+
+Order of a run: validate every prompt (bad input costs nothing), check the destination is
+writable and the key is set, list what the destination already holds, then submit one
+`render_image` per distinct missing image with at most `max_concurrency` in flight (and at most
+`requests_per_minute`), record every outcome, and write the manifest next to the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flux_flows import layout
+from flux_flows.batch import BatchPlan, PlannedImage, expand, find_stored, plan_batch
+from flux_flows.blocks import FireworksCredentials
+from flux_flows.errors import AuthenticationError, StorageError
+from flux_flows.models import SCHNELL, BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.pricing import price_table
+from flux_flows.progress import ProgressReporter
+from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
+from flux_flows.render import RenderJob, RenderResult, render_image
+from flux_flows.reporting import count_outcomes, publish_artifacts, write_manifests
+from flux_flows.spill import SpillFolder
+from flux_flows.storage import Storage, open_storage
+from flux_flows.tasks import flux_client
+
+DEFAULT_DESTINATION = "./flux-flows-output"
+DEFAULT_MAX_CONCURRENCY = 8
+# Pace a little under the stated limit: the account's window and our clock never agree exactly.
+RPM_HEADROOM = 0.98
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Everything a run needs besides its prompts; built from the flow's parameters."""
+
+    destination: str
+    defaults: Mapping[str, Any]
+    seed: int | None
+    variants: int
+    max_concurrency: int
+    requests_per_minute: float | None
+    credentials: FireworksCredentials | None
+    aws_credentials: Any
+    dry_run: bool
+    budget_usd: float | None
+    prices: Mapping[str, float] | None
+    spill_dir: str | None
+    concurrency_limit: str | None
+    fail_on_error: bool
+
+    def check(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise ValueError(
+                f"requests_per_minute must be positive, got {self.requests_per_minute}"
+            )
+
+
+class Pacer:
+    """Spaces submissions evenly to stay under a requests-per-minute limit (no bursts)."""
+
+    def __init__(self, requests_per_minute: float | None) -> None:
+        self.interval = 60.0 / (requests_per_minute * RPM_HEADROOM) if requests_per_minute else 0.0
+        self.next_at = time.monotonic()
+
+    def wait_s(self) -> float:
+        return max(0.0, self.next_at - time.monotonic()) if self.interval else 0.0
+
+    def take(self) -> None:
+        self.next_at = max(self.next_at, time.monotonic()) + self.interval
+
+
+@contextlib.contextmanager
+def _runner(max_concurrency: int) -> Iterator[Any]:
+    """A thread pool sized to the concurrency asked for, unless the user chose another runner.
+
+    Prefect's default pool is unbounded; a DaskTaskRunner (or any other) is used as given, with
+    the in-flight window below still bounding how much is submitted at once.
+    """
+    context = FlowRunContext.get()
+    chosen = context.task_runner if context else None
+    if chosen is None or isinstance(chosen, ThreadPoolTaskRunner):
+        with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner:
+            yield runner
+    else:
+        yield chosen
+
+
+def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
+    value = future.result(raise_on_failure=False)
+    if isinstance(value, RenderResult):
+        return value
+    error = value if isinstance(value, BaseException) else RuntimeError(str(value))
+    return RenderResult(
+        cache_key=cache_key,
+        finish_reason=FinishReason.ERROR,
+        error=f"{type(error).__name__}: {error}",
+    )
+
+
+def _render_all(
+    plan: BatchPlan, options: BatchOptions, progress: ProgressReporter, flow_run_id: str | None
+) -> dict[str, RenderResult]:
+    """Submit the missing images with a bounded window; collect results as they complete."""
+    logger = get_run_logger()
+    results: dict[str, RenderResult] = {}
+    pending = deque(plan.to_generate)
+    done: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
+    keys_by_run: dict[Any, str] = {}
+    pacer = Pacer(options.requests_per_minute)
+    abort: str | None = None
+    in_flight = 0
+    with _runner(options.max_concurrency) as runner:
+        while pending or in_flight:
+            while pending and abort is None and in_flight < options.max_concurrency:
+                if pacer.wait_s() > 0:
+                    break
+                key = pending.popleft()
+                job = RenderJob(
+                    request=plan.unique[key],
+                    destination=options.destination,
+                    spill_root=options.spill_dir,
+                    credentials=options.credentials,
+                    aws_credentials=options.aws_credentials,
+                    flow_run_id=flow_run_id,
+                    concurrency_limit=options.concurrency_limit,
+                )
+                future = runner.submit(render_image, {"job": job})
+                keys_by_run[future.task_run_id] = key
+                future.add_done_callback(done.put)
+                in_flight += 1
+                pacer.take()
+            if abort is not None and pending:
+                for key in pending:
+                    results[key] = RenderResult(
+                        cache_key=key, finish_reason=FinishReason.ERROR, error=abort
+                    )
+                pending.clear()
+            if not in_flight:
+                continue
+            wait = pacer.wait_s() if pending and in_flight < options.max_concurrency else 1.0
+            try:
+                future = done.get(timeout=max(wait, 0.005))
+            except queue.Empty:
+                continue
+            in_flight -= 1
+            result = _result_of(future, keys_by_run.pop(future.task_run_id))
+            results[result.cache_key] = result
+            if (
+                abort is None
+                and result.error
+                and result.error.startswith(AuthenticationError.__name__)
+            ):
+                abort = f"not attempted: an earlier request failed with {result.error}"
+                logger.error("stopping: the API refused the credentials (%s)", result.error)
+            progress.update(len(results))
+    return results
+
+
+def _record(
+    planned: PlannedImage,
+    plan: BatchPlan,
+    storage: Storage,
+    results: Mapping[str, RenderResult],
+    first: bool,
+) -> ImageRecord:
+    """One manifest line: the planned image joined with how its distinct request ended."""
+    key = planned.request.cache_key
+    base = {"index": planned.index, "variant": planned.variant, "item_id": planned.item_id}
+    if key in plan.stored:
+        stored = plan.stored[key]
+        uri = storage.uri_for(stored.object_key)
+        success = stored.finish_reason is FinishReason.SUCCESS
+        return ImageRecord.for_request(
+            planned.request,
+            **base,
+            finish_reason=stored.finish_reason,
+            uri=uri if success else None,
+            filtered_uri=None if success else uri,
+            cached=True,
+            width=planned.request.size[0],
+            height=planned.request.size[1],
+            content_type=planned.request.content_type,
+        )
+    if key not in results:
+        return ImageRecord.for_request(
+            planned.request,
+            **base,
+            finish_reason=FinishReason.SKIPPED_BUDGET,
+            error="not generated: the run's budget_usd would have been exceeded",
+        )
+    result = results[key]
+    success = result.finish_reason is FinishReason.SUCCESS
+    paid = first and not result.recovered_from_spill and result.finish_reason != FinishReason.ERROR
+    return ImageRecord.for_request(
+        planned.request,
+        **base,
+        finish_reason=result.finish_reason,
+        uri=result.uri if success else None,
+        filtered_uri=result.uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
+        cached=not first or result.recovered_from_spill,
+        error=result.error,
+        spill_path=result.spill_path,
+        width=result.width,
+        height=result.height,
+        content_type=result.content_type,
+        size_bytes=result.size_bytes,
+        request_id=result.request_id,
+        latency_s=result.latency_s,
+        api_calls=result.api_calls if first else 0,
+        estimated_cost_usd=plan.cost_by_key[key] if paid else 0.0,
+    )
+
+
+def _records(
+    plan: BatchPlan, storage: Storage, results: Mapping[str, RenderResult]
+) -> list[ImageRecord]:
+    seen: set[str] = set()
+    records = []
+    for planned in plan.images:
+        key = planned.request.cache_key
+        records.append(_record(planned, plan, storage, results, first=key not in seen))
+        seen.add(key)
+    return records
+
+
+def _preflight(options: BatchOptions, storage: Storage) -> None:
+    """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
+    storage.check_writable()
+    if not options.dry_run:
+        flux_client(options.credentials)
+
+
+def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
+    """The body shared by both flows; returns the final state carrying the BatchReport."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    options.check()
+    prices = price_table(options.prices)
+    images = expand(
+        rows, defaults=options.defaults, base_seed=options.seed, variants=options.variants
+    )
+    storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
+    _preflight(options, storage)
+    stored = find_stored(storage)
+    plan = plan_batch(images, stored, prices=prices, budget_usd=options.budget_usd)
+    logger.info(
+        "%d images requested: %d distinct, %d already stored, %d to generate (est. $%.4f)%s",
+        len(images),
+        len(plan.unique),
+        sum(1 for k in plan.unique if k in plan.stored),
+        len(plan.to_generate),
+        plan.estimated_cost_usd,
+        f", {len(plan.skipped_for_budget)} over budget" if plan.skipped_for_budget else "",
+    )
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    flow_run_id = str(flow_run.id) if flow_run else None
+    results: dict[str, RenderResult] = {}
+    if not options.dry_run:
+        progress = ProgressReporter(total=len(plan.to_generate))
+        results = _render_all(plan, options, progress, flow_run_id)
+        progress.finish()
+    records = _records(plan, storage, results)
+    spill = SpillFolder(options.destination, options.spill_dir)
+    report = BatchReport(
+        records=records,
+        counts=count_outcomes(records),
+        api_calls=sum(r.api_calls for r in results.values()),
+        cache_hits=sum(1 for r in records if r.cached),
+        manifest_uri=None,
+        destination=storage.root_uri,
+        spill_dir=str(spill.path),
+        estimated_cost_usd=sum(r.estimated_cost_usd for r in records)
+        if not options.dry_run
+        else plan.estimated_cost_usd,
+        saved_usd=plan.saved_usd,
+        dry_run=options.dry_run,
+    )
+    if not options.dry_run:
+        run_id = layout.new_run_id(flow_run.name if flow_run else None)
+        try:
+            report.manifest_uri = write_manifests(storage, run_id, records)
+        except StorageError as exc:
+            logger.error("could not store the manifest: %s", exc)
+    report.wall_time_s = time.perf_counter() - started
+    if not options.dry_run:
+        publish_artifacts(report)
+    return _final_state(report, options.fail_on_error)
+
+
+def _final_state(report: BatchReport, fail_on_error: bool) -> State:
+    counts = report.counts
+    message = (
+        f"{len(report.records)} images: {counts['SUCCESS']} succeeded, "
+        f"{counts['CONTENT_FILTERED']} filtered, {report.cache_hits} served from cache, "
+        f"{counts['ERROR']} failed, {counts['SKIPPED_BUDGET']} skipped for budget; "
+        f"{report.api_calls} API calls"
+    )
+    if report.spilled:
+        message += f"; {report.spilled} kept locally in {report.spill_dir}"
+    if fail_on_error and counts["ERROR"]:
+        return Failed(message=message, data=report)
+    return Completed(message=message, data=report)
+
+
+def _options(
+    destination: str,
+    *,
+    model: str,
+    aspect_ratio: str,
+    seed: int | None,
+    variants: int,
+    guidance_scale: float,
+    num_inference_steps: int | None,
+    output_format: str,
+    safety_check: bool,
+    max_concurrency: int,
+    requests_per_minute: float | None,
+    credentials: FireworksCredentials | None,
+    aws_credentials: Any,
+    dry_run: bool,
+    budget_usd: float | None,
+    prices: Mapping[str, float] | None,
+    spill_dir: str | None,
+    concurrency_limit: str | None,
+    fail_on_error: bool,
+) -> BatchOptions:
+    return BatchOptions(
+        destination=destination,
+        defaults={
+            "model": model,
+            "aspect_ratio": aspect_ratio,
+            "guidance_scale": guidance_scale,
+            "num_inference_steps": num_inference_steps,
+            "output_format": output_format,
+            "safety_check": safety_check,
+        },
+        seed=seed,
+        variants=variants,
+        max_concurrency=max_concurrency,
+        requests_per_minute=requests_per_minute,
+        credentials=credentials,
+        aws_credentials=aws_credentials,
+        dry_run=dry_run,
+        budget_usd=budget_usd,
+        prices=prices,
+        spill_dir=spill_dir,
+        concurrency_limit=concurrency_limit,
+        fail_on_error=fail_on_error,
+    )
+
+
+@flow(name="generate-images", persist_result=False, log_prints=True)
+def generate_images(
+    prompts: list[str | dict[str, Any] | ImageRequest],
+    destination: str = DEFAULT_DESTINATION,
+    *,
+    model: str = SCHNELL,
+    aspect_ratio: str = "1:1",
+    seed: int | None = None,
+    variants: int = 1,
+    guidance_scale: float = 3.5,
+    num_inference_steps: int | None = None,
+    output_format: str = "jpeg",
+    safety_check: bool = False,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    requests_per_minute: float | None = None,
+    credentials: FireworksCredentials | None = None,
+    aws_credentials: Any = None,
+    dry_run: bool = False,
+    budget_usd: float | None = None,
+    prices: dict[str, float] | None = None,
+    spill_dir: str | None = None,
+    concurrency_limit: str | None = None,
+    fail_on_error: bool = False,
+) -> BatchReport:
+    """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
+
+    `prompts` are strings or dicts with a "prompt" and per-prompt overrides (any ImageRequest
+    field, plus an "id" carried into the manifest). `destination` is `s3://bucket/prefix` or a
+    local folder. Images already in the destination are not generated again; identical requests
+    in the batch are generated once. Returns a BatchReport; the run's state message says how many
+    failed (set `fail_on_error=True` to make failures fail the run).
+
+    Example:
+        ```python
+        report = generate_images(["a red fox", "a blue whale"], "s3://assets/animals/", variants=2)
+        print(report.counts, report.manifest_uri)
+        ```
+    """
+    options = _options(
+        destination,
+        model=model,
+        aspect_ratio=aspect_ratio,
+        seed=seed,
+        variants=variants,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        output_format=output_format,
+        safety_check=safety_check,
+        max_concurrency=max_concurrency,
+        requests_per_minute=requests_per_minute,
+        credentials=credentials,
+        aws_credentials=aws_credentials,
+        dry_run=dry_run,
+        budget_usd=budget_usd,
+        prices=prices,
+        spill_dir=spill_dir,
+        concurrency_limit=concurrency_limit,
+        fail_on_error=fail_on_error,
+    )
+    return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
+
+
+@flow(name="generate-images-from-file", persist_result=False, log_prints=True)
+def generate_images_from_file(
+    source: str,
+    destination: str = DEFAULT_DESTINATION,
+    *,
+    model: str = SCHNELL,
+    aspect_ratio: str = "1:1",
+    seed: int | None = None,
+    variants: int = 1,
+    guidance_scale: float = 3.5,
+    num_inference_steps: int | None = None,
+    output_format: str = "jpeg",
+    safety_check: bool = False,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    requests_per_minute: float | None = None,
+    credentials: FireworksCredentials | None = None,
+    aws_credentials: Any = None,
+    dry_run: bool = False,
+    budget_usd: float | None = None,
+    prices: dict[str, float] | None = None,
+    spill_dir: str | None = None,
+    concurrency_limit: str | None = None,
+    fail_on_error: bool = False,
+) -> BatchReport:
+    """The batch, reading prompts from a file: local path or `s3://bucket/key`.
+
+    `.txt`: one prompt a line (blank lines and `#` comments skipped). `.csv`: a `prompt` column and
+    optional per-row `model`, `aspect_ratio`, `seed`, `guidance_scale`, `num_inference_steps`,
+    `safety_check`, `output_format`, `id`. `.jsonl`: one object a line with the same keys.
+
+    Example:
+        ```python
+        generate_images_from_file("s3://prompts/2026-11-24.jsonl", "s3://assets/products/")
+        ```
+    """
+    options = _options(
+        destination,
+        model=model,
+        aspect_ratio=aspect_ratio,
+        seed=seed,
+        variants=variants,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        output_format=output_format,
+        safety_check=safety_check,
+        max_concurrency=max_concurrency,
+        requests_per_minute=requests_per_minute,
+        credentials=credentials,
+        aws_credentials=aws_credentials,
+        dry_run=dry_run,
+        budget_usd=budget_usd,
+        prices=prices,
+        spill_dir=spill_dir,
+        concurrency_limit=concurrency_limit,
+        fail_on_error=fail_on_error,
+    )
+    rows = read_prompts(source, aws_credentials=aws_credentials)
+    return run_batch(rows, options)  # type: ignore[return-value]

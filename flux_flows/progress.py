@@ -1,0 +1,62 @@
+"""A Prefect progress artifact updated while a batch runs, throttled so it costs ~nothing.
+
+One artifact per run, updated at most every `min_interval_s` and every `min_step` percent, so a
+10,000-image run makes a few dozen API calls for its progress bar, not 10,000.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("flux_flows.progress")
+
+
+class ProgressReporter:
+    def __init__(self, total: int, *, min_interval_s: float = 2.0, min_step: float = 5.0) -> None:
+        self.total = total
+        self.min_interval_s = min_interval_s
+        self.min_step = min_step
+        self.updates = 0
+        self._artifact_id = None
+        self._last_percent = 0.0
+        self._last_at = 0.0
+        if total:
+            self._artifact_id = self._create()
+
+    def _create(self) -> object | None:
+        from prefect.artifacts import create_progress_artifact
+
+        try:
+            return create_progress_artifact(
+                progress=0.0,
+                key="flux-flows-progress",
+                description=f"Images generated and stored, of {self.total}",
+            )
+        except Exception as exc:  # a progress bar must never stop paid work
+            logger.warning("could not create the progress artifact: %s", exc)
+            return None
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        if self._artifact_id is None or not self.total:
+            return
+        percent = min(100.0, 100.0 * done / self.total)
+        now = time.monotonic()
+        due = (
+            percent - self._last_percent >= self.min_step
+            and now - self._last_at >= self.min_interval_s
+        )
+        if not (force or due) or percent == self._last_percent:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(artifact_id=self._artifact_id, progress=percent)  # type: ignore[arg-type]
+        except Exception as exc:
+            logger.warning("could not update the progress artifact: %s", exc)
+            return
+        self.updates += 1
+        self._last_percent, self._last_at = percent, now
+
+    def finish(self) -> None:
+        self.update(self.total, force=True)

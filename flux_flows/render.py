@@ -1,0 +1,190 @@
+"""render_image: the one task a batch runs per distinct image (generate, then store).
+
+It runs the steps as plain functions rather than nested tasks: a task run costs ~5 ms of CPU in
+Prefect 3 (measured, benchmarks/RESULTS.md), which would triple the library's own cost per image.
+It returns a small `RenderResult`, never the bytes, so 10,000 results fit in memory, and it is not
+cached by Prefect: the destination itself is the cache (a Prefect cache hit could vouch for an
+object that was since deleted, or that only reached the spill folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
+from pydantic import BaseModel, ConfigDict
+
+from flux_flows import layout
+from flux_flows.blocks import FireworksCredentials
+from flux_flows.errors import FluxError, StorageError
+from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
+from flux_flows.spill import SpillFolder
+from flux_flows.storage import open_storage
+from flux_flows.tasks import flux_client, image_metadata, store_image
+
+logger = logging.getLogger("flux_flows.render")
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a returned Failed state with exc_info but no exception ("NoneType: None")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
+
+
+class RenderJob(BaseModel):
+    """All a worker needs for one image; picklable, so it can cross to Dask workers."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    request: ImageRequest
+    destination: str
+    spill_root: str | None = None
+    credentials: FireworksCredentials | None = None
+    aws_credentials: Any = None
+    flow_run_id: str | None = None
+    concurrency_limit: str | None = None
+
+
+class RenderResult(BaseModel):
+    """How one distinct image ended; fanned out by the flow to every record that asked for it."""
+
+    cache_key: str
+    finish_reason: FinishReason
+    object_key: str | None = None
+    uri: str | None = None
+    spill_path: str | None = None
+    recovered_from_spill: bool = False
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+    size_bytes: int | None = None
+    request_id: str | None = None
+    latency_s: float | None = None
+    api_calls: int = 0
+    error: str | None = None
+
+
+@contextlib.contextmanager
+def _api_slot(limit_name: str | None) -> Iterator[None]:
+    """Hold one slot of a Prefect global concurrency limit around the API call, if one is named.
+
+    This is how several flow runs, on any number of machines, share one account's budget.
+    """
+    if not limit_name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(limit_name, occupy=1, create_if_missing=False):
+        yield
+
+
+def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult) -> RenderResult:
+    """Upload; if storage still fails after boto3's retries, keep the bytes in the spill folder."""
+    storage = open_storage(job.destination, aws_credentials=job.aws_credentials)
+    try:
+        key, uri = store_image(storage, image, flow_run_id=job.flow_run_id)
+    except (StorageError, OSError) as exc:
+        spill = SpillFolder(job.destination, job.spill_root)
+        key = layout.image_key(image.request, image.finish_reason)
+        path = spill.save(
+            result.cache_key,
+            image.data,
+            object_key=key,
+            content_type=image.content_type,
+            metadata=image_metadata(image, flow_run_id=job.flow_run_id),
+        )
+        logger.warning("upload failed, image kept at %s: %s", path, exc)
+        return result.model_copy(
+            update={"spill_path": str(path), "error": f"upload failed, kept locally: {exc}"}
+        )
+    return result.model_copy(update={"object_key": key, "uri": uri})
+
+
+def _recover_spilled(job: RenderJob) -> RenderResult | None:
+    """An earlier run paid for this image but could not store it: upload it now, pay nothing."""
+    spill = SpillFolder(job.destination, job.spill_root)
+    cache_key = job.request.cache_key
+    found = spill.load(cache_key)
+    if found is None:
+        return None
+    data, meta = found
+    finish = (
+        FinishReason.CONTENT_FILTERED
+        if meta["object_key"].startswith(layout.FILTERED)
+        else FinishReason.SUCCESS
+    )
+    result = RenderResult(
+        cache_key=cache_key,
+        finish_reason=finish,
+        recovered_from_spill=True,
+        content_type=meta["content_type"],
+        size_bytes=len(data),
+    )
+    storage = open_storage(job.destination, aws_credentials=job.aws_credentials)
+    try:
+        uri = storage.put(
+            meta["object_key"],
+            data,
+            content_type=meta["content_type"],
+            metadata=meta.get("metadata") or None,
+        )
+    except (StorageError, OSError) as exc:
+        path = str(spill.data_path(cache_key))
+        return result.model_copy(
+            update={"spill_path": path, "error": f"upload failed again, still kept locally: {exc}"}
+        )
+    spill.remove(cache_key)
+    return result.model_copy(update={"object_key": meta["object_key"], "uri": uri})
+
+
+def render(job: RenderJob) -> RenderResult:
+    """Generate and store one image; a FluxError propagates with its attempt count."""
+    recovered = _recover_spilled(job)
+    if recovered is not None:
+        return recovered
+    client = flux_client(job.credentials)
+    with _api_slot(job.concurrency_limit):
+        image = client.generate(job.request)
+    result = RenderResult(
+        cache_key=job.request.cache_key,
+        finish_reason=image.finish_reason,
+        width=image.width,
+        height=image.height,
+        content_type=image.content_type,
+        size_bytes=len(image.data),
+        request_id=image.request_id,
+        latency_s=image.latency_s,
+        api_calls=image.attempts,
+    )
+    return _store_or_spill(job, image, result)
+
+
+@task(name="render-image", retries=0, cache_policy=NO_CACHE, persist_result=False)
+def render_image(job: RenderJob) -> RenderResult:
+    """Generate one image and store it; a failure ends Failed with a one-line message, no traceback.
+
+    The Failed state carries a RenderResult (finish reason ERROR, the error text and the API
+    calls spent), so the flow records it and the other images go on.
+    """
+    try:
+        return render(job)
+    except FluxError as exc:
+        result = RenderResult(
+            cache_key=job.request.cache_key,
+            finish_reason=FinishReason.ERROR,
+            api_calls=exc.attempts,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return Failed(message=result.error, data=result)  # type: ignore[return-value]

@@ -1,0 +1,139 @@
+"""What a run leaves behind for people and for downstream jobs: manifest, summary, artifacts.
+
+Artifacts are written by the flow once (plus a throttled progress bar), never one per image:
+Prefect stores each as a row, and a 10,000-image run must not make 10,000 API calls to say so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from flux_flows import layout
+from flux_flows.models import BatchReport, FinishReason, ImageRecord
+from flux_flows.storage import Storage
+
+ARTIFACT_ROWS_PER_TABLE = 2_000  # well under Prefect Cloud's 5 MiB artifact body limit
+PROMPT_CHARS_IN_TABLE = 200
+
+
+def count_outcomes(records: Iterable[ImageRecord]) -> dict[str, int]:
+    counts = Counter(r.finish_reason.value for r in records)
+    return {reason.value: counts.get(reason.value, 0) for reason in FinishReason}
+
+
+def manifest_bytes(records: Sequence[ImageRecord]) -> bytes:
+    """JSONL, one line per requested image, whole prompts: what a downstream DAG reads."""
+    return b"".join(r.model_dump_json().encode("utf-8") + b"\n" for r in records)
+
+
+def read_manifest(data: bytes, source: str) -> list[ImageRecord]:
+    records = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(ImageRecord.model_validate_json(line))
+        except ValueError as exc:
+            raise ValueError(f"{source} line {number} is not a manifest record: {exc}") from exc
+    return records
+
+
+def write_manifests(storage: Storage, run_id: str, records: Sequence[ImageRecord]) -> str:
+    """The run's own manifest under runs/<id>/, and a copy at the root for "the latest run"."""
+    body = manifest_bytes(records)
+    uri = storage.put(layout.run_manifest_key(run_id), body, content_type="application/x-ndjson")
+    storage.put(layout.MANIFEST, body, content_type="application/x-ndjson")
+    return uri
+
+
+def summary_lines(report: BatchReport) -> list[tuple[str, str]]:
+    """The figures every summary shows (CLI table, markdown artifact, contact sheet)."""
+    counts = report.counts
+    lines = [
+        ("images requested", str(len(report.records))),
+        ("generated (SUCCESS)", str(counts.get("SUCCESS", 0) - _cached_success(report))),
+        ("already stored (cache hits)", str(report.cache_hits)),
+        ("content filtered", str(counts.get("CONTENT_FILTERED", 0))),
+        ("failed (ERROR)", str(counts.get("ERROR", 0))),
+        ("skipped for budget", str(counts.get("SKIPPED_BUDGET", 0))),
+        ("kept locally (upload failed)", str(report.spilled)),
+        ("API calls", str(report.api_calls)),
+        ("estimated cost", f"${report.estimated_cost_usd:.4f}"),
+        ("saved by the cache", f"${report.saved_usd:.4f}"),
+        ("wall time", f"{report.wall_time_s:.1f} s"),
+    ]
+    if report.spill_dir and report.spilled:
+        lines.append(("spill folder", report.spill_dir))
+    if report.manifest_uri:
+        lines.append(("manifest", report.manifest_uri))
+    return lines
+
+
+def _cached_success(report: BatchReport) -> int:
+    return sum(1 for r in report.records if r.cached and r.finish_reason is FinishReason.SUCCESS)
+
+
+def summary_markdown(report: BatchReport, *, title: str = "FLUX batch") -> str:
+    rows = "\n".join(f"| {name} | {value} |" for name, value in summary_lines(report))
+    text = f"# {title}\n\nDestination: `{report.destination}`\n\n| | |\n|---|---|\n{rows}\n"
+    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR][:10]
+    if errors:
+        text += "\n## First errors\n" + "".join(
+            f"- prompt {r.index} ({_short(r.prompt, 60)}): {_short(r.error or '', 300)}\n"
+            for r in errors
+        )
+    return text
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def table_rows(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": r.index,
+            "variant": r.variant,
+            "prompt": _short(r.prompt, PROMPT_CHARS_IN_TABLE),
+            "seed": r.seed,
+            "finish_reason": r.finish_reason.value,
+            "uri": r.uri or r.filtered_uri or r.spill_path or "",
+            "cached": r.cached,
+            "error": _short(r.error or "", 200),
+        }
+        for r in records
+    ]
+
+
+def publish_artifacts(report: BatchReport, *, key_prefix: str = "flux-flows") -> None:
+    """Table (split into parts for big runs) and markdown summary on the current flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = table_rows(report.records)
+    parts = max(1, -(-len(rows) // ARTIFACT_ROWS_PER_TABLE))
+    for part in range(parts):
+        chunk = rows[part * ARTIFACT_ROWS_PER_TABLE : (part + 1) * ARTIFACT_ROWS_PER_TABLE]
+        suffix = "" if parts == 1 else f"-part-{part + 1}"
+        create_table_artifact(
+            table=chunk,
+            key=f"{key_prefix}-images{suffix}",
+            description=f"Images of this run ({part + 1}/{parts})" if parts > 1 else "Images",
+        )
+    create_markdown_artifact(
+        markdown=summary_markdown(report),
+        key=f"{key_prefix}-summary",
+        description="Counts, API calls, cache hits and cost of this run",
+    )
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys must match ^[a-z0-9-]*$."""
+    return layout.slug(text, 60)
+
+
+def load_manifest_json(line: str) -> dict[str, Any]:
+    return json.loads(line)

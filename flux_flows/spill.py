@@ -1,0 +1,85 @@
+"""The local spill folder: paid-for images that could not be stored yet wait here, never lost.
+
+One folder per destination (named by a hash of it), one file per cache key, plus a small JSON
+sidecar saying where the bytes were going. A later run into the same destination uploads them
+without paying again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SPILL_ENV = "FLUX_FLOWS_SPILL_DIR"
+
+
+def default_spill_root() -> Path:
+    return Path(os.environ.get(SPILL_ENV) or Path.home() / ".flux-flows" / "spill").expanduser()
+
+
+class SpillFolder:
+    """Images awaiting upload to one destination."""
+
+    def __init__(self, destination: str, root: str | Path | None = None) -> None:
+        digest = hashlib.sha256(destination.encode("utf-8")).hexdigest()[:16]
+        self.path = Path(root or default_spill_root()).expanduser().resolve() / digest
+        self.destination = destination
+
+    def data_path(self, cache_key: str) -> Path:
+        return self.path / f"{cache_key}.bin"
+
+    def _meta_path(self, cache_key: str) -> Path:
+        return self.path / f"{cache_key}.json"
+
+    def save(
+        self,
+        cache_key: str,
+        data: bytes,
+        *,
+        object_key: str,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> Path:
+        """Write bytes then sidecar, each atomically: a sidecar always means complete bytes."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.data_path(cache_key)
+        _atomic_write(target, data)
+        meta = {
+            "destination": self.destination,
+            "object_key": object_key,
+            "content_type": content_type,
+            "metadata": metadata or {},
+        }
+        _atomic_write(self._meta_path(cache_key), json.dumps(meta).encode("utf-8"))
+        return target
+
+    def load(self, cache_key: str) -> tuple[bytes, dict[str, Any]] | None:
+        meta_path = self._meta_path(cache_key)
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text("utf-8"))
+        return self.data_path(cache_key).read_bytes(), meta
+
+    def remove(self, cache_key: str) -> None:
+        self._meta_path(cache_key).unlink(missing_ok=True)
+        self.data_path(cache_key).unlink(missing_ok=True)
+
+    def cache_keys(self) -> set[str]:
+        if not self.path.is_dir():
+            return set()
+        return {p.stem for p in self.path.glob("*.json")}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

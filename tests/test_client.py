@@ -1,0 +1,274 @@
+"""FluxClient / AsyncFluxClient against the emulator over real HTTP, plus their small parsers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+from conftest import TEST_API_KEY
+from PIL import Image
+
+from flux_flows.client import (
+    AsyncFluxClient,
+    FluxClient,
+    RetryPolicy,
+    api_error_message,
+    parse_retry_after,
+)
+from flux_flows.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    InvalidRequestError,
+    MissingCredentialsError,
+    RateLimitError,
+    ResponseError,
+    ServerError,
+)
+from flux_flows.models import FinishReason, ImageRequest
+
+FAST = RetryPolicy(max_retries=3, initial_delay_s=0.01, max_delay_s=0.05)
+
+
+@pytest.fixture
+def client(emulator) -> FluxClient:  # type: ignore[no-untyped-def]
+    with FluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=FAST) as c:
+        yield c
+
+
+def test_binary_jpeg_answer_is_parsed(client: FluxClient, emulator) -> None:  # type: ignore[no-untyped-def]
+    image = client.generate(ImageRequest(prompt="a red fox", seed=42, aspect_ratio="16:9"))
+    assert image.content_type == "image/jpeg"
+    assert (image.width, image.height) == (1344, 768)
+    assert Image.open(io.BytesIO(image.data)).size == (1344, 768)
+    assert image.seed == 42
+    assert image.finish_reason is FinishReason.SUCCESS
+    assert image.attempts == 1
+    assert image.request_id
+    assert emulator.stats.generations == 1
+
+
+def test_png_answer(client: FluxClient) -> None:
+    image = client.generate(ImageRequest(prompt="a red fox", seed=42, output_format="png"))
+    assert image.content_type == "image/png"
+    assert Image.open(io.BytesIO(image.data)).format == "PNG"
+
+
+def test_json_answer_decodes_base64(emulator) -> None:  # type: ignore[no-untyped-def]
+    request = ImageRequest(prompt="a red fox", seed=42, aspect_ratio="9:16")
+    with FluxClient(TEST_API_KEY, base_url=emulator.base_url, response_format="json") as client:
+        image = client.generate(request)
+    assert image.content_type == "image/png"
+    assert (image.width, image.height) == (768, 1344)
+    assert image.seed == 42
+    assert image.finish_reason is FinishReason.SUCCESS
+
+
+def test_same_request_same_pixels(client: FluxClient) -> None:
+    request = ImageRequest(prompt="a red fox", seed=42)
+    assert client.generate(request).data == client.generate(request).data
+
+
+def test_content_filtered_is_reported(client: FluxClient) -> None:
+    image = client.generate(ImageRequest(prompt="something nsfw", safety_check=True))
+    assert image.finish_reason is FinishReason.CONTENT_FILTERED
+
+
+def test_retries_5xx_then_succeeds_counting_attempts(client: FluxClient, emulator) -> None:  # type: ignore[no-untyped-def]
+    retries: list[str] = []
+    client.on_retry = lambda attempt, delay, kind: retries.append(kind)
+    image = client.generate(ImageRequest(prompt="flaky [[flaky:2]]", seed=3))
+    assert image.attempts == 3
+    assert retries == ["ServerError", "ServerError"]
+    assert emulator.stats.requests == 3
+
+
+def test_gives_up_after_max_retries(client: FluxClient, emulator) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ServerError) as info:
+        client.generate(ImageRequest(prompt="down [[status:502]]"))
+    assert info.value.attempts == FAST.max_retries + 1
+    assert emulator.stats.requests == FAST.max_retries + 1
+    assert "502" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("marker", "error"),
+    [
+        ("[[status:400]]", InvalidRequestError),
+        ("[[status:401]]", AuthenticationError),
+        ("[[status:403]]", AuthenticationError),
+        ("[[status:404]]", InvalidRequestError),
+        ("[[status:402]]", AuthenticationError),
+    ],
+)
+def test_client_errors_are_never_retried(
+    client: FluxClient, emulator, marker: str, error: type
+) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error):
+        client.generate(ImageRequest(prompt=f"bad {marker}"))
+    assert emulator.stats.requests == 1
+
+
+def test_wrong_key_is_an_authentication_error_without_the_key(emulator) -> None:  # type: ignore[no-untyped-def]
+    wrong = "fw-wrong-key-abcdefghijklmnop"
+    with FluxClient(wrong, base_url=emulator.base_url, retry=FAST) as client:
+        with pytest.raises(AuthenticationError) as info:
+            client.generate(ImageRequest(prompt="x"))
+        assert wrong not in str(info.value) and wrong not in repr(info.value)
+        assert wrong not in repr(client)
+    assert emulator.stats.requests == 1
+
+
+def test_retry_after_is_honoured(emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator.configure(rate_429=1.0, retry_after_s=1)
+    delays: list[float] = []
+    policy = RetryPolicy(max_retries=1, initial_delay_s=0.01, max_delay_s=0.01)
+    with FluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=policy) as client:
+        client.on_retry = lambda attempt, delay, kind: delays.append(delay)
+        started = time.perf_counter()
+        with pytest.raises(RateLimitError) as info:
+            client.generate(ImageRequest(prompt="x"))
+        elapsed = time.perf_counter() - started
+    assert delays == [1.0]
+    assert elapsed >= 1.0
+    assert info.value.retry_after_s == 1.0
+    assert emulator.stats.requests == 2
+
+
+def test_429_without_retry_after_backs_off_exponentially(emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator.configure(rate_429=1.0, retry_after_s=None)
+    delays: list[float] = []
+    policy = RetryPolicy(max_retries=3, initial_delay_s=0.02, max_delay_s=1.0)
+    with FluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=policy) as client:
+        client.on_retry = lambda attempt, delay, kind: delays.append(delay)
+        with pytest.raises(RateLimitError):
+            client.generate(ImageRequest(prompt="x"))
+    assert len(delays) == 3
+    for index, delay in enumerate(delays):
+        ceiling = 0.02 * 2**index
+        assert ceiling / 2 <= delay <= ceiling
+
+
+def test_timeout_is_retried_then_reported(emulator) -> None:  # type: ignore[no-untyped-def]
+    client = FluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=FAST, timeout_s=0.2)
+    with client, pytest.raises(APITimeoutError):
+        client.generate(ImageRequest(prompt="slow [[fault:slow=2]]"))
+    assert emulator.stats.requests == FAST.max_retries + 1
+
+
+def test_connection_refused_is_a_connection_error() -> None:
+    client = FluxClient(TEST_API_KEY, base_url="http://127.0.0.1:9/inference/v1", retry=FAST)
+    with client, pytest.raises(APIConnectionError) as info:
+        client.generate(ImageRequest(prompt="x"))
+    assert info.value.attempts == FAST.max_retries + 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "words"),
+    [
+        ("truncate", ResponseError, "truncated"),
+        ("garbage", ResponseError, "not a JPEG or PNG"),
+        ("html", ResponseError, "text/html"),
+        ("json-no-images", ResponseError, "no image"),
+        ("drop", APIConnectionError, "Network error"),
+    ],
+)
+def test_malformed_answers_raise_useful_errors(
+    client: FluxClient, fault: str, error: type, words: str
+) -> None:
+    with pytest.raises(error) as info:
+        client.generate(ImageRequest(prompt=f"broken [[fault:{fault}]]"))
+    assert words in str(info.value)
+
+
+def test_missing_key_fails_before_any_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)
+    with pytest.raises(MissingCredentialsError, match="FIREWORKS_API_KEY"):
+        FluxClient()
+
+
+def test_env_vars_configure_the_client(fireworks_env) -> None:  # type: ignore[no-untyped-def]
+    with FluxClient() as client:
+        assert client.base_url == fireworks_env.base_url
+        assert client.generate(ImageRequest(prompt="x")).finish_reason is FinishReason.SUCCESS
+
+
+def test_async_client_same_answers_and_concurrency(emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator.configure(latency_s=0.2)
+
+    async def run() -> list:
+        async with AsyncFluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=FAST) as client:
+            requests = [ImageRequest(prompt=f"fox {i}") for i in range(6)]
+            return await asyncio.gather(*(client.generate(r) for r in requests))
+
+    images = asyncio.run(run())
+    assert [i.request.prompt for i in images] == [f"fox {i}" for i in range(6)]
+    assert emulator.stats.max_in_flight > 1
+    with FluxClient(TEST_API_KEY, base_url=emulator.base_url) as sync:
+        assert sync.generate(images[0].request).data == images[0].data
+
+
+def test_async_client_retries_like_sync(emulator) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> int:
+        async with AsyncFluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=FAST) as client:
+            return (await client.generate(ImageRequest(prompt="flaky [[flaky:1]]"))).attempts
+
+    assert asyncio.run(run()) == 2
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(_async_generate(emulator.base_url, "bad [[status:400]]"))
+
+
+async def _async_generate(base_url: str, prompt: str) -> object:
+    async with AsyncFluxClient(TEST_API_KEY, base_url=base_url, retry=FAST) as client:
+        return await client.generate(ImageRequest(prompt=prompt))
+
+
+def test_key_never_logged(emulator, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.DEBUG)
+    with FluxClient(TEST_API_KEY, base_url=emulator.base_url, retry=FAST) as client:
+        client.generate(ImageRequest(prompt="flaky [[flaky:1]]"))
+        with pytest.raises(ServerError):
+            client.generate(ImageRequest(prompt="x [[status:500]]"))
+    assert "retrying" in caplog.text
+    assert TEST_API_KEY not in caplog.text
+
+
+# --- small pieces, no server --------------------------------------------------------------
+
+
+def test_parse_retry_after_forms() -> None:
+    assert parse_retry_after(httpx.Headers({"retry-after": "3"})) == 3.0
+    assert parse_retry_after(httpx.Headers({"retry-after-ms": "250"})) == 0.25
+    assert parse_retry_after(httpx.Headers({})) is None
+    assert parse_retry_after(httpx.Headers({"retry-after": "soon"})) is None
+    future = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= parse_retry_after(httpx.Headers({"retry-after": future})) <= 30  # type: ignore[operator]
+
+
+def test_retry_after_is_capped() -> None:
+    assert RetryPolicy(max_retry_after_s=10).delay(0, 3600) == 10
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"message": "bad aspect", "code": "x"}},
+        {"message": "bad aspect", "code": "x"},
+        {"error": "invalid", "message": "bad aspect"},
+        {"error_message": "bad aspect"},
+    ],
+)
+def test_error_message_from_every_known_shape(body: dict) -> None:
+    assert api_error_message(httpx.Response(400, json=body)) == "bad aspect"
+
+
+def test_error_message_falls_back_to_text() -> None:
+    assert api_error_message(httpx.Response(502, text="<html>Bad gateway</html>")) == (
+        "<html>Bad gateway</html>"
+    )
