@@ -7,7 +7,11 @@ network failure, 5 the image was content-filtered.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -24,7 +28,13 @@ from flux_flows.errors import (
     PromptSourceError,
     StorageError,
 )
-from flux_flows.models import MODELS, FinishReason, ImageRequest, describe_validation_error
+from flux_flows.models import (
+    MODELS,
+    BatchReport,
+    FinishReason,
+    ImageRequest,
+    describe_validation_error,
+)
 
 
 class ExitCode(IntEnum):
@@ -166,16 +176,254 @@ def emulator(
         rate_429=rate_429,
         rate_5xx=rate_5xx,
     )
-    base = f"http://127.0.0.1:{port}/inference/v1"
-    console.print(f"Fireworks emulator on {base}\n  export FIREWORKS_BASE_URL={base}")
     if api_key is None:
-        console.print("  export FIREWORKS_API_KEY=emulator   # any key is accepted")
+        console.print("Any API key is accepted: export FIREWORKS_API_KEY=emulator")
     try:
         serve(port=port, config=config)
     except OSError as exc:
         fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", ExitCode.BAD_INPUT)
     except KeyboardInterrupt:
         pass
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+DestOpt = Annotated[str, typer.Option("--to", "-t", help="s3://bucket/prefix or a local folder.")]
+VariantsOpt = Annotated[int, typer.Option("--variants", "-n", help="Images per prompt.")]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", "-c", help="Requests in flight.")]
+RpmOpt = Annotated[
+    float | None, typer.Option("--rpm", help="Stay under this many requests per minute.")
+]
+BudgetOpt = Annotated[
+    float | None, typer.Option("--budget", help="Stop submitting once this many USD would pass.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs.")]
+
+
+@contextlib.contextmanager
+def quiet_prefect(verbose: bool) -> Iterator[None]:
+    """A CLI user wants a progress bar, not a log line per task run or the server's chatter."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    if not verbose:
+        # Left quiet until the process exits: the temporary server logs its shutdown at exit.
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "docket", "uvicorn"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        yield
+
+
+@contextlib.contextmanager
+def progress_bar(label: str) -> Iterator[None]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from flux_flows.progress import listening
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task_id = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
+
+        with listening(update):
+            yield
+
+
+def print_summary(report: BatchReport, title: str) -> None:
+    from rich.table import Table
+
+    from flux_flows.reporting import summary_lines
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for name, value in summary_lines(report):
+        table.add_row(name, value)
+    out.print(table)
+    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
+    for record in errors[:5]:
+        console.print(f"[red]failed[/] prompt {record.index}: {record.error}", highlight=False)
+    if len(errors) > 5:
+        console.print(f"... and {len(errors) - 5} more failures: see the manifest")
+
+
+def run_flow(flow_call: Callable[[], BatchReport], *, verbose: bool, label: str) -> BatchReport:
+    """Run a flow under a progress bar, turning user mistakes into one-line errors."""
+    try:
+        with quiet_prefect(verbose), progress_bar(label):
+            return flow_call()
+    except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
+        fail_with(exc)
+
+
+def finish(report: BatchReport) -> None:
+    if report.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+@app.command()
+def run(
+    prompts: Annotated[str, typer.Argument(help="Prompt file (.txt/.csv/.jsonl), path or s3://.")],
+    to: DestOpt = "./flux-flows-output",
+    model: ModelOpt = MODELS[0],
+    aspect_ratio: AspectOpt = "1:1",
+    seed: SeedOpt = None,
+    variants: VariantsOpt = 1,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = 3.5,
+    safety_check: SafetyOpt = False,
+    concurrency: ConcurrencyOpt = 8,
+    rpm: RpmOpt = None,
+    budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate an image per prompt (x variants) into a bucket or folder, never paying twice."""
+    from flux_flows.flows import generate_images_from_file
+
+    report = run_flow(
+        lambda: generate_images_from_file(
+            prompts,
+            to,
+            model=model,
+            aspect_ratio=aspect_ratio,
+            seed=seed,
+            variants=variants,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            safety_check=safety_check,
+            max_concurrency=concurrency,
+            requests_per_minute=rpm,
+            budget_usd=budget,
+        ),
+        verbose=verbose,
+        label="generating",
+    )
+    print_summary(report, f"flux-flows run -> {report.destination}")
+    finish(report)
+
+
+@app.command()
+def plan(
+    prompts: Annotated[str, typer.Argument(help="Prompt file (.txt/.csv/.jsonl), path or s3://.")],
+    to: DestOpt = "./flux-flows-output",
+    model: ModelOpt = MODELS[0],
+    aspect_ratio: AspectOpt = "1:1",
+    seed: SeedOpt = None,
+    variants: VariantsOpt = 1,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = 3.5,
+    safety_check: SafetyOpt = False,
+    budget: BudgetOpt = None,
+) -> None:
+    """Say what `run` would do and cost, without generating anything (no API key needed)."""
+    from rich.table import Table
+
+    from flux_flows.batch import expand, find_stored, plan_batch
+    from flux_flows.pricing import price_table
+    from flux_flows.prompts import read_prompts
+    from flux_flows.storage import open_storage
+
+    defaults = {
+        "model": model,
+        "aspect_ratio": aspect_ratio,
+        "guidance_scale": guidance,
+        "num_inference_steps": steps,
+        "safety_check": safety_check,
+    }
+    try:
+        rows = read_prompts(prompts)
+        images = expand(rows, defaults=defaults, base_seed=seed, variants=variants)
+        storage = open_storage(to)
+        the_plan = plan_batch(images, find_stored(storage), prices=price_table(), budget_usd=budget)
+    except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
+        fail_with(exc)
+    stored = sum(1 for key in the_plan.unique if key in the_plan.stored)
+    table = Table(title=f"plan: {prompts} -> {storage.root_uri}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in (
+        ("images requested", len(images)),
+        ("distinct images", len(the_plan.unique)),
+        ("already stored (cache hits)", stored),
+        ("to generate", len(the_plan.to_generate)),
+        ("skipped for budget", len(the_plan.skipped_for_budget)),
+        ("estimated cost", f"${the_plan.estimated_cost_usd:.4f}"),
+        ("saved by the cache", f"${the_plan.saved_usd:.4f}"),
+    ):
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+@app.command()
+def replay(
+    manifest: Annotated[
+        str, typer.Argument(help="manifest.jsonl of an earlier run (path or s3://).")
+    ],
+    to: Annotated[
+        str | None, typer.Option("--to", "-t", help="Default: where the manifest was written.")
+    ] = None,
+    include_skipped: Annotated[
+        bool, typer.Option(help="Also re-submit images skipped for budget.")
+    ] = False,
+    concurrency: ConcurrencyOpt = 8,
+    rpm: RpmOpt = None,
+    budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-submit only the failed images of an earlier run, with their original seeds."""
+    from flux_flows.flows import replay_failed
+
+    report = run_flow(
+        lambda: replay_failed(
+            manifest,
+            to,
+            include_skipped=include_skipped,
+            max_concurrency=concurrency,
+            requests_per_minute=rpm,
+            budget_usd=budget,
+        ),
+        verbose=verbose,
+        label="replaying",
+    )
+    print_summary(report, f"flux-flows replay -> {report.destination}")
+    finish(report)
+
+
+@app.command()
+def demo(
+    to: DestOpt = "./flux-flows-demo",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a small batch on the built-in emulator into a local folder: no key, no network."""
+    from flux_flows.emulator import Emulator, EmulatorConfig
+    from flux_flows.flows import generate_images
+    from flux_flows.prompts import read_prompts
+
+    source = Path(__file__).parent / "examples" / "demo_prompts.txt"
+    prompts = [row.fields for row in read_prompts(source)]
+    console.print(f"Starting the Fireworks emulator and generating {len(prompts)} images...")
+    with Emulator(EmulatorConfig(latency_s=0.2, jitter_s=0.3)) as emulator:
+        os.environ["FIREWORKS_BASE_URL"] = emulator.base_url
+        os.environ["FIREWORKS_API_KEY"] = "emulator-demo-key"
+        report = run_flow(
+            lambda: generate_images(prompts, to, safety_check=True, seed=2026),
+            verbose=verbose,
+            label="generating",
+        )
+    print_summary(report, f"flux-flows demo -> {report.destination}")
+    out.print(f"\nImages:   {Path(report.destination) / 'images'}")
+    out.print(f"Manifest: {Path(report.destination) / 'manifest.jsonl'}")
+    if report.contact_sheet_uri:
+        out.print(f"Contact sheet: {report.contact_sheet_uri}")
+    out.print("Run it again: every image is already stored, so nothing is generated twice.")
+    finish(report)
 
 
 def main() -> None:

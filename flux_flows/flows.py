@@ -31,7 +31,13 @@ from flux_flows.pricing import price_table
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
 from flux_flows.render import RenderJob, RenderResult, render_image
-from flux_flows.reporting import count_outcomes, publish_artifacts, write_manifests
+from flux_flows.reporting import (
+    count_outcomes,
+    destination_of_manifest,
+    load_manifest,
+    publish_artifacts,
+    write_manifests,
+)
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, open_storage
 from flux_flows.tasks import flux_client
@@ -177,6 +183,7 @@ def _record(
     storage: Storage,
     results: Mapping[str, RenderResult],
     first: bool,
+    skipped: set[str],
 ) -> ImageRecord:
     """One manifest line: the planned image joined with how its distinct request ended."""
     key = planned.request.cache_key
@@ -196,12 +203,21 @@ def _record(
             height=planned.request.size[1],
             content_type=planned.request.content_type,
         )
-    if key not in results:
+    if key in skipped:
         return ImageRecord.for_request(
             planned.request,
             **base,
             finish_reason=FinishReason.SKIPPED_BUDGET,
             error="not generated: the run's budget_usd would have been exceeded",
+            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
+        )
+    if key not in results:  # a dry run
+        return ImageRecord.for_request(
+            planned.request,
+            **base,
+            finish_reason=FinishReason.PLANNED,
+            cached=not first,
+            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
         )
     result = results[key]
     success = result.finish_reason is FinishReason.SUCCESS
@@ -230,10 +246,13 @@ def _records(
     plan: BatchPlan, storage: Storage, results: Mapping[str, RenderResult]
 ) -> list[ImageRecord]:
     seen: set[str] = set()
+    skipped = set(plan.skipped_for_budget)
     records = []
     for planned in plan.images:
         key = planned.request.cache_key
-        records.append(_record(planned, plan, storage, results, first=key not in seen))
+        records.append(
+            _record(planned, plan, storage, results, first=key not in seen, skipped=skipped)
+        )
         seen.add(key)
     return records
 
@@ -245,7 +264,9 @@ def _preflight(options: BatchOptions, storage: Storage) -> None:
         flux_client(options.credentials)
 
 
-def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
+def run_batch(
+    rows: Sequence[PromptRow], options: BatchOptions, *, allow_empty: bool = False
+) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
@@ -285,9 +306,11 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
         manifest_uri=None,
         destination=storage.root_uri,
         spill_dir=str(spill.path),
-        estimated_cost_usd=sum(r.estimated_cost_usd for r in records)
-        if not options.dry_run
-        else plan.estimated_cost_usd,
+        estimated_cost_usd=plan.estimated_cost_usd
+        if options.dry_run
+        else sum(
+            r.estimated_cost_usd for r in records if r.finish_reason != FinishReason.SKIPPED_BUDGET
+        ),
         saved_usd=plan.saved_usd,
         dry_run=options.dry_run,
     )
@@ -485,3 +508,73 @@ def generate_images_from_file(
     )
     rows = read_prompts(source, aws_credentials=aws_credentials)
     return run_batch(rows, options)  # type: ignore[return-value]
+
+
+def replay_rows(
+    records: Sequence[ImageRecord], manifest_uri: str, *, include_skipped: bool
+) -> list[PromptRow]:
+    """The exact requests (seed and all) of the records that did not finish, as prompt rows."""
+    wanted = (
+        {FinishReason.ERROR, FinishReason.SKIPPED_BUDGET}
+        if include_skipped
+        else {FinishReason.ERROR}
+    )
+    rows = []
+    for number, record in enumerate(records, start=1):
+        if record.finish_reason in wanted:
+            fields: dict[str, Any] = record.to_request().model_dump()
+            if record.item_id is not None:
+                fields["id"] = record.item_id
+            rows.append(PromptRow(fields=fields, where=f"{manifest_uri} line {number}"))
+    return rows
+
+
+@flow(name="replay-failed", persist_result=False, log_prints=True)
+def replay_failed(
+    manifest_uri: str,
+    destination: str | None = None,
+    *,
+    include_skipped: bool = False,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    requests_per_minute: float | None = None,
+    credentials: FireworksCredentials | None = None,
+    aws_credentials: Any = None,
+    budget_usd: float | None = None,
+    prices: dict[str, float] | None = None,
+    spill_dir: str | None = None,
+    concurrency_limit: str | None = None,
+    fail_on_error: bool = False,
+) -> BatchReport:
+    """Re-submit exactly the ERROR (and, if asked, SKIPPED_BUDGET) records of an earlier manifest.
+
+    Each request goes out with its original seed and parameters, so a success lands where the
+    first run would have put it; a new manifest records the replay. `destination` defaults to
+    the one the manifest was written into.
+
+    Example:
+        ```python
+        replay_failed("s3://assets/products/manifest.jsonl")
+        ```
+    """
+    records = load_manifest(manifest_uri, aws_credentials=aws_credentials)
+    rows = replay_rows(records, manifest_uri, include_skipped=include_skipped)
+    target = destination or destination_of_manifest(manifest_uri)
+    if not rows:
+        get_run_logger().info("nothing to replay: %s has no failed records", manifest_uri)
+    options = BatchOptions(
+        destination=target,
+        defaults={},
+        seed=None,
+        variants=1,
+        max_concurrency=max_concurrency,
+        requests_per_minute=requests_per_minute,
+        credentials=credentials,
+        aws_credentials=aws_credentials,
+        dry_run=False,
+        budget_usd=budget_usd,
+        prices=prices,
+        spill_dir=spill_dir,
+        concurrency_limit=concurrency_limit,
+        fail_on_error=fail_on_error,
+    )
+    return run_batch(rows, options, allow_empty=True)  # type: ignore[return-value]

@@ -67,6 +67,7 @@ class FinishReason(StrEnum):
     CONTENT_FILTERED = "CONTENT_FILTERED"
     ERROR = "ERROR"
     SKIPPED_BUDGET = "SKIPPED_BUDGET"
+    PLANNED = "PLANNED"  # dry runs only: would be generated
 
 
 def derive_seed(base_seed: int | None, prompt: str, variant: int = 0) -> int:

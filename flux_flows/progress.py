@@ -6,10 +6,25 @@ One artifact per run, updated at most every `min_interval_s` and every `min_step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger("flux_flows.progress")
+
+Listener = Callable[[int, int], None]
+_listeners: list[Listener] = []
+
+
+@contextlib.contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Call `listener(done, total)` on every completed image while inside; the CLI's progress bar."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 class ProgressReporter:
@@ -38,6 +53,8 @@ class ProgressReporter:
             return None
 
     def update(self, done: int, *, force: bool = False) -> None:
+        for listener in list(_listeners):
+            listener(done, self.total)
         if self._artifact_id is None or not self.total:
             return
         percent = min(100.0, 100.0 * done / self.total)

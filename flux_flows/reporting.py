@@ -6,9 +6,9 @@ Prefect stores each as a row, and a 10,000-image run must not make 10,000 API ca
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from flux_flows import layout
@@ -135,5 +135,33 @@ def artifact_key(text: str) -> str:
     return layout.slug(text, 60)
 
 
-def load_manifest_json(line: str) -> dict[str, Any]:
-    return json.loads(line)
+def load_manifest(uri: str, *, aws_credentials: Any = None) -> list[ImageRecord]:
+    """An earlier run's manifest, from a local path or s3://bucket/key."""
+    if uri.lower().startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from flux_flows.storage import explain_s3_error, get_s3_client
+
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket or not key:
+            raise ValueError(f"{uri}: a manifest URI must name an object, s3://BUCKET/KEY")
+        try:
+            data = get_s3_client(aws_credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            message = explain_s3_error(exc, bucket=bucket, key=key, action="read the manifest")
+            raise ValueError(f"cannot read manifest {uri}: {message}") from exc
+    else:
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise ValueError(f"manifest {uri} does not exist (or is not a file)")
+        data = path.read_bytes()
+    return read_manifest(data, uri)
+
+
+def destination_of_manifest(uri: str) -> str:
+    """The destination a manifest was written into: <dest>/manifest.jsonl or <dest>/runs/<id>/..."""
+    parent = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    parts = parent.rsplit("/", 2)
+    if len(parts) == 3 and parts[1] + "/" == layout.RUNS:
+        return parts[0]
+    return parent
