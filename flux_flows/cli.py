@@ -208,7 +208,7 @@ def quiet_prefect(verbose: bool) -> Iterator[None]:
     if not verbose:
         # Left quiet until the process exits: the temporary server logs its shutdown at exit.
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "docket", "uvicorn"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         yield
 
@@ -263,6 +263,19 @@ def run_flow(flow_call: Callable[[], BatchReport], *, verbose: bool, label: str)
         fail_with(exc)
 
 
+def print_contact_sheet(report: BatchReport) -> None:
+    """Say where the run's contact sheet is; an S3 page needs a static site or `gallery`."""
+    if not report.contact_sheet_uri:
+        return
+    out.print(f"Contact sheet: {report.contact_sheet_uri}", highlight=False, soft_wrap=True)
+    if report.contact_sheet_uri.startswith("s3://") and report.manifest_uri:
+        out.print(
+            f"  view it locally: flux-flows gallery {report.manifest_uri}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def finish(report: BatchReport) -> None:
     if report.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
@@ -306,6 +319,7 @@ def run(
         label="generating",
     )
     print_summary(report, f"flux-flows run -> {report.destination}")
+    print_contact_sheet(report)
     finish(report)
 
 
@@ -426,6 +440,45 @@ def demo(
     finish(report)
 
 
+@app.command()
+def gallery(
+    manifest: Annotated[
+        str, typer.Argument(help="manifest.jsonl of an earlier run (path or s3://).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder for the page (index.html). Default: beside a local manifest, "
+            "./flux-flows-gallery for an S3 one.",
+            show_default=False,
+        ),
+    ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(
+            "--download", help="Copy the thumbnails beside the page and link them relatively."
+        ),
+    ] = False,
+    expires: Annotated[
+        int, typer.Option("--expires", help="Seconds the signed S3 links stay valid.")
+    ] = 24 * 3600,
+) -> None:
+    """Write a contact sheet (one offline HTML page) for the images of an earlier run."""
+    from flux_flows.gallery import build_gallery
+
+    try:
+        page = build_gallery(manifest, out_dir=output, download=download, expires_s=expires)
+    except (ValueError, StorageError, OSError) as exc:
+        fail_with(exc)
+    if download:
+        missing = f", {page.missing} missing (full images shown)" if page.missing else ""
+        console.print(f"{page.downloaded} thumbnails copied{missing}", highlight=False)
+    out.print(f"Contact sheet: {page.path}", highlight=False, soft_wrap=True)
+    out.print(f"Open: {page.path.as_uri()}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -433,3 +486,7 @@ def main() -> None:
     except (StorageError, PromptSourceError) as exc:  # raised outside a command's own handling
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(int(exit_code_for(exc)))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,10 @@ import pytest
 
 TEST_API_KEY = "fw-test-key-do-not-leak-0123456789"
 
+# No telemetry from the test servers (there is no network to send it to anyway).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -104,3 +108,18 @@ def flow_env(
     """Prefect API + emulator via env vars + a private spill folder: what a flow test needs."""
     monkeypatch.setenv("FLUX_FLOWS_SPILL_DIR", str(tmp_path / "spill"))  # type: ignore[operator]
     return fireworks_env
+
+
+@pytest.fixture
+def cli_env(flow_env: object, tmp_path: object) -> dict[str, str]:
+    """Environment for `flux-flows` subprocesses: the emulator, the session's Prefect API, AWS."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),  # type: ignore[operator]
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "COLUMNS": "200",
+    }
+    return env

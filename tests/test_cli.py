@@ -1,0 +1,173 @@
+"""The `flux-flows` command as a user runs it: a subprocess, exit codes, readable errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from conftest import TEST_API_KEY
+
+
+def cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flux_flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=240,
+    )
+
+
+def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_generate_writes_an_image(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    target = tmp_path / "fox.png"
+    done = cli(
+        "generate",
+        "a red fox",
+        "-o",
+        str(target),
+        "--aspect-ratio",
+        "16:9",
+        "--seed",
+        "7",
+        env=cli_env,
+    )
+    assert done.returncode == 0, done.stderr
+    with Image.open(target) as image:
+        assert (image.format, image.size) == ("PNG", (1344, 768))
+    assert "seed=7" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--aspect-ratio", "7:3"], 2, "aspect_ratio"),
+        (["--steps", "99"], 2, "num_inference_steps"),
+        (["--model", "sdxl"], 2, "model"),
+        (["--seed", "0"], 2, "seed"),
+        (["--guidance", "0"], 2, "guidance_scale"),
+    ],
+)
+def test_generate_bad_input_names_the_field(
+    tmp_path: Path, cli_env: dict[str, str], args: list[str], code: int, words: str
+) -> None:
+    done = cli("generate", "a fox", "-o", str(tmp_path / "x.jpg"), *args, env=cli_env)
+    assert done.returncode == code
+    assert words in done.stderr
+    no_traceback(done)
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_generate_bad_output_name(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    done = cli("generate", "a fox", "-o", str(tmp_path / "x.gif"), env=cli_env)
+    assert done.returncode == 2 and ".jpg" in done.stderr
+    done = cli("generate", "a fox", "-o", str(tmp_path / "missing" / "x.jpg"), env=cli_env)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_generate_credentials_errors(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "FIREWORKS_API_KEY"}
+    done = cli("generate", "a fox", "-o", str(tmp_path / "x.jpg"), env=env)
+    assert done.returncode == 3 and "FIREWORKS_API_KEY" in done.stderr
+    wrong = "fw-wrong-key-000000000000"
+    done = cli(
+        "generate",
+        "a fox",
+        "-o",
+        str(tmp_path / "x.jpg"),
+        env={**cli_env, "FIREWORKS_API_KEY": wrong},
+    )
+    assert done.returncode == 3 and "API key" in done.stderr
+    assert wrong not in done.stderr + done.stdout
+    no_traceback(done)
+
+
+def test_generate_filtered_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    target = tmp_path / "x.jpg"
+    done = cli("generate", "nsfw thing", "-o", str(target), "--safety-check", env=cli_env)
+    assert done.returncode == 5 and "content-filtered" in done.stderr
+    assert not target.exists()
+
+
+def test_run_then_plan_then_rerun(tmp_path: Path, cli_env: dict[str, str], flow_env: Any) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red fox\n\na blue whale\na green parrot\n")
+    out = tmp_path / "out"
+    done = cli("run", str(prompts), "--to", str(out), "--variants", "2", env=cli_env)
+    assert done.returncode == 0, done.stderr
+    no_traceback(done)
+    assert "API calls" in done.stdout and "estimated cost" in done.stdout
+    assert len(list((out / "images").iterdir())) == 6
+    assert flow_env.stats.generations == 6
+    planned = cli("plan", str(prompts), "--to", str(out), "--variants", "3", env=cli_env)
+    assert planned.returncode == 0, planned.stderr
+    assert _row(planned.stdout, "already stored") == "6"
+    assert _row(planned.stdout, "to generate") == "3"
+    assert _row(planned.stdout, "estimated cost") == "$0.0042"
+    assert flow_env.stats.generations == 6  # planning spends nothing
+    again = cli("run", str(prompts), "--to", str(out), "--variants", "2", env=cli_env)
+    assert again.returncode == 0
+    assert _row(again.stdout, "API calls") == "0"
+    assert flow_env.stats.generations == 6
+
+
+def _row(table: str, name: str) -> str:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("│|┃ ").replace("┃", "│").split("│")]
+        if cells and cells[0].startswith(name):
+            return cells[-1]
+    raise AssertionError(f"no row {name!r} in:\n{table}")
+
+
+def test_run_with_failures_exits_1_and_replay_finishes_them(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "fine fox"}, {"prompt": "flaky whale [[flaky:5]]", "id": "w-1"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    done = cli("run", str(prompts), "--to", str(out), env=cli_env)
+    assert done.returncode == 1
+    assert "failed" in done.stderr
+    manifest = out / "manifest.jsonl"
+    failed = [json.loads(x) for x in manifest.read_text().splitlines()][1]
+    assert failed["finish_reason"] == "ERROR"
+    before = flow_env.stats.requests
+    replayed = cli("replay", str(manifest), env=cli_env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert flow_env.stats.requests == before + 1  # only the failed image, once
+    latest = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert len(latest) == 1
+    assert latest[0]["finish_reason"] == "SUCCESS" and latest[0]["seed"] == failed["seed"]
+    assert latest[0]["item_id"] == "w-1" and Path(latest[0]["uri"]).exists()
+
+
+def test_run_missing_file_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    done = cli("run", str(tmp_path / "nope.txt"), "--to", str(tmp_path), env=cli_env)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    no_traceback(done)
+
+
+def test_demo_runs_offline_and_reruns_for_free(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    env = {k: v for k, v in cli_env.items() if not k.startswith("FIREWORKS_")}
+    done = cli("demo", "--to", str(tmp_path / "demo"), env=env)
+    assert done.returncode == 0, done.stderr
+    no_traceback(done)
+    assert len(list((tmp_path / "demo" / "images").iterdir())) == 15
+    assert len(list((tmp_path / "demo" / "filtered").iterdir())) == 1
+    assert "Manifest:" in done.stdout
+    again = cli("demo", "--to", str(tmp_path / "demo"), env=env)
+    assert _row(again.stdout, "API calls") == "0"
+    assert TEST_API_KEY not in done.stdout + done.stderr
