@@ -66,7 +66,6 @@ def expand(
     defaults: Mapping[str, Any],
     base_seed: int | None,
     variants: int,
-    allow_empty: bool = False,
 ) -> list[PlannedImage]:
     """Validate every row x variant up front; all problems are reported at once, with where."""
     if variants < 1:
@@ -95,7 +94,7 @@ def expand(
             + "\n  ".join(shown)
             + tail
         )
-    if not images and not allow_empty:
+    if not images:
         raise ValueError("no prompts to generate: the prompt list is empty")
     return images
 

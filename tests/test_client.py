@@ -11,9 +11,9 @@ from email.utils import format_datetime
 
 import httpx
 import pytest
-from conftest import TEST_API_KEY
 from PIL import Image
 
+from conftest import TEST_API_KEY
 from flux_flows.client import (
     AsyncFluxClient,
     FluxClient,
