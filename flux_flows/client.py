@@ -426,7 +426,7 @@ class FluxClient(_ClientBase):
         """Generate one image, retrying what is worth retrying; raises a FluxError subclass."""
         headers = {"Accept": accept_header(request, self.response_format)}
         path = endpoint_path(request.model)
-        attempt = 0
+        attempt = throttled = 0
         while True:
             attempt += 1
             started = time.perf_counter()
@@ -436,10 +436,11 @@ class FluxClient(_ClientBase):
             except httpx.TransportError as exc:
                 outcome = _transport_error(exc, attempt)
             if isinstance(outcome, GeneratedImage):
-                return outcome
+                return outcome.model_copy(update={"throttled": throttled}) if throttled else outcome
+            throttled += isinstance(outcome, RateLimitError)
             delay = self._retry_delay(attempt - 1, outcome)
             if delay is None:
-                outcome.attempts = attempt
+                outcome.attempts, outcome.throttled = attempt, throttled
                 raise outcome
             self._note_retry(attempt, delay, outcome)
             time.sleep(delay)
@@ -479,7 +480,7 @@ class AsyncFluxClient(_ClientBase):
         """Generate one image, retrying what is worth retrying; raises a FluxError subclass."""
         headers = {"Accept": accept_header(request, self.response_format)}
         path = endpoint_path(request.model)
-        attempt = 0
+        attempt = throttled = 0
         while True:
             attempt += 1
             started = time.perf_counter()
@@ -489,10 +490,11 @@ class AsyncFluxClient(_ClientBase):
             except httpx.TransportError as exc:
                 outcome = _transport_error(exc, attempt)
             if isinstance(outcome, GeneratedImage):
-                return outcome
+                return outcome.model_copy(update={"throttled": throttled}) if throttled else outcome
+            throttled += isinstance(outcome, RateLimitError)
             delay = self._retry_delay(attempt - 1, outcome)
             if delay is None:
-                outcome.attempts = attempt
+                outcome.attempts, outcome.throttled = attempt, throttled
                 raise outcome
             self._note_retry(attempt, delay, outcome)
             await asyncio.sleep(delay)

@@ -122,6 +122,9 @@ class EmulatorConfig:
     rate_5xx: float = 0.0
     status_5xx: int = 503
     rpm_limit: int | None = None
+    # More requests than this in flight at once -> 429, as an account over its capacity answers;
+    # unlike rate_429, backing off helps, which is what adaptive clients need to be tested against.
+    max_concurrent: int | None = None
     filter_words: tuple[str, ...] = ("nsfw", "forbidden")
     image_kb: int | None = None
     fault_seed: int = 0
@@ -152,6 +155,8 @@ class EmulatorConfig:
             raise ValueError("status_5xx must be in 500..599")
         if self.rpm_limit is not None and self.rpm_limit < 1:
             raise ValueError("rpm_limit must be None or >= 1")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError("max_concurrent must be None or >= 1")
         if self.image_kb is not None and self.image_kb < 1:
             raise ValueError("image_kb must be None or >= 1")
 
@@ -791,6 +796,13 @@ class _EmulatorState:
         """
         with self._lock:
             limit_headers = self._check_window()
+            busy = self.config.max_concurrent
+            if busy is not None and self.stats.in_flight > busy:
+                raise _ApiError(
+                    429,
+                    f"Too many concurrent requests (more than {busy}); slow down.",
+                    headers=_retry_after_headers(self.config),
+                )
             if markers.flaky:
                 key = (gen.prompt, gen.seed)
                 self._flaky[key] += 1

@@ -26,6 +26,8 @@ class FluxError(Exception):
         self.request_id = request_id
         # HTTP requests this failure took: the batch counts API calls, failed ones included.
         self.attempts = attempts
+        # How many of them were answered 429: the batch slows down when the API pushes back.
+        self.throttled = 0
 
     def __str__(self) -> str:
         parts = [self.message]

@@ -26,6 +26,7 @@ from flux_flows import layout
 from flux_flows.batch import BatchPlan, PlannedImage, expand, find_stored, plan_batch
 from flux_flows.blocks import FireworksCredentials
 from flux_flows.errors import AuthenticationError, StorageError
+from flux_flows.gallery import write_contact_sheets
 from flux_flows.models import SCHNELL, BatchReport, FinishReason, ImageRecord, ImageRequest
 from flux_flows.pricing import price_table
 from flux_flows.progress import ProgressReporter
@@ -90,6 +91,36 @@ class Pacer:
         self.next_at = max(self.next_at, time.monotonic()) + self.interval
 
 
+class AdaptiveWindow:
+    """How many requests may be in flight: halved when the API answers 429, regrown by one per
+    window's worth of clean answers (AIMD, as TCP does), never above `max_concurrency`.
+
+    The client already waits out each 429 (honouring Retry-After); this keeps a whole batch from
+    walking back into the limit the moment those waits end.
+    """
+
+    def __init__(self, maximum: int, *, cooldown_s: float = 1.0) -> None:
+        self.maximum = maximum
+        self.size = float(maximum)
+        self.cooldown_s = cooldown_s
+        self.decreases = 0
+        self._last_decrease = -float("inf")
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self.size))
+
+    def observe(self, throttled: int) -> None:
+        now = time.monotonic()
+        if throttled:
+            if now - self._last_decrease >= self.cooldown_s:
+                self.size = max(1.0, self.size / 2)
+                self.decreases += 1
+                self._last_decrease = now
+        else:
+            self.size = min(float(self.maximum), self.size + 1.0 / self.size)
+
+
 @contextlib.contextmanager
 def _runner(max_concurrency: int) -> Iterator[Any]:
     """A thread pool sized to the concurrency asked for, unless the user chose another runner.
@@ -128,11 +159,12 @@ def _render_all(
     done: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
     keys_by_run: dict[Any, str] = {}
     pacer = Pacer(options.requests_per_minute)
+    window = AdaptiveWindow(options.max_concurrency)
     abort: str | None = None
     in_flight = 0
     with _runner(options.max_concurrency) as runner:
         while pending or in_flight:
-            while pending and abort is None and in_flight < options.max_concurrency:
+            while pending and abort is None and in_flight < window.limit:
                 if pacer.wait_s() > 0:
                     break
                 key = pending.popleft()
@@ -158,7 +190,7 @@ def _render_all(
                 pending.clear()
             if not in_flight:
                 continue
-            wait = pacer.wait_s() if pending and in_flight < options.max_concurrency else 1.0
+            wait = pacer.wait_s() if pending and in_flight < window.limit else 1.0
             try:
                 future = done.get(timeout=max(wait, 0.005))
             except queue.Empty:
@@ -166,6 +198,7 @@ def _render_all(
             in_flight -= 1
             result = _result_of(future, keys_by_run.pop(future.task_run_id))
             results[result.cache_key] = result
+            window.observe(result.throttled)
             if (
                 abort is None
                 and result.error
@@ -174,6 +207,12 @@ def _render_all(
                 abort = f"not attempted: an earlier request failed with {result.error}"
                 logger.error("stopping: the API refused the credentials (%s)", result.error)
             progress.update(len(results))
+    if window.decreases:
+        logger.warning(
+            "the API answered 429: in-flight requests were cut %d time(s), to %d at the end",
+            window.decreases,
+            window.limit,
+        )
     return results
 
 
@@ -198,6 +237,8 @@ def _record(
             finish_reason=stored.finish_reason,
             uri=uri if success else None,
             filtered_uri=None if success else uri,
+            # Made with the image; if it went missing since, the contact sheet shows the image.
+            thumbnail_uri=storage.uri_for(layout.thumbnail_key(key)) if success else None,
             cached=True,
             width=planned.request.size[0],
             height=planned.request.size[1],
@@ -228,6 +269,7 @@ def _record(
         finish_reason=result.finish_reason,
         uri=result.uri if success else None,
         filtered_uri=result.uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
+        thumbnail_uri=result.thumbnail_uri if success else None,
         cached=not first or result.recovered_from_spill,
         error=result.error,
         spill_path=result.spill_path,
@@ -264,9 +306,7 @@ def _preflight(options: BatchOptions, storage: Storage) -> None:
         flux_client(options.credentials)
 
 
-def run_batch(
-    rows: Sequence[PromptRow], options: BatchOptions, *, allow_empty: bool = False
-) -> State:
+def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
@@ -322,7 +362,11 @@ def run_batch(
             logger.error("could not store the manifest: %s", exc)
     report.wall_time_s = time.perf_counter() - started
     if not options.dry_run:
-        publish_artifacts(report)
+        try:
+            report.contact_sheet_uri = write_contact_sheets(storage, run_id, report)
+        except (StorageError, OSError) as exc:
+            logger.error("could not store the contact sheet: %s", exc)
+        publish_artifacts(report, storage=storage)
     return _final_state(report, options.fail_on_error)
 
 
@@ -561,6 +605,15 @@ def replay_failed(
     target = destination or destination_of_manifest(manifest_uri)
     if not rows:
         get_run_logger().info("nothing to replay: %s has no failed records", manifest_uri)
+        empty = BatchReport(
+            records=[],
+            counts=count_outcomes([]),
+            api_calls=0,
+            cache_hits=0,
+            manifest_uri=None,
+            destination=target,
+        )
+        return Completed(message="nothing to replay", data=empty)  # type: ignore[return-value]
     options = BatchOptions(
         destination=target,
         defaults={},
@@ -577,4 +630,4 @@ def replay_failed(
         concurrency_limit=concurrency_limit,
         fail_on_error=fail_on_error,
     )
-    return run_batch(rows, options, allow_empty=True)  # type: ignore[return-value]
+    return run_batch(rows, options)  # type: ignore[return-value]

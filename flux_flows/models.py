@@ -205,6 +205,7 @@ class GeneratedImage(BaseModel):
     width: int
     height: int
     attempts: int = Field(default=1, description="HTTP requests it took, retries included")
+    throttled: int = Field(default=0, description="how many of those were answered 429")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -24,8 +24,9 @@ from flux_flows.blocks import FireworksCredentials
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
 from flux_flows.spill import SpillFolder
-from flux_flows.storage import open_storage
+from flux_flows.storage import Storage, open_storage
 from flux_flows.tasks import flux_client, image_metadata, store_image
+from flux_flows.thumbnails import store_thumbnail
 
 logger = logging.getLogger("flux_flows.render")
 
@@ -63,6 +64,8 @@ class RenderResult(BaseModel):
     finish_reason: FinishReason
     object_key: str | None = None
     uri: str | None = None
+    thumbnail_key: str | None = None
+    thumbnail_uri: str | None = None
     spill_path: str | None = None
     recovered_from_spill: bool = False
     width: int | None = None
@@ -72,6 +75,7 @@ class RenderResult(BaseModel):
     request_id: str | None = None
     latency_s: float | None = None
     api_calls: int = 0
+    throttled: int = 0
     error: str | None = None
 
 
@@ -88,6 +92,21 @@ def _api_slot(limit_name: str | None) -> Iterator[None]:
 
     with concurrency(limit_name, occupy=1, create_if_missing=False):
         yield
+
+
+def _with_thumbnail(
+    storage: Storage, result: RenderResult, data: bytes, finish_reason: FinishReason
+) -> RenderResult:
+    """Add the thumbnail of a stored SUCCESS image, made from bytes still in memory.
+
+    Filtered answers get none (they are not real images); a failure leaves the result as it is.
+    """
+    if finish_reason is not FinishReason.SUCCESS:
+        return result
+    stored = store_thumbnail(storage, result.cache_key, data)
+    if stored is None:
+        return result
+    return result.model_copy(update={"thumbnail_key": stored[0], "thumbnail_uri": stored[1]})
 
 
 def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult) -> RenderResult:
@@ -109,7 +128,8 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
         return result.model_copy(
             update={"spill_path": str(path), "error": f"upload failed, kept locally: {exc}"}
         )
-    return result.model_copy(update={"object_key": key, "uri": uri})
+    stored = result.model_copy(update={"object_key": key, "uri": uri})
+    return _with_thumbnail(storage, stored, image.data, image.finish_reason)
 
 
 def _recover_spilled(job: RenderJob) -> RenderResult | None:
@@ -146,7 +166,8 @@ def _recover_spilled(job: RenderJob) -> RenderResult | None:
             update={"spill_path": path, "error": f"upload failed again, still kept locally: {exc}"}
         )
     spill.remove(cache_key)
-    return result.model_copy(update={"object_key": meta["object_key"], "uri": uri})
+    stored = result.model_copy(update={"object_key": meta["object_key"], "uri": uri})
+    return _with_thumbnail(storage, stored, data, finish)
 
 
 def render(job: RenderJob) -> RenderResult:
@@ -167,6 +188,7 @@ def render(job: RenderJob) -> RenderResult:
         request_id=image.request_id,
         latency_s=image.latency_s,
         api_calls=image.attempts,
+        throttled=image.throttled,
     )
     return _store_or_spill(job, image, result)
 
@@ -185,6 +207,7 @@ def render_image(job: RenderJob) -> RenderResult:
             cache_key=job.request.cache_key,
             finish_reason=FinishReason.ERROR,
             api_calls=exc.attempts,
+            throttled=exc.throttled,
             error=f"{type(exc).__name__}: {exc}",
         )
         return Failed(message=result.error, data=result)  # type: ignore[return-value]

@@ -6,6 +6,7 @@ Prefect stores each as a row, and a 10,000-image run must not make 10,000 API ca
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +18,10 @@ from flux_flows.storage import Storage
 
 ARTIFACT_ROWS_PER_TABLE = 2_000  # well under Prefect Cloud's 5 MiB artifact body limit
 PROMPT_CHARS_IN_TABLE = 200
+THUMBNAILS_IN_SUMMARY = 12
+# Artifacts outlive any link; 7 days is the longest S3 signs for.
+ARTIFACT_LINK_EXPIRES_S = 7 * 24 * 3600
+_NOT_ALT_TEXT = re.compile(r"[^\w ,.'-]+")
 
 
 def count_outcomes(records: Iterable[ImageRecord]) -> dict[str, int]:
@@ -76,9 +81,13 @@ def _cached_success(report: BatchReport) -> int:
     return sum(1 for r in report.records if r.cached and r.finish_reason is FinishReason.SUCCESS)
 
 
-def summary_markdown(report: BatchReport, *, title: str = "FLUX batch") -> str:
+def summary_markdown(
+    report: BatchReport, *, title: str = "FLUX batch", storage: Storage | None = None
+) -> str:
     rows = "\n".join(f"| {name} | {value} |" for name, value in summary_lines(report))
     text = f"# {title}\n\nDestination: `{report.destination}`\n\n| | |\n|---|---|\n{rows}\n"
+    if storage is not None:
+        text += thumbnails_markdown(report, storage)
     errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR][:10]
     if errors:
         text += "\n## First errors\n" + "".join(
@@ -86,6 +95,67 @@ def summary_markdown(report: BatchReport, *, title: str = "FLUX batch") -> str:
             for r in errors
         )
     return text
+
+
+def thumbnails_markdown(report: BatchReport, storage: Storage) -> str:
+    """A strip of the first thumbnails and where the contact sheet is, for the summary artifact.
+
+    The Prefect UI runs in a browser that may be on another machine: it can show signed S3 links
+    but not local files, so a local destination gets paths and an honest sentence instead.
+    """
+    shown = _first_thumbnails(report.records, THUMBNAILS_IN_SUMMARY)
+    if not shown and not report.contact_sheet_uri:
+        return ""
+    text = "\n## Thumbnails\n\n"
+    links = [_linked_thumbnail(record, storage) for record in shown]
+    if shown and all(links):
+        text += " ".join(link for link in links if link) + "\n\n"
+        text += f"_First {len(shown)} images; links are signed and valid for 7 days._\n"
+    elif shown:
+        folder = storage.uri_for(layout.THUMBS.rstrip("/"))
+        text += (
+            f"The thumbnails are local files in `{_code(folder)}`, which the Prefect UI cannot "
+            "show from another machine: open the contact sheet below in a browser on the "
+            "machine that ran the flow.\n"
+        )
+    if report.contact_sheet_uri:
+        text += f"\nContact sheet: `{_code(report.contact_sheet_uri)}`"
+        if report.contact_sheet_uri.startswith("s3://"):
+            text += (
+                " (open it where the bucket is served as a static site, or run `flux-flows "
+                "gallery` on the manifest for a local page with signed links)"
+            )
+        text += "\n"
+    return text
+
+
+def _first_thumbnails(records: Iterable[ImageRecord], limit: int) -> list[ImageRecord]:
+    chosen: dict[str, ImageRecord] = {}
+    for record in records:
+        if record.finish_reason is FinishReason.SUCCESS and record.thumbnail_uri:
+            chosen.setdefault(record.cache_key, record)
+            if len(chosen) == limit:
+                break
+    return list(chosen.values())
+
+
+def _linked_thumbnail(record: ImageRecord, storage: Storage) -> str | None:
+    """`[![prompt](thumbnail)](image)` with signed links, or None where links cannot be signed."""
+    thumbnail = storage.presigned_url(
+        layout.thumbnail_key(record.cache_key), ARTIFACT_LINK_EXPIRES_S
+    )
+    if thumbnail is None:
+        return None
+    alt = _short(_NOT_ALT_TEXT.sub(" ", record.prompt), 60)
+    image = f"![{alt}]({thumbnail})"
+    key = layout.image_key(record.to_request())
+    full = storage.presigned_url(key, ARTIFACT_LINK_EXPIRES_S)
+    return f"[{image}]({full})" if full else image
+
+
+def _code(text: str) -> str:
+    """Text safe inside a markdown code span."""
+    return text.replace("`", "'")
 
 
 def _short(text: str, limit: int) -> str:
@@ -109,8 +179,13 @@ def table_rows(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
     ]
 
 
-def publish_artifacts(report: BatchReport, *, key_prefix: str = "flux-flows") -> None:
-    """Table (split into parts for big runs) and markdown summary on the current flow run."""
+def publish_artifacts(
+    report: BatchReport, *, key_prefix: str = "flux-flows", storage: Storage | None = None
+) -> None:
+    """Table (split into parts for big runs) and markdown summary on the current flow run.
+
+    With the run's `storage`, the summary also shows the first thumbnails (signed links on S3).
+    """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     rows = table_rows(report.records)
@@ -124,7 +199,7 @@ def publish_artifacts(report: BatchReport, *, key_prefix: str = "flux-flows") ->
             description=f"Images of this run ({part + 1}/{parts})" if parts > 1 else "Images",
         )
     create_markdown_artifact(
-        markdown=summary_markdown(report),
+        markdown=summary_markdown(report, storage=storage),
         key=f"{key_prefix}-summary",
         description="Counts, API calls, cache hits and cost of this run",
     )

@@ -25,6 +25,7 @@ from flux_flows.models import (
     request_for,
 )
 from flux_flows.storage import Storage, open_storage, s3_metadata
+from flux_flows.thumbnails import store_thumbnail
 
 if TYPE_CHECKING:
     from prefect_aws import AwsCredentials
@@ -159,7 +160,9 @@ def upload_image(
     """Store one generated image under `destination` (s3://bucket/prefix or a local folder).
 
     The object's name comes from the request's cache key, so a batch run into the same
-    destination finds it and never pays for it again. Returns the manifest record.
+    destination finds it and never pays for it again. A SUCCESS image also gets its thumbnail
+    (thumbs/<cache_key>.jpg), made from the bytes in hand; a thumbnail failure is only logged.
+    Returns the manifest record.
 
     Example:
         ```python
@@ -170,6 +173,7 @@ def upload_image(
     storage = open_storage(destination, aws_credentials=aws_credentials)
     _, uri = store_image(storage, image, flow_run_id=current_flow_run_id())
     stored = image.finish_reason is FinishReason.SUCCESS
+    thumbnail = store_thumbnail(storage, image.request.cache_key, image.data) if stored else None
     return ImageRecord.for_request(
         image.request,
         index=0,
@@ -177,6 +181,7 @@ def upload_image(
         finish_reason=image.finish_reason,
         uri=uri if stored else None,
         filtered_uri=None if stored else uri,
+        thumbnail_uri=thumbnail[1] if thumbnail else None,
         width=image.width,
         height=image.height,
         content_type=image.content_type,
