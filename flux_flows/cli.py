@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -29,6 +29,8 @@ from flux_flows.errors import (
     StorageError,
 )
 from flux_flows.models import (
+    ALL_MODELS,
+    KONTEXT_MODELS,
     MODELS,
     BatchReport,
     FinishReason,
@@ -76,7 +78,8 @@ def fail_with(error: Exception) -> NoReturn:
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help=f"One of: {', '.join(MODELS)}.", show_default=True)
+    str,
+    typer.Option("--model", "-m", help=f"One of: {', '.join(ALL_MODELS)}.", show_default=True),
 ]
 AspectOpt = Annotated[str, typer.Option("--aspect-ratio", "-a", help="e.g. 1:1, 16:9, 9:16.")]
 SeedOpt = Annotated[
@@ -109,6 +112,16 @@ def generate(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = 3.5,
     safety_check: SafetyOpt = False,
+    input_image: Annotated[
+        str | None,
+        typer.Option(
+            "--input-image",
+            "-i",
+            help="Kontext only: the image to edit (path, s3://, http(s):// URL).",
+            show_default=False,
+        ),
+    ] = None,
+    safety_tolerance: SafetyToleranceOpt = None,
     base_url: BaseUrlOpt = None,
     keep_filtered: Annotated[
         bool, typer.Option(help="Write the image even when the API filtered it.")
@@ -133,11 +146,23 @@ def generate(
             guidance_scale=guidance,
             safety_check=safety_check,
             output_format=formats[suffix],
+            input_image=input_image,
+            safety_tolerance=safety_tolerance,
         )
+        if request.needs_input_hash and request.input_image is not None:
+            from flux_flows.images_in import hash_input_images
+
+            digest = hash_input_images([request.input_image])[request.input_image]
+            request = request.model_copy(update={"input_image_sha256": digest})
         with FluxClient(base_url=base_url) as client:
             image = client.generate(request)
     except (ValidationError, FluxError, ValueError) as exc:
         fail_with(exc)
+    if image.finish_reason is FinishReason.CONTENT_FILTERED and not image.data:
+        fail(
+            f"the Kontext task was moderated (seed {image.seed}); there is no image to write.",
+            ExitCode.FILTERED,
+        )
     if image.finish_reason is FinishReason.CONTENT_FILTERED and not keep_filtered:
         fail(
             f"the image was content-filtered (seed {image.seed}); nothing written. "
@@ -281,10 +306,49 @@ def finish(report: BatchReport) -> None:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
+SafetyToleranceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--safety-tolerance", help="Kontext only: 0 (strict) .. 6 (permissive); API default 2."
+    ),
+]
+UpsamplingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prompt-upsampling/--no-prompt-upsampling",
+        help="Kontext only: let the API elaborate the prompt.",
+    ),
+]
+
+
 @app.command()
 def run(
-    prompts: Annotated[str, typer.Argument(help="Prompt file (.txt/.csv/.jsonl), path or s3://.")],
+    prompts: Annotated[
+        str | None,
+        typer.Argument(
+            help="Prompt file (.txt/.csv/.jsonl), path or s3://; or give --prompt instead.",
+            show_default=False,
+        ),
+    ] = None,
     to: DestOpt = "./flux-flows-output",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="A prompt, instead of a prompt file (repeat for more).",
+            show_default=False,
+        ),
+    ] = None,
+    edit: Annotated[
+        str | None,
+        typer.Option(
+            "--edit",
+            help="Edit images with FLUX Kontext: a folder, s3://bucket/prefix/ or one image; "
+            "every prompt is applied to every .jpg/.jpeg/.png/.webp in it.",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = MODELS[0],
     aspect_ratio: AspectOpt = "1:1",
     seed: SeedOpt = None,
@@ -292,32 +356,48 @@ def run(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = 3.5,
     safety_check: SafetyOpt = False,
+    safety_tolerance: SafetyToleranceOpt = None,
+    prompt_upsampling: UpsamplingOpt = False,
     concurrency: ConcurrencyOpt = 8,
     rpm: RpmOpt = None,
     budget: BudgetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Generate an image per prompt (x variants) into a bucket or folder, never paying twice."""
-    from flux_flows.flows import generate_images_from_file
+    """Generate an image per prompt (x variants) into a bucket or folder, never paying twice.
 
-    report = run_flow(
-        lambda: generate_images_from_file(
-            prompts,
-            to,
-            model=model,
-            aspect_ratio=aspect_ratio,
-            seed=seed,
-            variants=variants,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            safety_check=safety_check,
-            max_concurrency=concurrency,
-            requests_per_minute=rpm,
-            budget_usd=budget,
-        ),
-        verbose=verbose,
-        label="generating",
-    )
+    With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
+    """
+    from flux_flows.flows import generate_images, generate_images_from_file
+
+    if (prompts is None) == (not prompt):
+        fail("give either a prompt file or --prompt TEXT (exactly one of them)", ExitCode.BAD_INPUT)
+    if edit is not None and prompt and model not in KONTEXT_MODELS:
+        fail(
+            f"--edit needs a FLUX Kontext model: --model {' or --model '.join(KONTEXT_MODELS)}",
+            ExitCode.BAD_INPUT,
+        )
+    settings: dict[str, Any] = {
+        "model": model,
+        "aspect_ratio": aspect_ratio,
+        "seed": seed,
+        "variants": variants,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "safety_check": safety_check,
+        "safety_tolerance": safety_tolerance,
+        "prompt_upsampling": prompt_upsampling,
+        "input_images": edit,
+        "max_concurrency": concurrency,
+        "requests_per_minute": rpm,
+        "budget_usd": budget,
+    }
+
+    def start() -> BatchReport:
+        if prompt:  # inline prompts: a list of strings, no per-row overrides
+            return generate_images(list(prompt), to, **settings)
+        return generate_images_from_file(str(prompts), to, **settings)
+
+    report = run_flow(start, verbose=verbose, label="generating")
     print_summary(report, f"flux-flows run -> {report.destination}")
     print_contact_sheet(report)
     finish(report)
@@ -434,8 +514,7 @@ def demo(
     print_summary(report, f"flux-flows demo -> {report.destination}")
     out.print(f"\nImages:   {Path(report.destination) / 'images'}")
     out.print(f"Manifest: {Path(report.destination) / 'manifest.jsonl'}")
-    if report.contact_sheet_uri:
-        out.print(f"Contact sheet: {report.contact_sheet_uri}")
+    print_contact_sheet(report)
     out.print("Run it again: every image is already stored, so nothing is generated twice.")
     finish(report)
 

@@ -110,7 +110,7 @@ def thumbnails_markdown(report: BatchReport, storage: Storage) -> str:
     links = [_linked_thumbnail(record, storage) for record in shown]
     if shown and all(links):
         text += " ".join(link for link in links if link) + "\n\n"
-        text += f"_First {len(shown)} images; links are signed and valid for 7 days._\n"
+        text += f"_First {len(shown)} images; links are signed and valid for up to 7 days._\n"
     elif shown:
         folder = storage.uri_for(layout.THUMBS.rstrip("/"))
         text += (

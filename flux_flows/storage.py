@@ -148,6 +148,8 @@ def _botocore_config(max_attempts: int) -> Any:
         # total_max_attempts counts the first try; botocore's "max_attempts" would count retries.
         retries={"mode": "standard", "total_max_attempts": max_attempts},
         max_pool_connections=MAX_POOL_CONNECTIONS,
+        # SigV4 everywhere: presigned links (contact sheets, artifacts) must work in every region.
+        signature_version="s3v4",
     )
 
 

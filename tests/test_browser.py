@@ -1,0 +1,278 @@
+"""The contact sheet in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+Opens pages from disk over file://, as a user would after `flux-flows demo`, and checks what only
+a browser can: images decode, the filters and search work, the CSP lets the page's own scripts
+run, and nothing is logged as an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from flux_flows import layout
+from flux_flows.flows import generate_images
+from flux_flows.gallery import contact_sheet_html, relative_href
+from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.prompts import read_prompts
+from flux_flows.reporting import count_outcomes, summary_lines
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1280, "height": 900}
+ASPECTS = ["1:1", "16:9", "9:16", "3:2"]
+
+VISIBLE_CARDS = """() => Array.from(document.querySelectorAll("main .card"))
+    .filter((card) => getComputedStyle(card).display !== "none")
+    .map((card) => card.dataset.reason)"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("needs Playwright for Python: pip install playwright")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Tab:
+    """One page, with every console error/warning and uncaught exception it produced."""
+
+    def __init__(self, browser: Any, path: Path) -> None:
+        self.page = browser.new_page(viewport=VIEWPORT)
+        self.problems: list[str] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda error: self.problems.append(f"pageerror: {error}"))
+        self.page.goto(path.as_uri(), wait_until="load")
+
+    def _console(self, message: Any) -> None:
+        if message.type in ("error", "warning"):
+            self.problems.append(f"console {message.type}: {message.text}")
+
+    def load_every_image(self) -> list[dict[str, Any]]:
+        """Turn lazy loading off, wait until every image settled, report what each one shows."""
+        self.page.evaluate("() => { for (const img of document.images) img.loading = 'eager'; }")
+        self.page.wait_for_function(
+            "() => Array.from(document.images).every((img) => img.complete && "
+            "(img.naturalWidth > 0 || !img.dataset.full))"
+        )
+        return self.page.evaluate(
+            """() => Array.from(document.images, (img) => ({
+                src: img.getAttribute("src"), current: img.currentSrc,
+                naturalWidth: img.naturalWidth, naturalHeight: img.naturalHeight,
+                card: img.closest(".card").dataset.cacheKey,
+            }))"""
+        )
+
+    def visible_reasons(self) -> list[str]:
+        return self.page.evaluate(VISIBLE_CARDS)
+
+    def shown(self) -> int:
+        return int(self.page.text_content("#shown") or "-1")
+
+    def close(self) -> None:
+        self.page.close()
+
+
+def demo_prompts() -> list[dict[str, Any]]:
+    """The demo's 16 prompts (one the filter catches), one turned into a failure, mixed sizes."""
+    source = Path(__file__).parents[1] / "flux_flows" / "examples" / "demo_prompts.txt"
+    prompts = [row.fields["prompt"] for row in read_prompts(source)]
+    prompts[-1] = "a request the API refuses [[status:400]]"
+    return [
+        {"prompt": prompt, "aspect_ratio": ASPECTS[i % len(ASPECTS)]}
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def run_demo(destination: Path) -> BatchReport:
+    prompts = demo_prompts()
+    generate_images(prompts[:3], str(destination), safety_check=True, seed=2026)  # cache hits
+    return generate_images(prompts, str(destination), safety_check=True, seed=2026)
+
+
+def test_contact_sheet_in_chromium(browser: Any, tmp_path: Path, flow_env: Any) -> None:
+    report = run_demo(tmp_path / "demo")
+    assert report.counts["CONTENT_FILTERED"] == 1 and report.counts["ERROR"] == 1
+    assert report.cache_hits == 3 and report.contact_sheet_uri
+    tab = Tab(browser, Path(report.contact_sheet_uri))
+
+    images = tab.load_every_image()
+    successes = [r for r in report.records if r.finish_reason is FinishReason.SUCCESS]
+    assert len(images) == len(successes) == 14
+    for image, record in zip(images, successes, strict=True):
+        assert image["naturalWidth"] > 0, image
+        assert image["src"] == f"../../thumbs/{record.cache_key}.jpg"
+        assert max(image["naturalWidth"], image["naturalHeight"]) == 256
+    tab.page.screenshot(path=str(tmp_path / "contact-sheet.png"), full_page=True)
+
+    everything = [r.finish_reason.value for r in report.records]
+    assert tab.visible_reasons() == everything and tab.shown() == 16
+    tab.page.uncheck("input[name=reason][value=SUCCESS]")
+    assert tab.visible_reasons() == ["CONTENT_FILTERED", "ERROR"] and tab.shown() == 2
+    tab.page.uncheck("input[name=reason][value=ERROR]")
+    assert tab.visible_reasons() == ["CONTENT_FILTERED"]
+    tab.page.check("input[name=reason][value=SUCCESS]")
+    tab.page.check("input[name=reason][value=ERROR]")
+    assert tab.visible_reasons() == everything
+
+    tab.page.fill("#search", "LIGHTHOUSE dusk")
+    (lighthouse,) = [r for r in report.records if "lighthouse" in r.prompt]
+    assert tab.visible_reasons() == ["SUCCESS"] and tab.shown() == 1
+    visible_key = tab.page.evaluate(
+        "() => document.querySelector('main .card:not([hidden])').dataset.cacheKey"
+    )
+    assert visible_key == lighthouse.cache_key
+    tab.page.fill("#search", "invalidrequesterror")
+    assert tab.visible_reasons() == ["ERROR"]
+    tab.page.fill("#search", "no card says this")
+    assert tab.visible_reasons() == [] and tab.page.is_visible("#empty")
+    tab.page.fill("#search", "")
+    assert tab.visible_reasons() == everything and not tab.page.is_visible("#empty")
+
+    assert tab.problems == []
+    tab.close()
+
+
+def test_missing_thumbnail_falls_back_to_the_image(
+    browser: Any, tmp_path: Path, flow_env: Any
+) -> None:
+    report = generate_images(["fallback fox", "fallback owl"], str(tmp_path))
+    gone = report.records[1]
+    Path(gone.thumbnail_uri or "").unlink()
+    tab = Tab(browser, tmp_path / layout.CONTACT_SHEET)
+    images = tab.load_every_image()
+    assert [image["naturalWidth"] > 0 for image in images] == [True, True]
+    assert images[1]["current"].endswith(Path(gone.uri or "").name)
+    assert images[0]["current"].endswith(f"thumbs/{report.records[0].cache_key}.jpg")
+    # The one failed thumbnail request is the only complaint.
+    assert len(tab.problems) == 1 and "Failed to load resource" in tab.problems[0]
+    tab.close()
+
+
+def thousand_card_run(root: Path, count: int = 1000) -> list[ImageRecord]:
+    """Records and distinct thumbnail files for a 1,000-image run, without generating images."""
+    (root / "thumbs").mkdir(parents=True)
+    records = []
+    for i in range(count):
+        request = ImageRequest(
+            prompt=f"product photo {i}: a ceramic mug, walnut desk, morning light",
+            seed=i + 1,
+            aspect_ratio=ASPECTS[i % len(ASPECTS)],
+        )
+        reason = (
+            FinishReason.ERROR
+            if i % 97 == 5
+            else FinishReason.CONTENT_FILTERED
+            if i % 89 == 7
+            else FinishReason.SUCCESS
+        )
+        success = reason is FinishReason.SUCCESS
+        thumb = root / "thumbs" / f"{request.cache_key}.jpg"
+        if success:
+            width, height = request.size
+            out = io.BytesIO()
+            colour = (i * 37 % 256, i * 91 % 256, i * 53 % 256)
+            Image.new("RGB", (width // 4, height // 4), colour).save(out, "JPEG", quality=80)
+            thumb.write_bytes(out.getvalue())
+        records.append(
+            ImageRecord.for_request(
+                request,
+                index=i,
+                variant=0,
+                finish_reason=reason,
+                uri=str(root / layout.image_key(request)) if success else None,
+                thumbnail_uri=str(thumb) if success else None,
+                error="InvalidRequestError: 400" if reason is FinishReason.ERROR else None,
+                cached=i % 3 == 0,
+                width=request.size[0],
+                height=request.size[1],
+            )
+        )
+    return records
+
+
+def test_thousand_cards_load_fast(
+    browser: Any, tmp_path: Path, record_property: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = thousand_card_run(tmp_path)
+    report = BatchReport(
+        records=records,
+        counts=count_outcomes(records),
+        api_calls=len(records),
+        cache_hits=sum(r.cached for r in records),
+        manifest_uri=None,
+        destination=str(tmp_path),
+    )
+    page_path = tmp_path / layout.CONTACT_SHEET
+    page_path.write_text(
+        contact_sheet_html(
+            records,
+            href=relative_href(layout.CONTACT_SHEET),
+            summary=summary_lines(report),
+            title="1,000 cards",
+        ),
+        encoding="utf-8",
+    )
+    tab = Tab(browser, page_path)
+    timing = tab.page.evaluate(
+        """() => {
+            const nav = performance.getEntriesByType("navigation")[0];
+            const paint = performance.getEntriesByName("first-contentful-paint")[0];
+            const loaded = Array.from(document.images).filter((img) => img.naturalWidth > 0);
+            return {dom_content_loaded_ms: nav.domContentLoadedEventEnd,
+                    load_ms: nav.loadEventEnd, first_contentful_paint_ms: paint ? paint.startTime : null,
+                    images_loaded_at_load: loaded.length,
+                    images: document.images.length};
+        }"""
+    )
+    timing["filter_ms"] = tab.page.evaluate(
+        """() => {
+            const box = document.querySelector("input[name=reason][value=SUCCESS]");
+            const start = performance.now();
+            box.click();
+            return performance.now() - start;
+        }"""
+    )
+    assert tab.shown() == len([r for r in records if r.finish_reason is not FinishReason.SUCCESS])
+    timing["search_ms"] = tab.page.evaluate(
+        """() => {
+            document.querySelector("input[name=reason][value=SUCCESS]").click();
+            const search = document.getElementById("search");
+            const start = performance.now();
+            search.value = "photo 999:";
+            search.dispatchEvent(new Event("input"));
+            return performance.now() - start;
+        }"""
+    )
+    timing["page_kb"] = round(page_path.stat().st_size / 1024)
+    with capsys.disabled():
+        print(f"\n1,000-card contact sheet in Chromium: {json.dumps(timing)}")
+    record_property("thousand_cards", timing)
+    assert tab.shown() == 1
+    # Lazy loading: only the first screens' thumbnails are loaded, not 1,000.
+    assert 0 < timing["images_loaded_at_load"] < 200 and timing["images"] > 900
+    assert timing["load_ms"] < 5_000
+    assert tab.problems == []
+    tab.close()

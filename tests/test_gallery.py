@@ -1,0 +1,563 @@
+"""Thumbnails, the contact sheet and `flux-flows gallery`, on real parts.
+
+Runs go through the real flow on the emulator into a local folder or a moto S3 bucket; pages are
+checked by parsing the HTML (html.parser), never by string matching on markup alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import boto3
+import httpx
+import pytest
+from PIL import Image
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from typer.testing import CliRunner
+
+from flux_flows import generate_image, layout, thumbnails, upload_image
+from flux_flows.cli import ExitCode, app
+from flux_flows.flows import generate_images
+from flux_flows.gallery import (
+    HTML_CONTENT_TYPE,
+    contact_sheet_html,
+    object_key_of,
+    relative_href,
+)
+from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.storage import LocalStorage, get_s3_client
+
+pytestmark = pytest.mark.usefixtures("flow_env")
+
+# Everything the page itself is made of; anything else in a parsed page came from user text.
+PAGE_TAGS = {
+    "html", "head", "meta", "title", "style", "script", "body", "header", "h1", "p", "a", "ul",
+    "li", "b", "span", "div", "fieldset", "legend", "label", "input", "main", "article", "img",
+    "dl", "dt", "dd",
+}  # fmt: skip
+PAGE_ATTRIBUTES = {
+    "lang", "charset", "http-equiv", "content", "name", "class", "href", "type", "value",
+    "checked", "id", "placeholder", "aria-label", "autocomplete", "hidden", "data-reason",
+    "data-cached", "data-cache-key", "src", "data-full", "alt", "width", "height", "loading",
+    "decoding",
+}  # fmt: skip
+
+
+def run(prompts: list[Any], destination: str, **kwargs: Any) -> tuple[BatchReport, Any]:
+    state = generate_images(prompts, destination, return_state=True, **kwargs)
+    return state.result(), state
+
+
+# --- reading a page ----------------------------------------------------------------------------
+
+
+@dataclass
+class Card:
+    attrs: dict[str, str]
+    images: list[dict[str, str]] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    prompt: str = ""
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.texts).split())
+
+
+class Page(HTMLParser):
+    """Every element and attribute of a page, and its cards with their images, links and text."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.cards: list[Card] = []
+        self.scripts: list[str] = []
+        self.texts: list[str] = []
+        self._stack: list[str] = []
+        self._card_depth: int | None = None
+        self._in_prompt = False
+        self.feed(source)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        self.tags.append((tag, values))
+        if tag in ("img", "input", "meta"):
+            self._element(tag, values)
+            return
+        self._stack.append(tag)
+        if tag == "article":
+            self._card_depth = len(self._stack)
+            self.cards.append(Card(values))
+        self._element(tag, values)
+        self._in_prompt = self._card_depth is not None and "prompt" in values.get("class", "")
+
+    def _element(self, tag: str, values: dict[str, str]) -> None:
+        if self._card_depth is None or not self.cards:
+            return
+        if tag == "img":
+            self.cards[-1].images.append(values)
+        if tag == "a":
+            self.cards[-1].links.append(values.get("href", ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "article" and self._card_depth is not None:
+            self._card_depth = None
+        if self._stack and self._stack[-1] == tag:
+            self._stack.pop()
+        self._in_prompt = False
+
+    def handle_data(self, data: str) -> None:
+        if self._stack and self._stack[-1] == "script":
+            self.scripts.append(data)
+            return
+        self.texts.append(data)
+        if self._card_depth is not None and self.cards:
+            self.cards[-1].texts.append(data)
+            if self._in_prompt:
+                self.cards[-1].prompt += data
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.texts).split())
+
+
+def read_page(path: Path) -> Page:
+    return Page(path.read_text(encoding="utf-8"))
+
+
+def resolve(page: Path, link: str) -> Path:
+    return (page.parent / unquote(link)).resolve()
+
+
+# --- the contact sheet of a run ------------------------------------------------------------------
+
+
+def test_contact_sheet_of_a_mixed_run(tmp_path: Path, flow_env: Any) -> None:
+    destination = tmp_path / "out"
+    run(["a red fox"], str(destination), safety_check=True)  # stored before the batch
+    prompts = ["a calm lake", "a red fox", "something nsfw", "broken [[status:400]]", "a calm lake"]
+    report, _ = run(prompts, str(destination), safety_check=True)
+
+    assert report.contact_sheet_uri and report.manifest_uri
+    page_path = Path(report.contact_sheet_uri)
+    assert page_path.parent == Path(report.manifest_uri).parent
+    assert page_path.name == layout.CONTACT_SHEET
+    page = read_page(page_path)
+    assert [c.attrs["data-reason"] for c in page.cards] == [
+        "SUCCESS",
+        "SUCCESS",
+        "CONTENT_FILTERED",
+        "ERROR",
+        "SUCCESS",
+    ]
+    lake, fox, filtered, failed, lake_again = page.cards
+    records = report.records
+    for card, record in ((lake, records[0]), (fox, records[1]), (lake_again, records[4])):
+        (image,) = card.images
+        assert image["src"] == f"../../thumbs/{record.cache_key}.jpg"
+        assert image["loading"] == "lazy"
+        assert resolve(page_path, image["src"]) == Path(record.thumbnail_uri or "").resolve()
+        assert resolve(page_path, image["data-full"]) == Path(record.uri or "").resolve()
+        assert card.links == [image["data-full"]]
+        assert card.prompt == record.prompt
+        assert str(record.seed) in card.text and record.model in card.text
+        assert "1:1" in card.text
+    assert "new" in lake.text.split() and "cached" in fox.text.split()
+    assert "cached" in lake_again.text.split()
+    assert not filtered.images and not filtered.links and "Content filtered" in filtered.text
+    assert not failed.images and "Failed" in failed.text
+    assert "InvalidRequestError" in failed.text and (records[3].error or "") in failed.text
+    # The summary comes from reporting.summary_lines.
+    assert f"API calls: {report.api_calls}" in page.text
+    assert "already stored (cache hits): 2" in page.text and "estimated cost: $" in page.text
+    # The latest-run copy at the root links from the root.
+    latest_path = destination / layout.CONTACT_SHEET
+    latest = read_page(latest_path)
+    assert latest.cards[0].images[0]["src"] == f"thumbs/{records[0].cache_key}.jpg"
+    assert resolve(latest_path, latest.cards[0].images[0]["src"]).is_file()
+    assert_offline(page)
+
+
+def assert_offline(page: Page) -> None:
+    """Nothing on the page loads from anywhere but the destination: no CDN, no network."""
+    tags = {tag for tag, _ in page.tags}
+    assert not tags & {"link", "iframe", "object", "embed", "form"}
+    for tag, attrs in page.tags:
+        assert not (tag == "script" and "src" in attrs)
+        for name in ("src", "href"):
+            assert not attrs.get(name, "").startswith(("http:", "https:", "//")), (tag, attrs)
+    csp = [a["content"] for t, a in page.tags if a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and "default-src 'none'" in csp[0] and "unsafe-inline" not in csp[0]
+
+
+def test_records_carry_thumbnails_and_cache_hits_point_at_them(tmp_path: Path) -> None:
+    first, _ = run(["a thumb fox", "nsfw thumb"], str(tmp_path), safety_check=True)
+    fox, filtered = first.records
+    assert fox.thumbnail_uri == str(tmp_path / "thumbs" / f"{fox.cache_key}.jpg")
+    assert Path(fox.thumbnail_uri).is_file()
+    assert filtered.finish_reason is FinishReason.CONTENT_FILTERED
+    assert filtered.thumbnail_uri is None
+    assert sorted(p.name for p in (tmp_path / "thumbs").iterdir()) == [f"{fox.cache_key}.jpg"]
+    manifest = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert manifest[0]["thumbnail_uri"] == fox.thumbnail_uri
+    again, _ = run(["a thumb fox", "nsfw thumb"], str(tmp_path), safety_check=True)
+    assert again.api_calls == 0 and again.records[0].cached
+    assert again.records[0].thumbnail_uri == fox.thumbnail_uri
+    assert again.records[1].thumbnail_uri is None
+
+
+@pytest.mark.parametrize(
+    ("aspect_ratio", "output_format"),
+    [("1:1", "jpeg"), ("16:9", "jpeg"), ("9:21", "jpeg"), ("3:2", "png")],
+)
+def test_thumbnails_are_256_px_jpegs(tmp_path: Path, aspect_ratio: str, output_format: str) -> None:
+    report, _ = run(
+        [f"a {aspect_ratio} harbour"],
+        str(tmp_path),
+        aspect_ratio=aspect_ratio,
+        output_format=output_format,
+    )
+    record = report.records[0]
+    data = Path(record.thumbnail_uri or "").read_bytes()
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.format == "JPEG"
+        assert max(thumb.size) == thumbnails.LONG_SIDE
+        width, height = ImageRequest(prompt="x", aspect_ratio=aspect_ratio).size
+        assert thumb.width / thumb.height == pytest.approx(width / height, rel=0.02)
+    assert len(data) < 20_000
+
+
+def test_local_run_reads_nothing_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    original = LocalStorage.get
+
+    def counting_get(self: LocalStorage, key: str) -> bytes:
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(LocalStorage, "get", counting_get)
+    report, _ = run(["no re-read fox", "no re-read cat"], str(tmp_path))
+    assert report.counts["SUCCESS"] == 2 and all(r.thumbnail_uri for r in report.records)
+    assert reads == []
+
+
+def test_s3_run_makes_thumbnails_without_get_object(s3_bucket: str) -> None:
+    """GetObject requests actually sent: signing links for the summary artifact sends none."""
+    sent: list[str] = []
+    events = get_s3_client().meta.events
+
+    def count(request: Any, **_: Any) -> None:
+        sent.append(request.url)
+
+    events.register("before-send.s3.GetObject", count)
+    try:
+        report, _ = run(
+            ["s3 thumb fox", "s3 thumb nsfw", "s3 thumb whale"],
+            f"s3://{s3_bucket}/renders/",
+            safety_check=True,
+        )
+        get_s3_client().get_object(Bucket=s3_bucket, Key="renders/manifest.jsonl")  # the probe
+    finally:
+        events.unregister("before-send.s3.GetObject", count)
+    assert len(sent) == 1 and sent[0].endswith("/renders/manifest.jsonl")
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    thumbs = sorted(k for k in keys if k.startswith("renders/thumbs/"))
+    successes = [r for r in report.records if r.finish_reason is FinishReason.SUCCESS]
+    assert thumbs == sorted(f"renders/thumbs/{r.cache_key}.jpg" for r in successes)
+    assert s3.head_object(Bucket=s3_bucket, Key=thumbs[0])["ContentType"] == "image/jpeg"
+    assert report.contact_sheet_uri and report.contact_sheet_uri.startswith(
+        f"s3://{s3_bucket}/renders/runs/"
+    )
+    for key in (report.contact_sheet_uri.split("/", 3)[3], f"renders/{layout.CONTACT_SHEET}"):
+        head = s3.head_object(Bucket=s3_bucket, Key=key)
+        assert head["ContentType"] == HTML_CONTENT_TYPE
+    body = s3.get_object(Bucket=s3_bucket, Key=f"renders/{layout.CONTACT_SHEET}")["Body"].read()
+    page = Page(body.decode("utf-8"))
+    assert page.cards[0].images[0]["src"] == f"thumbs/{successes[0].cache_key}.jpg"
+
+
+class Boom(OSError):
+    pass
+
+
+def break_the_encoder(monkeypatch: pytest.MonkeyPatch, _destination: Path) -> None:
+    def fail(data: bytes, long_side: int = 256) -> bytes:
+        raise Boom("encoder exploded")
+
+    monkeypatch.setattr(thumbnails, "make_thumbnail", fail)
+
+
+def block_the_thumbs_folder(_monkeypatch: pytest.MonkeyPatch, destination: Path) -> None:
+    destination.mkdir(parents=True)
+    (destination / "thumbs").write_text("a file where the thumbs folder should be")
+
+
+@pytest.mark.parametrize("breakage", [break_the_encoder, block_the_thumbs_folder])
+def test_thumbnail_failure_never_fails_or_spills_the_image(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    breakage: Any,
+) -> None:
+    destination = tmp_path / "out"
+    breakage(monkeypatch, destination)
+    with caplog.at_level(logging.WARNING, logger="flux_flows.thumbnails"):
+        report, state = run(["fragile fox"], str(destination))
+    (record,) = report.records
+    assert state.is_completed() and record.finish_reason is FinishReason.SUCCESS
+    assert record.uri and Path(record.uri).is_file()
+    assert record.thumbnail_uri is None and record.spill_path is None and record.error is None
+    assert report.spilled == 0
+    assert "no thumbnail" in caplog.text
+    page_path = Path(report.contact_sheet_uri or "")
+    (image,) = read_page(page_path).cards[0].images
+    assert resolve(page_path, image["src"]) == Path(record.uri).resolve()
+
+
+# --- untrusted text ------------------------------------------------------------------------------
+
+HOSTILE = [
+    "<img src=x onerror=alert(1)>",
+    "</script><script>alert(document.cookie)</script>",
+    '" onmouseover="alert(1)" data-x="',
+    "'><svg/onload=alert(1)>",
+    "</title></style></textarea><iframe src=javascript:alert(1)>",
+    "&lt;b&gt;already escaped&lt;/b&gt; &amp; <!-- comment --> ]]>",
+    "<a href='javascript:alert(1)'>click</a> [[status:400]]",
+]
+
+
+def test_hostile_prompts_are_shown_as_text(tmp_path: Path) -> None:
+    prompts: list[Any] = [*HOSTILE[:-1], {"prompt": HOSTILE[-1], "id": "<b id=pwn>sku</b>"}]
+    report, _ = run(prompts, str(tmp_path))
+    assert report.counts["ERROR"] == 1 and report.counts["SUCCESS"] == len(HOSTILE) - 1
+    source = Path(report.contact_sheet_uri or "").read_text(encoding="utf-8")
+    page = Page(source)
+    assert {tag for tag, _ in page.tags} <= PAGE_TAGS
+    assert {name for _, attrs in page.tags for name in attrs} <= PAGE_ATTRIBUTES
+    assert len(page.scripts) == 2 and source.count("</script>") == 2
+    assert [card.prompt for card in page.cards] == [r.prompt for r in report.records]
+    assert "<b id=pwn>sku</b>" in page.cards[-1].text
+    for _, attrs in page.tags:
+        for name in ("href", "src"):
+            assert "javascript" not in attrs.get(name, "").lower()
+    assert "alert" not in " ".join(page.scripts)
+
+
+def test_page_escapes_every_field_even_without_a_run() -> None:
+    """A tampered manifest: hostile text in every field the page shows, and bogus URIs."""
+    request = ImageRequest(prompt="<script>alert(1)</script>", seed=5)
+    record = ImageRecord.for_request(
+        request,
+        index=0,
+        variant=0,
+        finish_reason=FinishReason.SUCCESS,
+        uri="javascript:alert(1)//images/x.jpg",
+        thumbnail_uri="/tmp/x/thumbs/<svg onload=alert(1)>.jpg",
+        item_id='"><img src=x onerror=alert(1)>',
+    )
+    error = ImageRecord.for_request(
+        request, index=1, variant=0, finish_reason=FinishReason.ERROR, error="<b>boom</b>"
+    )
+    source = contact_sheet_html(
+        [record, error],
+        href=relative_href("runs/r/contact-sheet.html"),
+        summary=[("<i>label</i>", "<u>value</u>")],
+        title="<title>t",
+        notes=["<script>n()</script>"],
+    )
+    page = Page(source)
+    assert {tag for tag, _ in page.tags} <= PAGE_TAGS
+    assert {name for _, attrs in page.tags for name in attrs} <= PAGE_ATTRIBUTES
+    # The image URI named an object the layout allows, under a scheme: linked only as the key.
+    (image,) = page.cards[0].images
+    assert image["src"] == "../../images/x.jpg"
+    assert "<b>boom</b>" in page.cards[1].text and "<u>value</u>" in page.text
+
+
+def test_object_keys_come_only_from_the_layout() -> None:
+    assert object_key_of("/data/out/images/fox-abc.jpg") == "images/fox-abc.jpg"
+    assert object_key_of("s3://b/p/thumbs/abc.jpg") == "thumbs/abc.jpg"
+    assert object_key_of(r"C:\out\images\fox.png") == "images/fox.png"
+    assert object_key_of("/data/out/secrets/x.jpg") is None
+    assert object_key_of("/x/images/a b.jpg") is None
+    assert object_key_of(None) is None
+    assert relative_href("runs/r1/contact-sheet.html")("thumbs/a.jpg") == "../../thumbs/a.jpg"
+    assert relative_href("contact-sheet.html")("images/a b.jpg") == "images/a%20b.jpg"
+
+
+# --- the summary artifact ------------------------------------------------------------------------
+
+
+def summary_artifact(state: Any) -> str:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (markdown,) = [a for a in artifacts if a.type == "markdown"]
+    return str(markdown.data)
+
+
+def test_summary_artifact_local_says_where_the_thumbnails_are(tmp_path: Path) -> None:
+    report, state = run(["artifact lake", "artifact hill"], str(tmp_path))
+    text = summary_artifact(state)
+    assert "## Thumbnails" in text and "cannot show from another machine" in text
+    assert str(tmp_path / "thumbs") in text
+    assert f"Contact sheet: `{report.contact_sheet_uri}`" in text
+    assert "![" not in text
+
+
+def test_summary_artifact_s3_shows_a_strip_of_signed_thumbnails(s3_bucket: str) -> None:
+    prompts = [f"strip {i}" for i in range(14)] + ["strip nsfw"]
+    report, state = run(prompts, f"s3://{s3_bucket}/strip/", safety_check=True)
+    text = summary_artifact(state)
+    thumbs = [part.split(")")[0] for part in text.split("![")[1:]]
+    links = [url.split("](", 1)[1] for url in thumbs]
+    assert len(links) == 12
+    first = httpx.get(links[0])
+    assert first.status_code == 200 and first.content[:3] == b"\xff\xd8\xff"
+    assert f"/strip/thumbs/{report.records[0].cache_key}.jpg" in links[0]
+    assert "valid for up to 7 days" in text and "static site" in text
+    assert f"Contact sheet: `{report.contact_sheet_uri}`" in text
+
+
+# --- flux-flows gallery --------------------------------------------------------------------------
+
+cli = CliRunner()
+QUIETED = ("prefect", "prefect.flow_runs", "prefect.task_runs", "docket", "uvicorn")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels() -> Any:
+    """The CLI quiets Prefect's loggers for the rest of its process; this one is shared."""
+    levels = {name: logging.getLogger(name).level for name in QUIETED}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def invoke(*args: str) -> Any:
+    return cli.invoke(app, list(args))
+
+
+def test_gallery_for_a_local_manifest(tmp_path: Path) -> None:
+    destination = tmp_path / "out"
+    prompts = ["gallery fox", "gallery nsfw", "gallery [[status:400]]"]
+    report, _ = run(prompts, str(destination), safety_check=True)
+    manifest = Path(report.manifest_uri or "")
+    result = invoke("gallery", str(manifest))
+    assert result.exit_code == 0, result.output
+    beside = manifest.parent / layout.CONTACT_SHEET
+    assert f"Contact sheet: {beside}" in result.output
+    assert_links_resolve(beside, expect_images=1)
+
+    elsewhere = tmp_path / "somewhere" / "else"
+    result = invoke("gallery", str(destination / layout.MANIFEST), "-o", str(elsewhere))
+    assert result.exit_code == 0, result.output
+    page = assert_links_resolve(elsewhere / "index.html", expect_images=1)
+    assert "API calls: 3" in page.text and "wall time" not in page.text
+
+    copied = tmp_path / "portable"
+    result = invoke("gallery", str(manifest), "-o", str(copied), "--download")
+    assert result.exit_code == 0, result.output
+    page = assert_links_resolve(copied / "index.html", expect_images=1)
+    assert page.cards[0].images[0]["src"] == f"thumbs/{report.records[0].cache_key}.jpg"
+
+
+def assert_links_resolve(page_path: Path, *, expect_images: int) -> Page:
+    page = read_page(page_path)
+    images = [image for card in page.cards for image in card.images]
+    assert len(images) == expect_images
+    for image in images:
+        assert resolve(page_path, image["src"]).is_file()
+        assert resolve(page_path, image["data-full"]).is_file()
+    for card in page.cards:
+        for link in card.links:
+            assert resolve(page_path, link).is_file()
+    return page
+
+
+def test_gallery_for_an_s3_manifest_signs_or_downloads(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = ["signed fox", "signed whale", "signed nsfw"]
+    report, _ = run(prompts, f"s3://{s3_bucket}/g/", safety_check=True)
+    manifest = f"s3://{s3_bucket}/g/manifest.jsonl"
+    monkeypatch.chdir(tmp_path)
+    result = invoke("gallery", manifest, "--expires", "120")
+    assert result.exit_code == 0, result.output
+    page_path = tmp_path / "flux-flows-gallery" / "index.html"
+    page = read_page(page_path)
+    images = [image for card in page.cards for image in card.images]
+    assert len(images) == 2 and not page.cards[2].images
+    with httpx.Client() as http:
+        for image in images:
+            for url in (image["src"], image["data-full"]):
+                assert 100 <= expires_in(url) <= 120
+                answer = http.get(url)
+                assert answer.status_code == 200 and answer.content[:3] == b"\xff\xd8\xff"
+    assert "expire" in page.text
+
+    result = invoke("gallery", manifest, "-o", str(tmp_path / "dl"), "--download")
+    assert result.exit_code == 0, result.output
+    assert "2 thumbnails copied" in result.output
+    page = read_page(tmp_path / "dl" / "index.html")
+    for card, record in zip(page.cards[:2], report.records, strict=False):
+        src = card.images[0]["src"]
+        assert src == f"thumbs/{record.cache_key}.jpg"
+        assert (tmp_path / "dl" / src).read_bytes()[:3] == b"\xff\xd8\xff"
+        assert card.images[0]["data-full"].startswith("http://127.0.0.1:")
+
+
+def expires_in(url: str) -> float:
+    """Seconds a signed URL has left, for SigV4 (X-Amz-Expires) and SigV2 (Expires=epoch)."""
+    query = parse_qs(urlparse(url).query)
+    if "X-Amz-Expires" in query:
+        signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        return signed.timestamp() + int(query["X-Amz-Expires"][0]) - time.time()
+    return int(query["Expires"][0]) - time.time()
+
+
+def test_gallery_rejects_bad_input(tmp_path: Path) -> None:
+    result = invoke("gallery", str(tmp_path / "missing.jsonl"))
+    assert result.exit_code == ExitCode.BAD_INPUT and "does not exist" in result.output
+    (tmp_path / "m.jsonl").write_text("")
+    result = invoke("gallery", str(tmp_path / "m.jsonl"), "--expires", "0")
+    assert result.exit_code == ExitCode.BAD_INPUT and "--expires" in result.output
+
+
+def test_run_command_prints_the_contact_sheet(tmp_path: Path) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("a printed fox\n")
+    result = invoke("run", str(source), "--to", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    pages = list((tmp_path / "out" / "runs").glob(f"*/{layout.CONTACT_SHEET}"))
+    assert len(pages) == 1
+    assert f"Contact sheet: {pages[0]}" in result.output
+
+
+def test_upload_image_task_makes_the_thumbnail_too(tmp_path: Path) -> None:
+    @flow
+    def user_flow() -> ImageRecord:
+        image = generate_image(ImageRequest(prompt="a task-made fox", seed=9))
+        return upload_image(image, str(tmp_path))
+
+    record = user_flow()
+    assert record.thumbnail_uri == str(tmp_path / "thumbs" / f"{record.cache_key}.jpg")
+    with Image.open(record.thumbnail_uri) as thumb:
+        assert thumb.size == (256, 256)
