@@ -88,3 +88,11 @@ class StorageError(FluxError):
 
 class PromptSourceError(ValueError):
     """A prompt file or object cannot be read or parsed; the message names the line."""
+
+
+class BatchFailedError(FluxError):
+    """A batch run with `fail_on_error=True` had failed images; `.report` has every record."""
+
+    def __init__(self, message: str, *, report: object) -> None:
+        super().__init__(message)
+        self.report = report

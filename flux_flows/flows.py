@@ -25,8 +25,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, PlannedImage, expand, find_stored, plan_batch
 from flux_flows.blocks import FireworksCredentials
-from flux_flows.errors import AuthenticationError, StorageError
+from flux_flows.errors import AuthenticationError, BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
+from flux_flows.images_in import list_input_images
 from flux_flows.models import SCHNELL, BatchReport, FinishReason, ImageRecord, ImageRequest
 from flux_flows.pricing import price_table
 from flux_flows.progress import ProgressReporter
@@ -67,6 +68,8 @@ class BatchOptions:
     spill_dir: str | None
     concurrency_limit: str | None
     fail_on_error: bool
+    # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
+    input_images: Sequence[str] | str | None = None
 
     def check(self) -> None:
         if self.max_concurrency < 1:
@@ -304,6 +307,27 @@ def _preflight(options: BatchOptions, storage: Storage) -> None:
     storage.check_writable()
     if not options.dry_run:
         flux_client(options.credentials)
+        if options.concurrency_limit:
+            _check_concurrency_limit(options.concurrency_limit)
+
+
+def _check_concurrency_limit(name: str) -> None:
+    """A misspelt limit name would otherwise fail every image (or, unchecked, limit nothing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(
+                f"concurrency_limit={name!r}: no Prefect global concurrency limit has this name; "
+                f"create it with `prefect gcl create {name} --limit 8` (nothing was generated)"
+            ) from None
+    if not limit.active:
+        get_run_logger().warning(
+            "global concurrency limit %r is inactive: API calls are not limited by it", name
+        )
 
 
 def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
@@ -313,7 +337,14 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     options.check()
     prices = price_table(options.prices)
     images = expand(
-        rows, defaults=options.defaults, base_seed=options.seed, variants=options.variants
+        rows,
+        defaults=options.defaults,
+        base_seed=options.seed,
+        variants=options.variants,
+        input_images=None
+        if options.input_images is None
+        else list_input_images(options.input_images, aws_credentials=options.aws_credentials),
+        aws_credentials=options.aws_credentials,
     )
     storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
     _preflight(options, storage)
@@ -381,7 +412,7 @@ def _final_state(report: BatchReport, fail_on_error: bool) -> State:
     if report.spilled:
         message += f"; {report.spilled} kept locally in {report.spill_dir}"
     if fail_on_error and counts["ERROR"]:
-        return Failed(message=message, data=report)
+        return Failed(message=message, data=BatchFailedError(message, report=report))
     return Completed(message=message, data=report)
 
 
@@ -406,6 +437,9 @@ def _options(
     spill_dir: str | None,
     concurrency_limit: str | None,
     fail_on_error: bool,
+    input_images: Sequence[str] | str | None = None,
+    safety_tolerance: int | None = None,
+    prompt_upsampling: bool | None = None,
 ) -> BatchOptions:
     return BatchOptions(
         destination=destination,
@@ -416,6 +450,8 @@ def _options(
             "num_inference_steps": num_inference_steps,
             "output_format": output_format,
             "safety_check": safety_check,
+            "safety_tolerance": safety_tolerance,
+            "prompt_upsampling": prompt_upsampling,
         },
         seed=seed,
         variants=variants,
@@ -429,6 +465,7 @@ def _options(
         spill_dir=spill_dir,
         concurrency_limit=concurrency_limit,
         fail_on_error=fail_on_error,
+        input_images=input_images,
     )
 
 
@@ -455,6 +492,9 @@ def generate_images(
     spill_dir: str | None = None,
     concurrency_limit: str | None = None,
     fail_on_error: bool = False,
+    input_images: list[str] | str | None = None,
+    safety_tolerance: int | None = None,
+    prompt_upsampling: bool | None = None,
 ) -> BatchReport:
     """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
 
@@ -464,10 +504,19 @@ def generate_images(
     in the batch are generated once. Returns a BatchReport; the run's state message says how many
     failed (set `fail_on_error=True` to make failures fail the run).
 
+    FLUX Kontext (`model="flux-kontext-pro"` or `"flux-kontext-max"`, batch-wide or per prompt)
+    takes `safety_tolerance` (0 strict .. 6 permissive) and `prompt_upsampling`. `input_images`
+    makes it an edit batch: a list of references (paths, `s3://` objects, URLs, data URIs), or a
+    folder or `s3://bucket/prefix/` whose .jpg/.jpeg/.png/.webp files are used; every prompt is
+    applied to every image. Each image is read once to hash its content, so a renamed copy of a
+    photo is not paid for twice. A moderated Kontext task is recorded as CONTENT_FILTERED.
+
     Example:
         ```python
         report = generate_images(["a red fox", "a blue whale"], "s3://assets/animals/", variants=2)
         print(report.counts, report.manifest_uri)
+        generate_images(["make it winter"], "s3://assets/winter/", model="flux-kontext-pro",
+                        input_images="s3://assets/products/photos/")
         ```
     """
     options = _options(
@@ -490,6 +539,9 @@ def generate_images(
         spill_dir=spill_dir,
         concurrency_limit=concurrency_limit,
         fail_on_error=fail_on_error,
+        input_images=input_images,
+        safety_tolerance=safety_tolerance,
+        prompt_upsampling=prompt_upsampling,
     )
     return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
 
@@ -517,12 +569,17 @@ def generate_images_from_file(
     spill_dir: str | None = None,
     concurrency_limit: str | None = None,
     fail_on_error: bool = False,
+    input_images: list[str] | str | None = None,
+    safety_tolerance: int | None = None,
+    prompt_upsampling: bool | None = None,
 ) -> BatchReport:
     """The batch, reading prompts from a file: local path or `s3://bucket/key`.
 
     `.txt`: one prompt a line (blank lines and `#` comments skipped). `.csv`: a `prompt` column and
     optional per-row `model`, `aspect_ratio`, `seed`, `guidance_scale`, `num_inference_steps`,
-    `safety_check`, `output_format`, `id`. `.jsonl`: one object a line with the same keys.
+    `safety_check`, `output_format`, `id` (and for Kontext `input_image`, `safety_tolerance`,
+    `prompt_upsampling`). `.jsonl`: one object a line with the same keys. `input_images` makes it
+    an edit batch, as in `generate_images`.
 
     Example:
         ```python
@@ -549,6 +606,9 @@ def generate_images_from_file(
         spill_dir=spill_dir,
         concurrency_limit=concurrency_limit,
         fail_on_error=fail_on_error,
+        input_images=input_images,
+        safety_tolerance=safety_tolerance,
+        prompt_upsampling=prompt_upsampling,
     )
     rows = read_prompts(source, aws_credentials=aws_credentials)
     return run_batch(rows, options)  # type: ignore[return-value]

@@ -90,7 +90,9 @@ def _api_slot(limit_name: str | None) -> Iterator[None]:
         return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(limit_name, occupy=1, create_if_missing=False):
+    # strict: a limit that does not exist must not silently mean "no limit" (Prefect's default
+    # only logs a warning and lets every call through).
+    with concurrency(limit_name, occupy=1, strict=True):
         yield
 
 
@@ -177,7 +179,8 @@ def render(job: RenderJob) -> RenderResult:
         return recovered
     client = flux_client(job.credentials)
     with _api_slot(job.concurrency_limit):
-        image = client.generate(job.request)
+        # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
+        image = client.generate(job.request, aws_credentials=job.aws_credentials)
     result = RenderResult(
         cache_key=job.request.cache_key,
         finish_reason=image.finish_reason,

@@ -7,6 +7,7 @@ arguments: each process builds its own from the credentials and keeps it (see `f
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from prefect.context import TaskRunContext
 from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials
 from flux_flows.client import FluxClient, resolve_api_key, resolve_base_url
+from flux_flows.images_in import hash_input_images
 from flux_flows.models import (
     FinishReason,
     GeneratedImage,
@@ -51,11 +53,16 @@ def image_metadata(image: GeneratedImage, *, flow_run_id: str | None = None) -> 
         "model": request.model,
         "finish-reason": image.finish_reason.value,
         "aspect-ratio": request.aspect_ratio,
-        "steps": request.num_inference_steps,
-        "guidance-scale": request.guidance_scale,
         "cache-key": request.cache_key,
         "generator": "flux-flows",
     }
+    if request.is_kontext:
+        fields["safety-tolerance"] = request.safety_tolerance
+        if request.input_image_sha256:  # the reference itself may be a huge data URI
+            fields["input-image-sha256"] = request.input_image_sha256
+    else:
+        fields["steps"] = request.num_inference_steps
+        fields["guidance-scale"] = request.guidance_scale
     if image.request_id:
         fields["request-id"] = image.request_id
     if flow_run_id:
@@ -83,9 +90,22 @@ def current_flow_run_id() -> str | None:
     return str(context.task_run.flow_run_id) if context and context.task_run.flow_run_id else None
 
 
-def _request_cache_key(_context: Any, parameters: Mapping[str, Any]) -> str:
-    """Prefect cache key of a generation: the request's pixels, never the credentials."""
-    return f"flux-flows-generate-{ImageRequest.model_validate(parameters['request']).cache_key}"
+def _request_cache_key(_context: Any, parameters: Mapping[str, Any]) -> str | None:
+    """Prefect cache key of a generation: the request's pixels and which API made them.
+
+    Never the key itself. The base URL is in it so images from the emulator (or a staging
+    endpoint) can never answer, as cached, for the real API: Prefect's result store is shared by
+    every project on the machine. None (not cached) for an edit whose S3/URL input was never
+    hashed: its pixels' identity is unknown, and keying on the name could serve a stale image.
+    `build_request` hashes it.
+    """
+    request = ImageRequest.model_validate(parameters["request"])
+    if request.needs_input_hash:
+        return None
+    credentials = parameters.get("credentials")
+    base_url = credentials.base_url if credentials is not None else resolve_base_url(None)
+    api = hashlib.sha256(base_url.encode("utf-8")).hexdigest()[:12]
+    return f"flux-flows-generate-{api}-{request.cache_key}"
 
 
 @task(name="build-request", retries=0, persist_result=False, cache_policy=None)
@@ -100,11 +120,17 @@ def build_request(
     safety_check: bool | None = None,
     output_format: str | None = None,
     variant: int = 0,
+    input_image: str | None = None,
+    safety_tolerance: int | None = None,
+    prompt_upsampling: bool | None = None,
+    aws_credentials: AwsCredentials | None = None,
 ) -> ImageRequest:
     """Validate one prompt into an ImageRequest with an explicit, reproducible seed.
 
     `seed` is a base: the image's seed is derived from (seed, prompt, variant), so the same
-    inputs always make the same request, and so the same cache key.
+    inputs always make the same request, and so the same cache key. For a FLUX Kontext edit
+    (`input_image`), an `s3://` or URL input is read once here to hash its content (with
+    `aws_credentials` for S3), so the cache key depends on the image, not its name.
 
     Example:
         ```python
@@ -122,8 +148,15 @@ def build_request(
         "num_inference_steps": num_inference_steps,
         "safety_check": safety_check,
         "output_format": output_format,
+        "input_image": input_image,
+        "safety_tolerance": safety_tolerance,
+        "prompt_upsampling": prompt_upsampling,
     }
-    return request_for(prompt, defaults=defaults, base_seed=seed, variant=variant)
+    request = request_for(prompt, defaults=defaults, base_seed=seed, variant=variant)
+    if request.needs_input_hash and request.input_image is not None:
+        digest = hash_input_images([request.input_image], aws_credentials)[request.input_image]
+        request = request.model_copy(update={"input_image_sha256": digest})
+    return request
 
 
 @task(
@@ -134,9 +167,14 @@ def build_request(
     persist_result=True,
 )
 def generate_image(
-    request: ImageRequest, credentials: FireworksCredentials | None = None
+    request: ImageRequest,
+    credentials: FireworksCredentials | None = None,
+    aws_credentials: AwsCredentials | None = None,
 ) -> GeneratedImage:
     """Call the API once for this request (the client retries 429/5xx/timeouts itself).
+
+    FLUX Kontext models are submitted and polled until ready; a moderated task comes back
+    CONTENT_FILTERED with no bytes. `aws_credentials` reads an `s3://` input image.
 
     Cached by the request's cache key: running the same request again, in any flow run that
     shares this Prefect result storage, returns the stored image in a Cached state and makes
@@ -147,7 +185,9 @@ def generate_image(
         image = generate_image(ImageRequest(prompt="a red fox", seed=1), credentials=creds)
         ```
     """
-    return flux_client(credentials).generate(ImageRequest.model_validate(request))
+    return flux_client(credentials).generate(
+        ImageRequest.model_validate(request), aws_credentials=aws_credentials
+    )
 
 
 @task(name="upload-image", retries=0, persist_result=False, cache_policy=None)

@@ -294,3 +294,26 @@ def test_rerun_with_fresh_prefect_database_makes_no_calls_or_uploads(
     assert not [k for k in outcome["puts"] if "/images/" in k]
     assert flow_env.stats.generations == 4
     assert first.api_calls == 4
+
+
+def test_fail_on_error_raises_a_batch_error_with_the_report(tmp_path: Path) -> None:
+    from flux_flows.errors import BatchFailedError
+
+    with pytest.raises(BatchFailedError, match="1 failed") as info:
+        generate_images(["fine", "bad [[status:400]]"], str(tmp_path), fail_on_error=True)
+    assert info.value.report.counts["ERROR"] == 1  # type: ignore[attr-defined]
+
+
+def test_prefect_cache_is_per_api(emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image cached from one endpoint (say the emulator) never answers for another."""
+    from flux_flows.emulator import Emulator, EmulatorConfig
+
+    @flow
+    def user_flow() -> Any:
+        return generate_image(ImageRequest(prompt="per-api fox", seed=4), return_state=True)
+
+    assert user_flow().is_completed()
+    with Emulator(EmulatorConfig(api_key=TEST_API_KEY)) as other:
+        monkeypatch.setenv("FIREWORKS_BASE_URL", other.base_url)
+        state = user_flow()
+        assert state.name != "Cached" and other.stats.generations == 1

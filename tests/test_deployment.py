@@ -1,0 +1,306 @@
+"""End to end on real Prefect parts: server, `prefect deploy`, a process worker, the example flows.
+
+Everything runs as the docs tell a user to run it, from the project root: `prefect server
+start`, `prefect work-pool create`, `prefect gcl create`, `prefect --no-prompt deploy
+--prefect-file deployments/prefect.yaml --all`, `prefect deployment run`, `prefect worker start`.
+Only the parameters that say *where* (the prompt file and destination in a moto bucket) are
+overridden at run time; the Fireworks API is the emulator in this test process, reached over
+loopback by the worker's flow-run processes through the credentials block and env vars.
+
+Every subprocess has a timeout and is stopped by its own pid (its process group) in a
+`finally`, so a hang fails the test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from conftest import TEST_API_KEY, free_port
+
+pytestmark = pytest.mark.deployment
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+POOL = "flux-flows-pool"
+NIGHTLY = "nightly-batch/nightly-product-images"
+SHOTS = "product-shots/product-shots"
+SERVER_START_TIMEOUT_S = 90.0
+CLI_TIMEOUT_S = 60.0
+WORKER_TIMEOUT_S = 150.0
+
+
+@dataclass
+class PrefectServer:
+    api_url: str
+    env: dict[str, str]
+    log: Path
+
+
+def _log_tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def _stop(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    """SIGTERM the process group we started (server workers, flow-run children), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    """The test's environment without any ambient Prefect settings, plus a private Prefect home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_CLI_COLORS="false",
+        COLUMNS="200",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """`prefect server start` on a free loopback port with its own SQLite database."""
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = _base_env(root / "home")
+    env.update(
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
+    )
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"prefect server exited with {proc.returncode}:\n{_log_tail(log)}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{api_url}/health").status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"prefect server not healthy in time:\n{_log_tail(log)}")
+                # Wait on the process, not a bare sleep: returns early if it dies.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.25)
+        env["PREFECT_API_URL"] = api_url
+        yield PrefectServer(api_url=api_url, env=env, log=log)
+    finally:
+        _stop(proc)
+
+
+def prefect_cli(server: PrefectServer, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a `prefect` command from the project root; fail with its output if it fails."""
+    done = subprocess.run(
+        [PREFECT, *args],
+        env=env or server.env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{output}"
+    return output
+
+
+@contextlib.contextmanager
+def prefect_client(server: PrefectServer) -> Iterator[Any]:
+    """A sync client of the test server, whatever API this process was pointed at before."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as c:
+        yield c
+
+
+def worker_env(server: PrefectServer, emulator: Any, tmp_path: Path) -> dict[str, str]:
+    """What a worker host provides: the Prefect API, Fireworks env vars, AWS env (moto)."""
+    env = dict(server.env)
+    env.update(
+        FIREWORKS_API_KEY=TEST_API_KEY,
+        FIREWORKS_BASE_URL=emulator.base_url,
+        FLUX_FLOWS_SPILL_DIR=str(tmp_path / "spill"),
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        env[name] = os.environ[name]
+    env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
+    return env
+
+
+def run_worker_once(env: dict[str, str], log: Path) -> int:
+    """One poll of the pool; returns when the runs it picked up have finished (or times out)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--run-once"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        return proc.wait(timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"worker did not finish in {WORKER_TIMEOUT_S}s:\n{_log_tail(log)}")
+    finally:
+        _stop(proc)
+
+
+def test_deploy_and_run_with_a_process_worker(
+    prefect_server: PrefectServer,
+    emulator: Any,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    from flux_flows import FireworksCredentials
+
+    # What an operator does once: pool, shared API budget, credentials block.
+    prefect_cli(prefect_server, "work-pool", "create", POOL, "--type", "process")
+    prefect_cli(prefect_server, "gcl", "create", "fireworks-api", "--limit", "8")
+    with prefect_client(prefect_server):
+        FireworksCredentials(api_key=TEST_API_KEY, base_url=emulator.base_url).save(
+            "fireworks", overwrite=True
+        )
+
+    # The documented command, unchanged.
+    output = prefect_cli(
+        prefect_server, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--all"
+    )
+    assert output.count("successfully created") == 2, output
+
+    with prefect_client(prefect_server) as client:
+        nightly = client.read_deployment_by_name(NIGHTLY)
+        shots = client.read_deployment_by_name(SHOTS)
+    [schedule] = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+    assert nightly.work_pool_name == POOL and shots.work_pool_name == POOL
+    assert nightly.entrypoint == "flows/nightly_batch.py:nightly_batch"
+    directories = [step[next(iter(step))]["directory"] for step in nightly.pull_steps or []]
+    assert directories == [str(PROJECT_ROOT)], "the pull step must land in the project root"
+
+    # Tonight's prompt file, and the two runs an operator would trigger.
+    prompts = [
+        {"id": "sku-1", "prompt": "a red enamel teapot"},
+        {"id": "sku-2", "prompt": "a blue wool scarf", "aspect_ratio": "4:3"},
+        {"id": "sku-3", "prompt": "a green glass vase"},
+    ]
+    body = "\n".join(json.dumps(p) for p in prompts).encode()
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="feeds/products.jsonl", Body=body)
+    nightly_params = {
+        "source": f"s3://{s3_bucket}/feeds/products.jsonl",
+        "destination": f"s3://{s3_bucket}/products",
+    }
+    products = [
+        {"sku": "mug-9", "name": "stoneware mug", "colour": "slate grey"},
+        {"sku": "lamp-9", "name": "paper lamp", "colour": "white"},
+    ]
+    shots_params = {
+        "products": products,
+        "destination": f"s3://{s3_bucket}/shots",
+        "credentials_block": None,  # this one uses the worker's FIREWORKS_* env vars
+    }
+    prefect_cli(
+        prefect_server, "deployment", "run", NIGHTLY, "--params", json.dumps(nightly_params)
+    )
+    prefect_cli(prefect_server, "deployment", "run", SHOTS, "--params", json.dumps(shots_params))
+
+    worker_log = tmp_path / "worker.log"
+    code = run_worker_once(worker_env(prefect_server, emulator, tmp_path), worker_log)
+    assert code == 0, _log_tail(worker_log)
+
+    with prefect_client(prefect_server) as client:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        runs = {
+            d.id: client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id]))
+            )
+            for d in (nightly, shots)
+        }
+    [nightly_run] = [r for r in runs[nightly.id] if r.state and not r.state.is_scheduled()]
+    [shots_run] = [r for r in runs[shots.id] if r.state]
+    assert nightly_run.state.is_completed(), f"{nightly_run.state}\n{_log_tail(worker_log)}"
+    assert shots_run.state.is_completed(), f"{shots_run.state}\n{_log_tail(worker_log)}"
+
+    # Nightly: images and manifest under the prefix dated by the run's scheduled start (UTC).
+    day = nightly_run.expected_start_time.astimezone(UTC).date().isoformat()
+    prefix = f"products/{day}/"
+    listing = s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "images/")
+    images = {obj["Key"] for obj in listing.get("Contents", [])}
+    assert len(images) == len(prompts)
+    manifest = s3.get_object(Bucket=s3_bucket, Key=prefix + "manifest.jsonl")["Body"].read()
+    lines = [json.loads(line) for line in manifest.decode().splitlines()]
+    assert [line["item_id"] for line in lines] == ["sku-1", "sku-2", "sku-3"]
+    assert all(line["finish_reason"] == "SUCCESS" for line in lines)
+    assert {line["uri"] for line in lines} == {f"s3://{s3_bucket}/{key}" for key in images}
+
+    # Product shots: one image per product, generated through the step tasks.
+    listing = s3.list_objects_v2(Bucket=s3_bucket, Prefix="shots/images/")
+    assert len(listing.get("Contents", [])) == len(products)
+    # The emulator checks the key, so both credential paths reached it; nothing was paid twice.
+    assert emulator.stats.generations == len(prompts) + len(products)
+    assert emulator.stats.duplicates == 0
+
+
+@pytest.mark.parametrize("script", ["flows/nightly_batch.py", "flows/compose_steps.py"])
+def test_example_scripts_run_offline(
+    prefect_server: PrefectServer, script: str, tmp_path: Path
+) -> None:
+    """`python flows/x.py` with no Fireworks settings starts its own emulator and writes locally."""
+    env = dict(prefect_server.env)
+    for name in ("FIREWORKS_API_KEY", "FIREWORKS_BASE_URL"):
+        env.pop(name, None)
+    env["FLUX_FLOWS_SPILL_DIR"] = str(tmp_path / "spill")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, script, "--destination", str(out)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S * 2,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "local Fireworks emulator" in done.stderr
+    images = list(out.rglob("images/*.jpg"))
+    assert len(images) >= 3
+    assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in images)
