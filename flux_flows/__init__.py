@@ -5,7 +5,7 @@ Only public names live here; each is defined in the module named after its job.
 
 from flux_flows._version import __version__
 from flux_flows.blocks import FireworksCredentials
-from flux_flows.client import AsyncFluxClient, FluxClient, RetryPolicy
+from flux_flows.client import AsyncFluxClient, FluxClient, KontextPolicy, RetryPolicy
 from flux_flows.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -46,6 +46,7 @@ __all__ = [
     "ImageRecord",
     "ImageRequest",
     "InvalidRequestError",
+    "KontextPolicy",
     "MissingCredentialsError",
     "PromptSourceError",
     "RateLimitError",

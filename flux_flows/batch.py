@@ -13,7 +13,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from flux_flows import layout
-from flux_flows.models import FinishReason, ImageRequest, describe_validation_error, request_for
+from flux_flows.images_in import describe_reference, hash_input_images, normalize_reference
+from flux_flows.models import (
+    SCHNELL,
+    FinishReason,
+    ImageRequest,
+    describe_validation_error,
+    is_kontext,
+    request_for,
+)
 from flux_flows.pricing import estimate_cost
 from flux_flows.prompts import PromptRow
 from flux_flows.storage import Storage
@@ -60,27 +68,81 @@ class BatchPlan:
         )
 
 
+def _edit_pairs(
+    rows: Sequence[PromptRow], input_images: Sequence[str] | None
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """(prompt index, where, fields): one per prompt, or one per (prompt, image) in an edit batch.
+
+    A row that names its own `input_image` keeps it and is not crossed with the batch's images.
+    """
+    pairs: list[tuple[int, str, dict[str, Any]]] = []
+    for index, row in enumerate(rows):
+        if input_images and row.fields.get("input_image") is None:
+            for ref in input_images:
+                where = f"{row.where} with input image {describe_reference(ref)}"
+                pairs.append((index, where, {**row.fields, "input_image": ref}))
+        else:
+            pairs.append((index, row.where, dict(row.fields)))
+    return pairs
+
+
+def _fill_input_hashes(
+    pairs: list[tuple[int, str, dict[str, Any]]],
+    defaults: Mapping[str, Any],
+    aws_credentials: Any,
+) -> None:
+    """Hash each distinct input image once (S3, URL, file or data URI) and put the digest in the
+    fields, so the cache key depends on the image's content and no file is read per request.
+
+    Only Kontext requests are hashed: any other request with an input image is refused by
+    validation anyway, and reading a thousand photos to say so would waste minutes.
+    """
+    wanted: dict[str, str] = {}
+    for _, _, fields in pairs:
+        ref = fields.get("input_image")
+        model = fields.get("model") or defaults.get("model") or SCHNELL
+        if not isinstance(ref, str) or fields.get("input_image_sha256") or not is_kontext(model):
+            continue
+        try:
+            wanted[ref] = normalize_reference(ref)
+        except ValueError:
+            continue  # validation names the bad reference, with where it came from
+    hashes = hash_input_images(dict.fromkeys(wanted.values()), aws_credentials)
+    for _, _, fields in pairs:
+        ref = fields.get("input_image")
+        if isinstance(ref, str) and ref in wanted and not fields.get("input_image_sha256"):
+            fields["input_image_sha256"] = hashes[wanted[ref]]
+
+
 def expand(
     rows: Sequence[PromptRow],
     *,
     defaults: Mapping[str, Any],
     base_seed: int | None,
     variants: int,
+    input_images: Sequence[str] | None = None,
+    aws_credentials: Any = None,
 ) -> list[PlannedImage]:
-    """Validate every row x variant up front; all problems are reported at once, with where."""
+    """Validate every row x variant up front; all problems are reported at once, with where.
+
+    With `input_images` (a FLUX Kontext edit batch) every prompt is paired with every image.
+    Input images are read here, once each, to hash their content (`aws_credentials` for S3).
+    """
     if variants < 1:
         raise ValueError(f"variants must be at least 1, got {variants}")
+    pairs = _edit_pairs(rows, input_images)
+    _fill_input_hashes(pairs, defaults, aws_credentials)
     images: list[PlannedImage] = []
     problems: list[str] = []
-    for index, row in enumerate(rows):
-        item_id = row.fields.get("id")
+    for index, where, fields in pairs:
+        item_id = fields.get("id")
         for variant in range(variants):
             try:
                 request = request_for(
-                    row.fields, defaults=defaults, base_seed=base_seed, variant=variant
+                    fields, defaults=defaults, base_seed=base_seed, variant=variant
                 )
             except ValidationError as exc:
-                problems.append(f"{row.where}: {describe_validation_error(exc)}")
+                problems.append(f"{where}: {describe_validation_error(exc)}")
                 break
             images.append(
                 PlannedImage(index, variant, request, None if item_id is None else str(item_id))

@@ -11,7 +11,7 @@ from typing import Any
 from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr
 
-from flux_flows.client import DEFAULT_BASE_URL, AsyncFluxClient, FluxClient
+from flux_flows.client import DEFAULT_BASE_URL, AsyncFluxClient, FluxClient, RetryPolicy
 
 
 class FireworksCredentials(CredentialsBlock):
@@ -42,11 +42,24 @@ class FireworksCredentials(CredentialsBlock):
         default=DEFAULT_BASE_URL,
         description="Inference base URL; point it at `flux-flows emulator` to work offline.",
     )
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="Seconds to wait for one answer before retrying it."
+    )
+    max_retries: int = Field(
+        default=4, ge=0, description="Retries of a 429, 5xx, timeout or network error per image."
+    )
+
+    def client_options(self) -> dict[str, Any]:
+        return {"timeout_s": self.timeout_s, "retry": RetryPolicy(max_retries=self.max_retries)}
 
     def get_client(self, **kwargs: Any) -> FluxClient:
         """A synchronous FluxClient; keyword arguments go to FluxClient (timeouts, retries)."""
-        return FluxClient(self.api_key, base_url=self.base_url, **kwargs)
+        return FluxClient(
+            self.api_key, base_url=self.base_url, **{**self.client_options(), **kwargs}
+        )
 
     def get_async_client(self, **kwargs: Any) -> AsyncFluxClient:
         """An AsyncFluxClient with the same settings."""
-        return AsyncFluxClient(self.api_key, base_url=self.base_url, **kwargs)
+        return AsyncFluxClient(
+            self.api_key, base_url=self.base_url, **{**self.client_options(), **kwargs}
+        )

@@ -189,6 +189,9 @@ def emulator(
     rpm: Annotated[int | None, typer.Option(help="Requests per minute before 429s.")] = None,
     rate_429: Annotated[float, typer.Option(help="Share of requests answered 429.")] = 0.0,
     rate_5xx: Annotated[float, typer.Option(help="Share of requests answered 503.")] = 0.0,
+    kontext_pending: Annotated[
+        float, typer.Option(help="Seconds a FLUX Kontext task stays Pending.")
+    ] = 0.3,
 ) -> None:
     """Run the local Fireworks-compatible emulator (loopback only) until interrupted."""
     from flux_flows.emulator import EmulatorConfig, serve
@@ -200,6 +203,7 @@ def emulator(
         rpm_limit=rpm,
         rate_429=rate_429,
         rate_5xx=rate_5xx,
+        kontext_pending_s=kontext_pending,
     )
     if api_key is None:
         console.print("Any API key is accepted: export FIREWORKS_API_KEY=emulator")
@@ -367,8 +371,6 @@ def run(
 
     With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
     """
-    from flux_flows.flows import generate_images, generate_images_from_file
-
     if (prompts is None) == (not prompt):
         fail("give either a prompt file or --prompt TEXT (exactly one of them)", ExitCode.BAD_INPUT)
     if edit is not None and prompt and model not in KONTEXT_MODELS:
@@ -393,6 +395,8 @@ def run(
     }
 
     def start() -> BatchReport:
+        from flux_flows.flows import generate_images, generate_images_from_file
+
         if prompt:  # inline prompts: a list of strings, no per-row overrides
             return generate_images(list(prompt), to, **settings)
         return generate_images_from_file(str(prompts), to, **settings)

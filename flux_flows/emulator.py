@@ -20,6 +20,22 @@ filtering. Prompt markers trigger deterministic faults for tests, and stay part 
 - `[[fault:html]]`: 200 `text/html` page, as a misbehaving proxy would send.
 - `[[fault:json-no-images]]`: 200 JSON with `"base64": []`.
 - `[[fault:slow=S]]`: wait S seconds before answering (on top of the configured latency).
+
+FLUX Kontext (`flux-kontext-pro`, `flux-kontext-max`) is asynchronous, as on Fireworks: submit to
+`.../models/{model}` answers `{"request_id"}`; `.../models/{model}/get_result` with `{"id"}` answers
+`{id, status, result, progress, details}`: `Pending` for `kontext_pending_s`, then `Ready` with
+`result.sample`, a URL on this emulator (`/_emulator/results/<id>.<ext>`, plain GET, no key needed,
+like a signed URL) and `result.seed`. An unknown id is `Task not found`. An edit's picture is the
+input image itself, fitted to the size, tinted per seed, with the prompt drawn on it; an input URL
+is not fetched, only hashed. A prompt with a filter word is `Content Moderated` (Kontext always
+moderates). Markers, for tests:
+
+- `[[kontext:request-moderated]]`: `Request Moderated` at once (the input was refused).
+- `[[kontext:error]]`: `Error` with `details` once pending time is over.
+- `[[kontext:not-found-first=N]]`: the first N polls answer `Task not found` (transient).
+
+`[[status:NNN]]` and `[[flaky:N]]` apply to the submit call. A `Ready` or `Content Moderated`
+task counts as one generation, once, however often it is polled.
 """
 
 from __future__ import annotations
@@ -55,7 +71,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 import uvicorn
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -67,7 +83,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from flux_flows.models import (
     ASPECT_RATIO_SIZES,
     DEFAULT_STEPS,
+    KONTEXT_MODELS,
     MAX_GUIDANCE,
+    MAX_SAFETY_TOLERANCE,
     MAX_SEED,
     MAX_STEPS,
     MODELS,
@@ -84,8 +102,12 @@ __all__ = [
 ]
 
 GENERATION_PATH = "/inference/v1/workflows/accounts/fireworks/models/{model}/text_to_image"
+KONTEXT_SUBMIT_PATH = "/inference/v1/workflows/accounts/fireworks/models/{model}"
+KONTEXT_RESULT_PATH = "/inference/v1/workflows/accounts/fireworks/models/{model}/get_result"
+RESULTS_PATH = "/_emulator/results/{name}"
+# Every API route is metered: text_to_image, Kontext submit and get_result.
 _GENERATION_RE = re.compile(
-    r"^/inference/v1/workflows/accounts/fireworks/models/[^/]+/text_to_image$"
+    r"^/inference/v1/workflows/accounts/fireworks/models/[^/]+(/text_to_image|/get_result)?$"
 )
 API_PREFIX = "/inference/v1"
 
@@ -93,6 +115,10 @@ DEFAULT_ASPECT_RATIO = "1:1"
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_JPEG_QUALITY = 90
 MAX_BODY_BYTES = 1024 * 1024
+# A Kontext submit carries the input image as a data URI: allow ~20 MiB of image.
+KONTEXT_MAX_BODY_BYTES = 32 * 1024 * 1024
+KONTEXT_MAX_TASKS = 2048  # oldest tasks (and their results) are forgotten beyond this
+KONTEXT_DEFAULT_SAFETY_TOLERANCE = 2
 RATE_WINDOW_S = 60.0
 _PROMPT_CHARS_DRAWN = 200
 
@@ -128,6 +154,11 @@ class EmulatorConfig:
     filter_words: tuple[str, ...] = ("nsfw", "forbidden")
     image_kb: int | None = None
     fault_seed: int = 0
+    # Kontext: how long a task stays Pending, and the origin its result URLs name (default: the
+    # origin the client called, so results come from this server; another spelling of the same
+    # address, e.g. http://localhost:PORT, lets tests see a result on a "foreign" host).
+    kontext_pending_s: float = 0.3
+    kontext_results_url: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.filter_words, str):
@@ -159,6 +190,12 @@ class EmulatorConfig:
             raise ValueError("max_concurrent must be None or >= 1")
         if self.image_kb is not None and self.image_kb < 1:
             raise ValueError("image_kb must be None or >= 1")
+        if self.kontext_pending_s < 0:
+            raise ValueError("kontext_pending_s must be >= 0")
+        if self.kontext_results_url is not None and not str(self.kontext_results_url).startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("kontext_results_url must be None or an http(s):// origin")
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration as JSON-able data, with the key reduced to whether one is set."""
@@ -187,6 +224,10 @@ class EmulatorStats:
     including CONTENT_FILTERED ones and the `truncate`/`garbage`/`drop` faults (the provider did the
     work and billed it; only the delivery broke). Error statuses, `html` and `json-no-images`
     answers and requests abandoned by the client during the wait are not generations.
+
+    For Kontext, `requests` counts submits and polls (every call to the API routes), and a task
+    is one generation when first seen `Ready` or `Content Moderated`; result downloads are not
+    API calls and are counted apart, in `downloads`.
     """
 
     requests: int = 0
@@ -195,6 +236,10 @@ class EmulatorStats:
     in_flight: int = 0
     max_in_flight: int = 0
     generated: Counter[tuple[Any, ...]] = field(default_factory=Counter)
+    # Kontext result downloads (not API calls), and how many of them carried an Authorization
+    # header: a client must send the key only to the API's own origin.
+    downloads: int = 0
+    downloads_with_auth: int = 0
     _cond: threading.Condition = field(
         default_factory=threading.Condition, init=False, repr=False, compare=False
     )
@@ -215,11 +260,14 @@ class EmulatorStats:
                 "max_in_flight": self.max_in_flight,
                 "generated_unique": len(self.generated),
                 "generated_duplicates": sum(1 for c in self.generated.values() if c > 1),
+                "downloads": self.downloads,
+                "downloads_with_auth": self.downloads_with_auth,
             }
 
     def reset(self) -> None:
         with self._cond:
             self.requests = self.generations = 0
+            self.downloads = self.downloads_with_auth = 0
             self.by_status = {}
             self.max_in_flight = self.in_flight
             self.generated = Counter()
@@ -247,6 +295,12 @@ class EmulatorStats:
         with self._cond:
             self.generations += 1
             self.generated[key] += 1
+            self._cond.notify_all()
+
+    def record_download(self, *, with_auth: bool) -> None:
+        with self._cond:
+            self.downloads += 1
+            self.downloads_with_auth += with_auth
             self._cond.notify_all()
 
 
@@ -344,9 +398,9 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_BODY_BYTES:
-        raise _ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+def _json_object(raw: bytes, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise _ApiError(413, f"request body is larger than {limit} bytes")
     try:
         body = json.loads(raw)
     except ValueError:
@@ -437,6 +491,86 @@ def _parse_generation(raw: bytes, model: str) -> _Generation:
     )
 
 
+@dataclass(frozen=True)
+class _KontextJob:
+    """A validated Kontext submit. `input_hash` identifies the input: bytes of a data URI, or the
+    URL string itself (the emulator fetches nothing)."""
+
+    model: str
+    prompt: str
+    seed: int  # as requested: 0 means "pick one"
+    aspect_ratio: str
+    output_format: Literal["jpeg", "png"]
+    safety_tolerance: int
+    prompt_upsampling: bool
+    input_hash: str | None = None
+
+
+def _kontext_input(body: dict[str, Any]) -> tuple[str | None, bytes | None]:
+    value = body.get("input_image")
+    if value is None:
+        return None, None
+    if not isinstance(value, str) or not value.strip():
+        raise _ApiError(
+            400, "input_image must be a base64 data URI or an http(s) URL", param="input_image"
+        )
+    if value.startswith(("http://", "https://")):
+        return hashlib.sha256(value.encode()).hexdigest(), None
+    header, sep, payload = value.partition(",")
+    if not (value.startswith("data:image/") and sep and header.endswith(";base64")):
+        raise _ApiError(
+            400,
+            "input_image must be a base64 data URI (data:image/...;base64,...) or an http(s) URL",
+            param="input_image",
+        )
+    try:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+    except (ValueError, OSError):
+        raise _ApiError(400, "input_image is not a decodable image", param="input_image") from None
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _parse_kontext(raw: bytes, model: str) -> tuple[_KontextJob, bytes | None]:
+    """Validate a Kontext submit like the API: defaults for absent fields, unknown ones ignored.
+
+    Returns the job and the decoded input image (kept by the task only until it is rendered).
+    """
+    body = _json_object(raw, KONTEXT_MAX_BODY_BYTES)
+    prompt = _prompt(body)
+    output_format = body.get("output_format")
+    if output_format is None:
+        output_format = "jpeg"
+    if output_format not in ("jpeg", "png"):
+        raise _ApiError(
+            400,
+            f"output_format must be jpeg or png; got {_short_repr(output_format)}",
+            param="output_format",
+        )
+    upsampling = body.get("prompt_upsampling")
+    if upsampling is not None and not isinstance(upsampling, bool):
+        raise _ApiError(
+            400,
+            f"prompt_upsampling must be true or false; got {_short_repr(upsampling)}",
+            param="prompt_upsampling",
+        )
+    input_hash, input_bytes = _kontext_input(body)
+    job = _KontextJob(
+        model=model,
+        prompt=prompt,
+        seed=_bounded_int(body, "seed", 0, MAX_SEED, 0, " (0 picks a random seed)"),
+        aspect_ratio=_aspect_ratio(body),
+        output_format=output_format,
+        safety_tolerance=_bounded_int(
+            body, "safety_tolerance", 0, MAX_SAFETY_TOLERANCE, KONTEXT_DEFAULT_SAFETY_TOLERANCE, ""
+        ),
+        prompt_upsampling=bool(upsampling),
+        input_hash=input_hash,
+    )
+    return job, input_bytes
+
+
 def _check_auth(header: str | None, expected: str | None) -> None:
     """Constant-time compare; the same message whatever went wrong, and never the key itself."""
     scheme, _, key = (header or "").strip().partition(" ")
@@ -504,7 +638,9 @@ def _jpeg_quality(header: str | None) -> int:
 # Prompt markers
 # --------------------------------------------------------------------------------------------
 
-_MARKER_RE = re.compile(r"\[\[\s*(status|flaky|fault)\s*:\s*([^\]]*?)\s*\]\]", re.IGNORECASE)
+_MARKER_RE = re.compile(
+    r"\[\[\s*(status|flaky|fault|kontext)\s*:\s*([^\]]*?)\s*\]\]", re.IGNORECASE
+)
 _FAULT_MODES = ("drop", "truncate", "garbage", "html", "json-no-images")
 _MAX_SLOW_S = 600.0
 
@@ -515,6 +651,8 @@ class _Markers:
     flaky: int = 0
     mode: str | None = None
     slow_s: float = 0.0
+    kontext: str | None = None  # "request-moderated" or "error"
+    not_found_first: int = 0
 
 
 def _parse_markers(prompt: str) -> _Markers:
@@ -523,6 +661,8 @@ def _parse_markers(prompt: str) -> _Markers:
     flaky = 0
     mode: str | None = None
     slow_s = 0.0
+    kontext: str | None = None
+    not_found_first = 0
     for kind, raw in _MARKER_RE.findall(prompt):
         kind, value = kind.lower(), raw.lower()
         if kind == "status" and value.isdigit() and 400 <= int(value) <= 599 and status is None:
@@ -534,7 +674,19 @@ def _parse_markers(prompt: str) -> _Markers:
                 slow_s = min(max(float(value[5:]), 0.0), _MAX_SLOW_S)
         elif kind == "fault" and value in _FAULT_MODES and mode is None:
             mode = value
-    return _Markers(status=status, flaky=flaky, mode=mode, slow_s=slow_s)
+        elif kind == "kontext" and value.startswith("not-found-first="):
+            with contextlib.suppress(ValueError):
+                not_found_first = max(int(value.partition("=")[2]), 0)
+        elif kind == "kontext" and value in ("request-moderated", "error") and kontext is None:
+            kontext = value
+    return _Markers(
+        status=status,
+        flaky=flaky,
+        mode=mode,
+        slow_s=slow_s,
+        kontext=kontext,
+        not_found_first=not_found_first,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,8 +798,10 @@ def render_image(prompt: str, seed: int, width: int, height: int) -> Image.Image
     return _render(prompt, seed, width, height)[0]
 
 
-def _render(prompt: str, seed: int, width: int, height: int) -> tuple[Image.Image, _Layout]:
-    rng = _seeded("flux-flows-emulator", prompt, seed, width, height)
+def _render(
+    prompt: str, seed: int, width: int, height: int, salt: tuple[Any, ...] = ()
+) -> tuple[Image.Image, _Layout]:
+    rng = _seeded("flux-flows-emulator", prompt, seed, width, height, *salt)
     image = Image.new("RGB", (width, height))
     _paint_background(image, rng)
     draw = ImageDraw.Draw(image)
@@ -746,6 +900,31 @@ def _image_bytes(
     return _encode(image, file_mode, quality)
 
 
+def _render_edit(source: bytes, prompt: str, seed: int, width: int, height: int) -> Image.Image:
+    """An edit that visibly comes from its input: the input fitted to the size, a per-seed tint
+    and the prompt drawn on it, so a contact sheet shows which photo each result was made from."""
+    with Image.open(io.BytesIO(source)) as opened:
+        base = ImageOps.fit(opened.convert("RGB"), (width, height), Image.Resampling.BILINEAR)
+    rng = _seeded("flux-flows-emulator-edit", prompt, seed, width, height)
+    image = Image.blend(base, Image.new("RGB", (width, height), _vivid(rng, 0.9)), 0.25)
+    lines = _caption_lines(prompt, width, _layout(width, height, 1).font_size)
+    layout = _layout(width, height, len(lines))
+    _paint_text(ImageDraw.Draw(image), lines, f"edit  seed {seed}  {width}x{height}", layout, width)
+    return image
+
+
+def _kontext_image_bytes(task: _KontextTask) -> bytes:
+    """Runs in a worker thread. Depends only on (prompt, seed, size, input image hash)."""
+    job = task.job
+    width, height = ASPECT_RATIO_SIZES[job.aspect_ratio]
+    if task.input_bytes is not None:
+        image = _render_edit(task.input_bytes, job.prompt, task.seed, width, height)
+    else:
+        salt = (job.input_hash,) if job.input_hash else ()
+        image = _render(job.prompt, task.seed, width, height, salt)[0]
+    return _encode(image, job.output_format, DEFAULT_JPEG_QUALITY)
+
+
 def _garbage(size: int = 4096) -> bytes:
     """Bytes no image decoder accepts (no JPEG/PNG magic), yet looking like a plausible payload."""
     return b"NOT-AN-IMAGE\n" + _seeded("garbage").randbytes(size)
@@ -759,8 +938,61 @@ _HTML_PAGE = (
 
 
 # --------------------------------------------------------------------------------------------
-# Runtime state shared by requests: fault RNG, flaky counters, rate window
+# Runtime state shared by requests: fault RNG, flaky counters, rate window, Kontext tasks
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _KontextTask:
+    """One submitted Kontext task. Its status is decided when polled (see `_EmulatorState.poll`);
+    the picture is rendered on first download and kept until the task is forgotten."""
+
+    id: str
+    job: _KontextJob
+    seed: int
+    markers: _Markers
+    created: float
+    results_origin: str
+    polls: int = 0
+    billed: bool = False
+    ready: bool = False
+    input_bytes: bytes | None = field(default=None, repr=False)
+    image: bytes | None = field(default=None, repr=False)
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self.job.output_format == "jpeg" else "png"
+
+    def generation_key(self) -> tuple[Any, ...]:
+        job = self.job
+        return (
+            job.model,
+            job.prompt,
+            self.seed,
+            job.aspect_ratio,
+            job.input_hash,
+            job.safety_tolerance,
+            job.prompt_upsampling,
+            job.output_format,
+        )
+
+
+def _poll_body(
+    task_id: str,
+    status: str,
+    *,
+    result: dict[str, Any] | None = None,
+    progress: float | None = None,
+    details: Any = None,
+) -> dict[str, Any]:
+    """Every poll answer has the same keys; `result` is null until Ready."""
+    return {
+        "id": task_id,
+        "status": status,
+        "result": result,
+        "progress": progress,
+        "details": details,
+    }
 
 
 class _EmulatorState:
@@ -773,6 +1005,7 @@ class _EmulatorState:
         self._rng = random.Random(config.fault_seed)
         self._flaky: Counter[tuple[str, int]] = Counter()
         self._window: deque[float] = deque()
+        self._tasks: dict[str, _KontextTask] = {}
 
     def configure(self, changes: dict[str, Any]) -> None:
         with self._lock:
@@ -786,9 +1019,62 @@ class _EmulatorState:
             self._rng = random.Random(self.config.fault_seed)
             self._flaky.clear()
             self._window.clear()
+            self._tasks.clear()
         self.stats.reset()
 
-    def admit(self, gen: _Generation, markers: _Markers) -> dict[str, str]:
+    def add_task(self, task: _KontextTask) -> None:
+        """Remember a task; the oldest are forgotten beyond KONTEXT_MAX_TASKS (results expire)."""
+        with self._lock:
+            self._tasks[task.id] = task
+            while len(self._tasks) > KONTEXT_MAX_TASKS:
+                self._tasks.pop(next(iter(self._tasks)))
+
+    def poll(self, model: str, task_id: str) -> dict[str, Any]:
+        """The status of a task now: decided from its markers, its age and its prompt."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.job.model != model:
+                return _poll_body(task_id, "Task not found")
+            task.polls += 1
+            markers = task.markers
+            if task.polls <= markers.not_found_first:
+                return _poll_body(task_id, "Task not found")
+            if markers.kontext == "request-moderated":
+                task.input_bytes = None
+                reasons = {"moderation_reasons": ["input refused ([[kontext:request-moderated]])"]}
+                return _poll_body(task_id, "Request Moderated", details=reasons)
+            pending_s = self.config.kontext_pending_s
+            age = _now() - task.created
+            if age < pending_s:
+                return _poll_body(task_id, "Pending", progress=round(age / pending_s, 2))
+            if markers.kontext == "error":
+                task.input_bytes = None
+                details = {"message": "the task failed in the emulator ([[kontext:error]])"}
+                return _poll_body(task_id, "Error", details=details)
+            if not task.billed:
+                task.billed = True
+                self.stats.record_generation(task.generation_key())
+            lowered = task.job.prompt.lower()
+            words = [w for w in self.config.filter_words if w and w.lower() in lowered]
+            if words:
+                task.input_bytes = None
+                reasons = {"moderation_reasons": [f"filtered word: {w}" for w in words]}
+                return _poll_body(task_id, "Content Moderated", progress=1.0, details=reasons)
+            task.ready = True
+            sample = f"{task.results_origin}/_emulator/results/{task.id}.{task.extension}"
+            result = {"sample": sample, "seed": task.seed}
+            return _poll_body(task_id, "Ready", result=result, progress=1.0)
+
+    def ready_task(self, name: str) -> _KontextTask | None:
+        """The task whose result `name` (`<id>.<ext>`) is, if it has been seen Ready."""
+        task_id, _, extension = name.rpartition(".")
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is None or not task.ready or task.extension != extension:
+            return None
+        return task
+
+    def admit(self, gen: _Generation | _KontextJob, markers: _Markers) -> dict[str, str]:
         """Decide, atomically, whether this request is served; returns its rate-limit headers.
 
         Order: rate window, then flaky marker, then random faults. Only admitted requests take a
@@ -1047,6 +1333,59 @@ async def _generate(request: Request, state: _EmulatorState, request_id: str) ->
     return await _answer(state, gen, answer)
 
 
+def _check_kontext_model(request: Request, config: EmulatorConfig) -> str:
+    """Key first, then model, as on the generation route."""
+    _check_auth(request.headers.get("authorization"), config.api_key)
+    model = request.path_params["model"]
+    if model not in KONTEXT_MODELS:
+        raise _ApiError(404, f"Model not found, inaccessible, and/or not deployed: {model}")
+    return model
+
+
+async def _kontext_submit(request: Request, state: _EmulatorState, request_id: str) -> Response:
+    config = state.config
+    model = _check_kontext_model(request, config)
+    # Decoding a multi-megabyte data URI is CPU work: keep it off the event loop.
+    job, input_bytes = await anyio.to_thread.run_sync(_parse_kontext, await request.body(), model)
+    markers = _parse_markers(job.prompt)
+    _raise_forced_status(markers, config)
+    limit_headers = state.admit(job, markers)
+    origin = config.kontext_results_url or str(request.base_url)
+    task = _KontextTask(
+        id=request_id,
+        job=job,
+        seed=job.seed or secrets.randbelow(MAX_SEED) + 1,
+        markers=markers,
+        created=_now(),
+        results_origin=origin.rstrip("/"),
+        input_bytes=input_bytes,
+    )
+    state.add_task(task)
+    headers = {"x-request-id": request_id, **limit_headers}
+    return JSONResponse({"request_id": task.id}, headers=headers)
+
+
+async def _kontext_poll(request: Request, state: _EmulatorState) -> Response:
+    model = _check_kontext_model(request, state.config)
+    body = _json_object(await request.body())
+    task_id = body.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        raise _ApiError(400, "id is required: the request_id the submit answered", param="id")
+    return JSONResponse(state.poll(model, task_id))
+
+
+async def _kontext_result(request: Request, state: _EmulatorState) -> Response:
+    """A result download: no key needed (a signed URL in real life); who sent one is counted."""
+    task = state.ready_task(request.path_params["name"])
+    if task is None:
+        raise _ApiError(404, "No such result (unknown, not ready, or expired)")
+    state.stats.record_download(with_auth="authorization" in request.headers)
+    if task.image is None:
+        task.image = await anyio.to_thread.run_sync(_kontext_image_bytes, task)
+        task.input_bytes = None
+    return Response(task.image, media_type=_CONTENT_TYPES[task.job.output_format])
+
+
 def _config_changes(raw: bytes) -> dict[str, Any]:
     try:
         changes = json.loads(raw or b"{}")
@@ -1069,6 +1408,25 @@ def create_app(config: EmulatorConfig, stats: EmulatorStats) -> Starlette:
             return await _generate(request, state, request_id)
         except _ApiError as error:
             return _error_response(error, request_id)
+
+    async def kontext_submit(request: Request) -> Response:
+        request_id = _new_request_id()
+        try:
+            return await _kontext_submit(request, state, request_id)
+        except _ApiError as error:
+            return _error_response(error, request_id)
+
+    async def kontext_poll(request: Request) -> Response:
+        try:
+            return await _kontext_poll(request, state)
+        except _ApiError as error:
+            return _error_response(error, _new_request_id())
+
+    async def kontext_result(request: Request) -> Response:
+        try:
+            return await _kontext_result(request, state)
+        except _ApiError as error:
+            return _error_response(error, _new_request_id())
 
     async def read_stats(request: Request) -> Response:
         return JSONResponse(stats.as_dict())
@@ -1102,6 +1460,9 @@ def create_app(config: EmulatorConfig, stats: EmulatorStats) -> Starlette:
     app = Starlette(
         routes=[
             Route(GENERATION_PATH, generation, methods=["POST"]),
+            Route(KONTEXT_SUBMIT_PATH, kontext_submit, methods=["POST"]),
+            Route(KONTEXT_RESULT_PATH, kontext_poll, methods=["POST"]),
+            Route(RESULTS_PATH, kontext_result, methods=["GET"]),
             Route("/_emulator/stats", read_stats, methods=["GET"]),
             Route("/_emulator/config", read_config, methods=["GET"]),
             Route("/_emulator/config", change_config, methods=["POST"]),

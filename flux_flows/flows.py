@@ -37,6 +37,7 @@ from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
     load_manifest,
+    manifest_bytes,
     publish_artifacts,
     write_manifests,
 )
@@ -306,6 +307,8 @@ def _preflight(options: BatchOptions, storage: Storage) -> None:
     """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
     storage.check_writable()
     if not options.dry_run:
+        # The fallback for a failed upload must work before an image is paid for.
+        SpillFolder(options.destination, options.spill_dir).check_writable()
         flux_client(options.credentials)
         if options.concurrency_limit:
             _check_concurrency_limit(options.concurrency_limit)
@@ -385,12 +388,15 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
         saved_usd=plan.saved_usd,
         dry_run=options.dry_run,
     )
+    manifest_problem: str | None = None
     if not options.dry_run:
         run_id = layout.new_run_id(flow_run.name if flow_run else None)
         try:
             report.manifest_uri = write_manifests(storage, run_id, records)
         except StorageError as exc:
-            logger.error("could not store the manifest: %s", exc)
+            kept = spill.keep_manifest(run_id, manifest_bytes(records))
+            manifest_problem = f"manifest NOT stored ({exc}); a copy is kept at {kept}"
+            logger.error("could not store the manifest: %s; a copy is kept at %s", exc, kept)
     report.wall_time_s = time.perf_counter() - started
     if not options.dry_run:
         try:
@@ -398,10 +404,12 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
         except (StorageError, OSError) as exc:
             logger.error("could not store the contact sheet: %s", exc)
         publish_artifacts(report, storage=storage)
-    return _final_state(report, options.fail_on_error)
+    return _final_state(report, options.fail_on_error, manifest_problem)
 
 
-def _final_state(report: BatchReport, fail_on_error: bool) -> State:
+def _final_state(
+    report: BatchReport, fail_on_error: bool, manifest_problem: str | None = None
+) -> State:
     counts = report.counts
     message = (
         f"{len(report.records)} images: {counts['SUCCESS']} succeeded, "
@@ -411,7 +419,9 @@ def _final_state(report: BatchReport, fail_on_error: bool) -> State:
     )
     if report.spilled:
         message += f"; {report.spilled} kept locally in {report.spill_dir}"
-    if fail_on_error and counts["ERROR"]:
+    if manifest_problem:
+        message += f"; {manifest_problem}"
+    if fail_on_error and (counts["ERROR"] or manifest_problem):
         return Failed(message=message, data=BatchFailedError(message, report=report))
     return Completed(message=message, data=report)
 

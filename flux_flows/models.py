@@ -2,12 +2,17 @@
 
 Everything that decides *which pixels* an image has lives in `ImageRequest`, so its `cache_key` is
 the single identity used by Prefect's cache, by storage object keys and by batch de-duplication.
+
+Two families of models share `ImageRequest`: FLUX.1 (synchronous text_to_image) and FLUX Kontext
+(asynchronous, optionally editing an input image). Each family has its own fields; a field of the
+other family must stay at its default, so one request never silently means two things.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -16,17 +21,40 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     computed_field,
     field_validator,
+    model_serializer,
     model_validator,
+)
+
+from flux_flows.images_in import (
+    check_input_image,
+    input_image_kind,
+    normalize_reference,
+    resolve_input_image,
+    sha256_hex,
 )
 
 SCHNELL = "flux-1-schnell-fp8"
 DEV = "flux-1-dev-fp8"
-ModelName = Literal["flux-1-schnell-fp8", "flux-1-dev-fp8"]
+KONTEXT_PRO = "flux-kontext-pro"
+KONTEXT_MAX = "flux-kontext-max"
+ModelName = Literal["flux-1-schnell-fp8", "flux-1-dev-fp8", "flux-kontext-pro", "flux-kontext-max"]
+# The synchronous text_to_image models (FLUX.1).
 MODELS: tuple[str, ...] = (SCHNELL, DEV)
+# The asynchronous models (submit, poll get_result, download the sample), which can edit images.
+KONTEXT_MODELS: tuple[str, ...] = (KONTEXT_PRO, KONTEXT_MAX)
+ALL_MODELS: tuple[str, ...] = (*MODELS, *KONTEXT_MODELS)
+# Request fields only Kontext takes; a FLUX.1 request keeps them at their defaults.
+KONTEXT_FIELDS: tuple[str, ...] = (
+    "input_image",
+    "input_image_sha256",
+    "safety_tolerance",
+    "prompt_upsampling",
+)
 
 AspectRatio = Literal[
     "1:1", "21:9", "16:9", "3:2", "5:4", "4:5", "2:3", "9:16", "9:21", "4:3", "3:4"
@@ -58,6 +86,16 @@ MAX_SEED = 2**32 - 1
 _DERIVED_SEED_SPAN = 2**31 - 1
 # Bumped only when the meaning of a cache key changes, so old keys never alias new images.
 CACHE_KEY_VERSION = 1
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_SAFETY_TOLERANCE = 2
+MAX_SAFETY_TOLERANCE = 6
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHOWN_INPUT_CHARS = 80
+
+
+def is_kontext(model: str) -> bool:
+    """True for the asynchronous FLUX Kontext models."""
+    return model in KONTEXT_MODELS
 
 
 class FinishReason(StrEnum):
@@ -88,24 +126,47 @@ def describe_validation_error(exc: ValidationError) -> str:
         field = ".".join(str(part) for part in error["loc"]) or "request"
         message = error["msg"].removeprefix("Value error, ")
         got = error.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        text = repr(got)
+        # An input image may be a multi-megabyte data URI: show its start, not all of it.
+        if len(text) > _SHOWN_INPUT_CHARS:
+            text = text[: _SHOWN_INPUT_CHARS - 4] + "...'"
+        shown = "" if isinstance(got, dict) else f" (got {text})"
         lines.append(f"{field}: {message}{shown}")
     return "; ".join(lines)
 
 
 class ImageRequest(BaseModel):
-    """One text-to-image generation, validated against the published contract before any spend."""
+    """One generation, validated against the published contract before any spend.
+
+    FLUX.1 models take `guidance_scale`, `num_inference_steps` and `safety_check`; FLUX Kontext
+    models take `input_image` (an edit), `safety_tolerance` and `prompt_upsampling`. A field of
+    the other family must keep its default: the API would ignore it, and a request that says one
+    thing while producing another would poison the cache.
+
+    `input_image` is a reference (local path, `s3://bucket/key`, `http(s)://` URL or data URI),
+    never the bytes. `input_image_sha256` is the SHA-256 of those bytes, filled here for local
+    files and data URIs and by the batch (`images_in.hash_input_images`) for S3 objects and URLs;
+    it, not the reference, goes into the cache key, so a renamed photo is not paid for twice.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
     prompt: Annotated[str, Field(min_length=1, max_length=10_000)]
     model: ModelName = SCHNELL
     aspect_ratio: AspectRatio = "1:1"
-    guidance_scale: Annotated[float, Field(gt=MIN_GUIDANCE_EXCLUSIVE, le=MAX_GUIDANCE)] = 3.5
+    guidance_scale: Annotated[float, Field(gt=MIN_GUIDANCE_EXCLUSIVE, le=MAX_GUIDANCE)] = (
+        DEFAULT_GUIDANCE
+    )
     num_inference_steps: Annotated[int, Field(ge=1, le=50)] = DEFAULT_STEPS[SCHNELL]
     seed: Annotated[int, Field(ge=1, le=MAX_SEED)] = 1
     safety_check: bool = False
     output_format: OutputFormat = "jpeg"
+    input_image: str | None = None
+    input_image_sha256: Annotated[str | None, Field(validate_default=True)] = None
+    safety_tolerance: Annotated[int, Field(ge=0, le=MAX_SAFETY_TOLERANCE)] = (
+        DEFAULT_SAFETY_TOLERANCE
+    )
+    prompt_upsampling: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -121,10 +182,20 @@ class ImageRequest(BaseModel):
             prompt = data.get("prompt")
             if isinstance(prompt, str) and prompt.strip():
                 data["seed"] = derive_seed(None, prompt.strip(), 0)
-        for key in ("guidance_scale",):
+        for key in ("guidance_scale", "num_inference_steps", "safety_tolerance"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
+
+    @field_validator(
+        "seed", "num_inference_steps", "guidance_scale", "safety_tolerance", mode="before"
+    )
+    @classmethod
+    def _reject_booleans(cls, value: Any) -> Any:
+        """JSON true/false are not numbers: pydantic would read true as 1, the API refuses it."""
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -152,6 +223,97 @@ class ImageRequest(BaseModel):
             raise ValueError(f"{model} takes at most {limit} steps (allowed: 1..{limit})")
         return value
 
+    @field_validator("guidance_scale", "num_inference_steps", "safety_check")
+    @classmethod
+    def _flux1_only(cls, value: Any, info: ValidationInfo) -> Any:
+        """Kontext has no steps, guidance or safety_check: a non-default value would be ignored."""
+        model = info.data.get("model")
+        if isinstance(model, str) and is_kontext(model):
+            default = cls.model_fields[str(info.field_name)].default
+            if value != default:
+                hint = (
+                    "; use safety_tolerance (0 strict .. 6 permissive)"
+                    if info.field_name == "safety_check"
+                    else ""
+                )
+                raise ValueError(
+                    f"{model} does not take {info.field_name}; leave it unset "
+                    f"(default {default!r}){hint}"
+                )
+        return value
+
+    @field_validator("safety_tolerance", "prompt_upsampling")
+    @classmethod
+    def _kontext_only(cls, value: Any, info: ValidationInfo) -> Any:
+        model = info.data.get("model")
+        default = cls.model_fields[str(info.field_name)].default
+        if isinstance(model, str) and not is_kontext(model) and value != default:
+            raise ValueError(
+                f"only the FLUX Kontext models ({', '.join(KONTEXT_MODELS)}) take "
+                f"{info.field_name}; {model} does not"
+            )
+        return value
+
+    @field_validator("input_image")
+    @classmethod
+    def _input_image_reference(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Kontext only; local paths made absolute, so a worker elsewhere reads the same file."""
+        if value is None:
+            return None
+        model = info.data.get("model")
+        if isinstance(model, str) and not is_kontext(model):
+            raise ValueError(
+                f"{model} cannot edit an image; use {' or '.join(KONTEXT_MODELS)} with input_image"
+            )
+        ref = normalize_reference(value)
+        check_input_image(ref)  # a missing or non-image file is named here, before any spend
+        return ref
+
+    @field_validator("input_image_sha256")
+    @classmethod
+    def _content_hash(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Hash local files and data URIs now; S3 objects and URLs are hashed by the batch."""
+        ref = info.data.get("input_image")
+        if value is not None:
+            value = value.lower()
+            if not _SHA256_HEX.match(value):
+                raise ValueError("must be 64 hexadecimal characters (a SHA-256 digest)")
+            if ref is None and "input_image" in info.data:
+                raise ValueError("given without input_image")
+            return value
+        if not isinstance(ref, str):
+            return None
+        if input_image_kind(ref) not in ("path", "data"):
+            return None
+        data, _ = resolve_input_image(ref)
+        return sha256_hex(data)
+
+    @model_serializer(mode="wrap")
+    def _flux1_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A FLUX.1 request serializes exactly as before Kontext existed.
+
+        Its Kontext fields are always at their defaults (validation sees to it), so leaving them
+        out loses nothing, and keeps Prefect parameters, prompt rows and stored task results of
+        FLUX.1 requests unchanged.
+        """
+        data: dict[str, Any] = handler(self)
+        if not self.is_kontext:
+            for name in KONTEXT_FIELDS:
+                data.pop(name, None)
+        return data
+
+    @property
+    def is_kontext(self) -> bool:
+        return is_kontext(self.model)
+
+    @property
+    def needs_input_hash(self) -> bool:
+        """An S3 or URL input not read yet: the cache key (content-based) is not known until it is.
+
+        Fill it with `images_in.hash_input_images` (the batch does) before asking for `cache_key`.
+        """
+        return self.input_image is not None and self.input_image_sha256 is None
+
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) the API renders for this aspect ratio."""
@@ -168,30 +330,81 @@ class ImageRequest(BaseModel):
         Canonical JSON (sorted keys, ASCII, shortest float repr) of every field that changes the
         image, plus a version, hashed with SHA-256. 32 hex characters keep object keys short while
         leaving collisions out of reach (128 bits).
+
+        FLUX.1 keys are exactly what they were before Kontext existed (images already stored stay
+        found). Kontext keys hold the Kontext fields and the input image's *content* hash, never
+        its name, and no FLUX.1-only field; the model name keeps the two families apart.
         """
-        payload = {
-            "v": CACHE_KEY_VERSION,
-            **self.api_body(),
-            "model": self.model,
-            "output_format": self.output_format,
-        }
+        if self.is_kontext:
+            if self.needs_input_hash:
+                raise ValueError(
+                    f"input_image {self.input_image!r} has not been read yet, so the cache key "
+                    "(which depends on the image's content) is unknown; hash it first with "
+                    "flux_flows.images_in.hash_input_images (the batch flows do this)"
+                )
+            payload: dict[str, Any] = {
+                "v": CACHE_KEY_VERSION,
+                "model": self.model,
+                "prompt": self.prompt,
+                "aspect_ratio": self.aspect_ratio,
+                "seed": self.seed,
+                "output_format": self.output_format,
+                "input_image_sha256": self.input_image_sha256,
+                "safety_tolerance": self.safety_tolerance,
+                "prompt_upsampling": self.prompt_upsampling,
+            }
+        else:
+            payload = {
+                "v": CACHE_KEY_VERSION,
+                **self.api_body(),
+                "model": self.model,
+                "output_format": self.output_format,
+            }
         canonical = json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
 
-    def api_body(self) -> dict[str, Any]:
-        """The JSON body the text_to_image endpoint takes (model and format travel elsewhere)."""
-        return {
+    def api_body(self, *, input_data_uri: str | None = None) -> dict[str, Any]:
+        """The JSON body the model's endpoint takes (for FLUX.1, model and format travel elsewhere).
+
+        FLUX.1: the text_to_image body. Kontext: the submit body; an edit's image goes in as the
+        data URI the client builds at send time (`input_data_uri`), so no request ever holds
+        image bytes.
+        """
+        if not self.is_kontext:
+            return {
+                "prompt": self.prompt,
+                "aspect_ratio": self.aspect_ratio,
+                "guidance_scale": self.guidance_scale,
+                "num_inference_steps": self.num_inference_steps,
+                "seed": self.seed,
+                "safety_check": self.safety_check,
+            }
+        body: dict[str, Any] = {
             "prompt": self.prompt,
-            "aspect_ratio": self.aspect_ratio,
-            "guidance_scale": self.guidance_scale,
-            "num_inference_steps": self.num_inference_steps,
             "seed": self.seed,
-            "safety_check": self.safety_check,
+            "aspect_ratio": self.aspect_ratio,
+            "output_format": self.output_format,
+            "prompt_upsampling": self.prompt_upsampling,
+            "safety_tolerance": self.safety_tolerance,
         }
+        if self.input_image is not None:
+            if input_data_uri is None:
+                raise ValueError(
+                    "this request edits an image: pass input_data_uri (the client reads the "
+                    "image at send time)"
+                )
+            body["input_image"] = input_data_uri
+        return body
 
 
 class GeneratedImage(BaseModel):
-    """One answer of the API. Holds the bytes: keep it short-lived, carry `ImageRecord`s instead."""
+    """One answer of the API. Holds the bytes: keep it short-lived, carry `ImageRecord`s instead.
+
+    A moderated Kontext task (`Request Moderated` / `Content Moderated`) comes back as
+    CONTENT_FILTERED with `data=b""` and width/height 0: Kontext sends no image at all, and an
+    invented placeholder could be mistaken for a real one. Stored, it is an empty object under
+    `filtered/`, which is what lets a re-run know the outcome without asking (and paying) again.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -228,6 +441,11 @@ class ImageRecord(BaseModel):
     seed: int
     safety_check: bool
     output_format: str
+    # Kontext only (defaults for FLUX.1, and in manifests written before Kontext existed).
+    input_image: str | None = Field(default=None, description="the edit's input reference")
+    input_image_sha256: str | None = None
+    safety_tolerance: int = DEFAULT_SAFETY_TOLERANCE
+    prompt_upsampling: bool = False
     cache_key: str
     finish_reason: FinishReason
     item_id: str | None = Field(default=None, description="the user's id for the prompt row")
@@ -271,6 +489,10 @@ class ImageRecord(BaseModel):
             seed=self.seed,
             safety_check=self.safety_check,
             output_format=self.output_format,
+            input_image=self.input_image,
+            input_image_sha256=self.input_image_sha256,
+            safety_tolerance=self.safety_tolerance,
+            prompt_upsampling=self.prompt_upsampling,
         )
 
 
@@ -307,6 +529,9 @@ PIXEL_FIELDS = (
     "seed",
     "safety_check",
     "output_format",
+    "input_image_sha256",
+    "safety_tolerance",
+    "prompt_upsampling",
 )
 
 

@@ -119,13 +119,21 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
     except (StorageError, OSError) as exc:
         spill = SpillFolder(job.destination, job.spill_root)
         key = layout.image_key(image.request, image.finish_reason)
-        path = spill.save(
-            result.cache_key,
-            image.data,
-            object_key=key,
-            content_type=image.content_type,
-            metadata=image_metadata(image, flow_run_id=job.flow_run_id),
-        )
+        try:
+            path = spill.save(
+                result.cache_key,
+                image.data,
+                object_key=key,
+                content_type=image.content_type,
+                metadata=image_metadata(image, flow_run_id=job.flow_run_id),
+            )
+        except OSError as spill_exc:
+            error = (
+                f"generated (paid for) but lost: upload failed ({exc}) and it could not be kept "
+                f"locally in {spill.path} ({spill_exc.strerror or spill_exc})"
+            )
+            logger.error("%s", error)
+            return result.model_copy(update={"finish_reason": FinishReason.ERROR, "error": error})
         logger.warning("upload failed, image kept at %s: %s", path, exc)
         return result.model_copy(
             update={"spill_path": str(path), "error": f"upload failed, kept locally: {exc}"}

@@ -11,8 +11,11 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
+
+from flux_flows.errors import StorageError
 
 SPILL_ENV = "FLUX_FLOWS_SPILL_DIR"
 
@@ -67,6 +70,26 @@ class SpillFolder:
     def remove(self, cache_key: str) -> None:
         self._meta_path(cache_key).unlink(missing_ok=True)
         self.data_path(cache_key).unlink(missing_ok=True)
+
+    def check_writable(self) -> None:
+        """Fail before any spend if paid-for images could not be kept here when an upload fails."""
+        probe = self.path / f".write-probe-{uuid.uuid4().hex}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(
+                f"spill folder {self.path} is not writable ({exc.strerror or exc}): images whose "
+                f"upload fails are kept there; set {SPILL_ENV} or spill_dir= to a writable folder"
+            ) from exc
+
+    def keep_manifest(self, run_id: str, data: bytes) -> Path:
+        """A run's manifest that could not be stored in the destination."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / f"manifest-{run_id}.jsonl"
+        _atomic_write(target, data)
+        return target
 
     def cache_keys(self) -> set[str]:
         if not self.path.is_dir():

@@ -17,7 +17,7 @@ from prefect.context import TaskRunContext
 
 from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials
-from flux_flows.client import FluxClient, resolve_api_key, resolve_base_url
+from flux_flows.client import FluxClient, RetryPolicy, resolve_api_key, resolve_base_url
 from flux_flows.images_in import hash_input_images
 from flux_flows.models import (
     FinishReason,
@@ -36,13 +36,22 @@ if TYPE_CHECKING:
 def flux_client(credentials: FireworksCredentials | None = None) -> FluxClient:
     """This process's client for these credentials: one connection pool, reused by every task."""
     if credentials is not None:
-        return _cached_client(credentials.api_key.get_secret_value(), credentials.base_url)
+        return _cached_client(
+            credentials.api_key.get_secret_value(),
+            credentials.base_url,
+            credentials.timeout_s,
+            credentials.max_retries,
+        )
     return _cached_client(resolve_api_key(None).get_secret_value(), resolve_base_url(None))
 
 
 @lru_cache(maxsize=8)
-def _cached_client(api_key: str, base_url: str) -> FluxClient:
-    return FluxClient(api_key, base_url=base_url)
+def _cached_client(
+    api_key: str, base_url: str, timeout_s: float = 60.0, max_retries: int = 4
+) -> FluxClient:
+    return FluxClient(
+        api_key, base_url=base_url, timeout_s=timeout_s, retry=RetryPolicy(max_retries=max_retries)
+    )
 
 
 def image_metadata(image: GeneratedImage, *, flow_run_id: str | None = None) -> dict[str, str]:

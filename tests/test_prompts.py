@@ -49,6 +49,11 @@ def test_override_fields_are_the_request_fields() -> None:
         "num_inference_steps",
         "safety_check",
         "output_format",
+        # FLUX Kontext (issue 8): an edit's input image and Kontext's own knobs.
+        "input_image",
+        "input_image_sha256",
+        "safety_tolerance",
+        "prompt_upsampling",
     }
     assert set(ALLOWED_FIELDS) == {"prompt", "id", *OVERRIDE_FIELDS}
 

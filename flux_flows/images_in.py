@@ -1,0 +1,329 @@
+"""Input images for FLUX Kontext edits: reading one reference, hashing it, listing a folder.
+
+A reference is a local path, `s3://bucket/key`, an `http(s)://` URL or a `data:image/...;base64,`
+URI. The batch identifies an edit by the SHA-256 of the image's *bytes*, never by its name, so the
+same photo under two names is generated (and paid for) once, and a changed photo under an old
+name is generated again. Bytes are read, hashed and dropped: the request carries only the
+reference and the hash, and the client reads the bytes again at send time, so a batch of
+thousands of edits never holds thousands of images in memory.
+
+This module imports neither the client nor Prefect: `models` uses it from a validator.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_INPUT_IMAGE_BYTES",
+    "InputImageError",
+    "check_input_image",
+    "describe_reference",
+    "hash_input_images",
+    "input_image_kind",
+    "list_input_images",
+    "normalize_reference",
+    "resolve_input_image",
+    "sha256_hex",
+    "sniff_image_type",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+# Kontext's own limit is not published; 20 MiB keeps the JSON body (base64: x4/3) under ~27 MB.
+MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
+URL_TIMEOUT_S = 30.0
+_MIME_BY_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+)
+
+
+class InputImageError(ValueError):
+    """An input image cannot be read or is not an image; the message names the reference.
+
+    A ValueError so that pydantic reports it against the `input_image` field and the CLI exits
+    with its "bad input" code.
+    """
+
+
+def input_image_kind(ref: str) -> str:
+    """ "data", "s3", "url" or "path": how a reference is read."""
+    lowered = ref[:10].lower()
+    if lowered.startswith("data:"):
+        return "data"
+    if lowered.startswith("s3://"):
+        return "s3"
+    if lowered.startswith(("http://", "https://")):
+        return "url"
+    return "path"
+
+
+def describe_reference(ref: str, limit: int = 80) -> str:
+    """A reference fit for a message: data URIs are megabytes, presigned URLs carry secrets."""
+    if input_image_kind(ref) == "data":
+        return ref.split(",", 1)[0] + ",... (" + f"{len(ref)} characters)"
+    if input_image_kind(ref) == "url":
+        ref = ref.split("?", 1)[0]
+    return ref if len(ref) <= limit else ref[: limit - 3] + "..."
+
+
+def normalize_reference(ref: str) -> str:
+    """Local paths become absolute (workers may run elsewhere); other references stay as given."""
+    ref = ref.strip()
+    if not ref:
+        raise InputImageError("the input image reference is empty")
+    if input_image_kind(ref) == "s3":
+        bucket, _, key = ref[len("s3://") :].partition("/")
+        if not bucket or not key or key.endswith("/"):
+            raise InputImageError(f"{ref}: an S3 input image must name an object, s3://BUCKET/KEY")
+        return f"s3://{bucket}/{key}"
+    if input_image_kind(ref) == "path":
+        return str(Path(ref).expanduser().absolute())
+    return ref
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The image type the bytes really are (JPEG, PNG or WebP), or None."""
+    for magic, mime in _MIME_BY_MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _decode_data_uri(ref: str) -> bytes:
+    header, sep, payload = ref.partition(",")
+    if not sep or not header.lower().startswith("data:image/") or not header.endswith(";base64"):
+        raise InputImageError(
+            f"{describe_reference(ref)}: a data URI input must look like data:image/png;base64,<data>"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputImageError(
+            f"{describe_reference(ref)}: the data URI is not valid base64 ({exc})"
+        ) from exc
+
+
+def _read_path(ref: str) -> bytes:
+    path = Path(ref).expanduser()
+    try:
+        size = path.stat().st_size
+        if size > MAX_INPUT_IMAGE_BYTES:
+            raise InputImageError(_too_big(ref, size))
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputImageError(f"input image {ref} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise InputImageError(f"input image {ref} is a folder, not a file") from exc
+    except OSError as exc:
+        raise InputImageError(f"cannot read input image {ref}: {exc.strerror or exc}") from exc
+
+
+def _read_s3(ref: str, aws_credentials: Any) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from flux_flows.storage import explain_s3_error, get_s3_client
+
+    bucket, _, key = ref[len("s3://") :].partition("/")
+    try:
+        response = get_s3_client(aws_credentials).get_object(Bucket=bucket, Key=key)
+        size = int(response.get("ContentLength") or 0)
+        if size > MAX_INPUT_IMAGE_BYTES:
+            response["Body"].close()
+            raise InputImageError(_too_big(ref, size))
+        return response["Body"].read()
+    except (BotoCoreError, ClientError) as exc:
+        message = explain_s3_error(exc, bucket=bucket, key=key, action="read the input image")
+        raise InputImageError(f"cannot read input image {ref}: {message}") from exc
+
+
+def _read_url(ref: str) -> bytes:
+    """A plain GET, no credentials: an input URL is the user's, never the API's."""
+    import httpx
+
+    try:
+        with httpx.stream("GET", ref, timeout=URL_TIMEOUT_S, follow_redirects=True) as response:
+            if not response.is_success:
+                raise InputImageError(
+                    f"cannot download input image {describe_reference(ref)}: HTTP {response.status_code}"
+                )
+            chunks, total = [], 0
+            for chunk in response.iter_bytes():
+                total += len(chunk)
+                if total > MAX_INPUT_IMAGE_BYTES:
+                    raise InputImageError(_too_big(describe_reference(ref), total))
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise InputImageError(
+            f"cannot download input image {describe_reference(ref)}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _too_big(ref: str, size: int) -> str:
+    limit = MAX_INPUT_IMAGE_BYTES // (1024 * 1024)
+    return f"input image {describe_reference(ref)} is {size / 1024 / 1024:.1f} MiB; the limit is {limit} MiB"
+
+
+def resolve_input_image(ref: str, aws_credentials: Any = None) -> tuple[bytes, str]:
+    """The bytes of one input image and their real MIME type (sniffed, not guessed from a name).
+
+    `aws_credentials` (a prefect-aws `AwsCredentials` block) is used for `s3://` references;
+    without it the standard AWS configuration applies. Raises InputImageError.
+    """
+    kind = input_image_kind(ref)
+    if kind == "data":
+        data = _decode_data_uri(ref)
+    elif kind == "s3":
+        data = _read_s3(normalize_reference(ref), aws_credentials)
+    elif kind == "url":
+        data = _read_url(ref)
+    else:
+        data = _read_path(ref)
+    if len(data) > MAX_INPUT_IMAGE_BYTES:
+        raise InputImageError(_too_big(ref, len(data)))
+    mime = sniff_image_type(data)
+    if mime is None:
+        raise InputImageError(
+            f"input image {describe_reference(ref)} is not a JPEG, PNG or WebP image ({len(data)} bytes)"
+        )
+    return data, mime
+
+
+def check_input_image(ref: str) -> None:
+    """Cheap early check of a local file or data URI: it exists and starts like an image.
+
+    Reads 16 bytes of a file (the full read and hash come once, later); S3 objects and URLs are
+    checked when the batch hashes them. Raises InputImageError.
+    """
+    kind = input_image_kind(ref)
+    if kind == "data":
+        head = _decode_data_uri(ref)[:16]
+    elif kind == "path":
+        path = Path(ref)
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as handle:
+                head = handle.read(16)
+        except FileNotFoundError as exc:
+            raise InputImageError(f"input image {ref} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise InputImageError(f"input image {ref} is a folder, not a file") from exc
+        except OSError as exc:
+            raise InputImageError(f"cannot read input image {ref}: {exc.strerror or exc}") from exc
+        if size > MAX_INPUT_IMAGE_BYTES:
+            raise InputImageError(_too_big(ref, size))
+    else:
+        return
+    if sniff_image_type(head) is None:
+        raise InputImageError(
+            f"input image {describe_reference(ref)} is not a JPEG, PNG or WebP image"
+        )
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_input_images(refs: Iterable[str], aws_credentials: Any = None) -> dict[str, str]:
+    """SHA-256 of each distinct reference's bytes, each read once; every failure reported at once.
+
+    Raises ValueError naming each unreadable reference, before anything is generated.
+    """
+    hashes: dict[str, str] = {}
+    problems: list[str] = []
+    for ref in dict.fromkeys(refs):
+        try:
+            data, _ = resolve_input_image(ref, aws_credentials)
+        except InputImageError as exc:
+            problems.append(str(exc))
+            continue
+        hashes[ref] = sha256_hex(data)
+    if problems:
+        shown_problems = problems[:20]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"{len(problems)} input image(s) cannot be used, nothing was generated:\n  "
+            + "\n  ".join(shown_problems)
+            + more
+        )
+    return hashes
+
+
+def _is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS and not PurePosixPath(
+        name
+    ).name.startswith(".")
+
+
+def _list_s3(source: str, aws_credentials: Any) -> list[str]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from flux_flows.storage import explain_s3_error, get_s3_client
+
+    bucket, _, prefix = source[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{source}: no bucket name; use s3://BUCKET/PREFIX/")
+    if prefix and not prefix.endswith("/"):
+        if _is_image_name(prefix):
+            return [f"s3://{bucket}/{prefix}"]
+        prefix += "/"
+    keys: list[str] = []
+    try:
+        paginator = get_s3_client(aws_credentials).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+    except (BotoCoreError, ClientError) as exc:
+        message = explain_s3_error(exc, bucket=bucket, key=prefix or None, action="list")
+        raise ValueError(f"cannot list input images in {source}: {message}") from exc
+    return [f"s3://{bucket}/{key}" for key in sorted(keys) if _is_image_name(key)]
+
+
+def _list_folder(source: str) -> list[str]:
+    path = Path(source).expanduser().absolute()
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise ValueError(f"input images: {source} is neither a folder nor a file")
+    return [str(p) for p in sorted(path.iterdir()) if p.is_file() and _is_image_name(p.name)]
+
+
+def list_input_images(source: str | Iterable[str], aws_credentials: Any = None) -> list[str]:
+    """The references an edit batch works on, in a stable (sorted) order.
+
+    A list is taken as given (local paths made absolute). A string is a folder or an
+    `s3://bucket/prefix/`, listed (not recursively for folders) for .jpg/.jpeg/.png/.webp; a
+    string naming one image file or object is that image alone.
+    """
+    if isinstance(source, str):
+        text = source.strip()
+        if not text:
+            raise ValueError("input_images is empty: pass a folder, s3://BUCKET/PREFIX/ or a list")
+        kind = input_image_kind(text)
+        if kind == "s3":
+            refs = _list_s3(text, aws_credentials)
+        elif kind == "path":
+            refs = _list_folder(text)
+        else:
+            refs = [text]
+        if not refs:
+            raise ValueError(
+                f"no input images ({', '.join(IMAGE_EXTENSIONS)}) in {source}; nothing to edit"
+            )
+        return refs
+    refs = []
+    for ref in source:
+        if not isinstance(ref, str):
+            raise TypeError(f"input_images must hold strings, got {type(ref).__name__}")
+        refs.append(normalize_reference(ref))
+    if not refs:
+        raise ValueError("input_images is an empty list; nothing to edit")
+    return refs
