@@ -90,12 +90,21 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     Prefect keeps cached task results on disk (~/.prefect/storage by default); a private folder
     keeps one session's cache from answering for the next.
     """
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
     from prefect.testing.utilities import prefect_test_harness
 
     storage = tmp_path_factory.mktemp("prefect-results")
+    # No heartbeat thread: joining it costs about a second at the end of every flow run.
+    settings = {
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+    }
     with (
-        temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}),
+        temporary_settings(settings),
         prefect_test_harness(server_startup_timeout=90),
     ):
         yield
