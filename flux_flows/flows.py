@@ -426,56 +426,39 @@ def _final_state(
     return Completed(message=message, data=report)
 
 
-def _options(
-    destination: str,
-    *,
-    model: str,
-    aspect_ratio: str,
-    seed: int | None,
-    variants: int,
-    guidance_scale: float,
-    num_inference_steps: int | None,
-    output_format: str,
-    safety_check: bool,
-    max_concurrency: int,
-    requests_per_minute: float | None,
-    credentials: FireworksCredentials | None,
-    aws_credentials: Any,
-    dry_run: bool,
-    budget_usd: float | None,
-    prices: Mapping[str, float] | None,
-    spill_dir: str | None,
-    concurrency_limit: str | None,
-    fail_on_error: bool,
-    input_images: Sequence[str] | str | None = None,
-    safety_tolerance: int | None = None,
-    prompt_upsampling: bool | None = None,
-) -> BatchOptions:
+_DEFAULT_FIELDS = (
+    "model",
+    "aspect_ratio",
+    "guidance_scale",
+    "num_inference_steps",
+    "output_format",
+    "safety_check",
+    "safety_tolerance",
+    "prompt_upsampling",
+)
+
+
+def _options(params: Mapping[str, Any]) -> BatchOptions:
+    """BatchOptions from a batch flow's own parameters, by name (both flows share them all).
+
+    Request fields become the batch's defaults, which each prompt's overrides take precedence over.
+    """
     return BatchOptions(
-        destination=destination,
-        defaults={
-            "model": model,
-            "aspect_ratio": aspect_ratio,
-            "guidance_scale": guidance_scale,
-            "num_inference_steps": num_inference_steps,
-            "output_format": output_format,
-            "safety_check": safety_check,
-            "safety_tolerance": safety_tolerance,
-            "prompt_upsampling": prompt_upsampling,
-        },
-        seed=seed,
-        variants=variants,
-        max_concurrency=max_concurrency,
-        requests_per_minute=requests_per_minute,
-        credentials=credentials,
-        aws_credentials=aws_credentials,
-        dry_run=dry_run,
-        budget_usd=budget_usd,
-        prices=prices,
-        spill_dir=spill_dir,
-        concurrency_limit=concurrency_limit,
-        fail_on_error=fail_on_error,
-        input_images=input_images,
+        destination=params["destination"],
+        defaults={name: params.get(name) for name in _DEFAULT_FIELDS},
+        seed=params["seed"],
+        variants=params["variants"],
+        max_concurrency=params["max_concurrency"],
+        requests_per_minute=params["requests_per_minute"],
+        credentials=params["credentials"],
+        aws_credentials=params["aws_credentials"],
+        dry_run=params["dry_run"],
+        budget_usd=params["budget_usd"],
+        prices=params["prices"],
+        spill_dir=params["spill_dir"],
+        concurrency_limit=params["concurrency_limit"],
+        fail_on_error=params["fail_on_error"],
+        input_images=params.get("input_images"),
     )
 
 
@@ -529,30 +512,7 @@ def generate_images(
                         input_images="s3://assets/products/photos/")
         ```
     """
-    options = _options(
-        destination,
-        model=model,
-        aspect_ratio=aspect_ratio,
-        seed=seed,
-        variants=variants,
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        output_format=output_format,
-        safety_check=safety_check,
-        max_concurrency=max_concurrency,
-        requests_per_minute=requests_per_minute,
-        credentials=credentials,
-        aws_credentials=aws_credentials,
-        dry_run=dry_run,
-        budget_usd=budget_usd,
-        prices=prices,
-        spill_dir=spill_dir,
-        concurrency_limit=concurrency_limit,
-        fail_on_error=fail_on_error,
-        input_images=input_images,
-        safety_tolerance=safety_tolerance,
-        prompt_upsampling=prompt_upsampling,
-    )
+    options = _options(locals())
     return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
 
 
@@ -596,30 +556,7 @@ def generate_images_from_file(
         generate_images_from_file("s3://prompts/2026-11-24.jsonl", "s3://assets/products/")
         ```
     """
-    options = _options(
-        destination,
-        model=model,
-        aspect_ratio=aspect_ratio,
-        seed=seed,
-        variants=variants,
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        output_format=output_format,
-        safety_check=safety_check,
-        max_concurrency=max_concurrency,
-        requests_per_minute=requests_per_minute,
-        credentials=credentials,
-        aws_credentials=aws_credentials,
-        dry_run=dry_run,
-        budget_usd=budget_usd,
-        prices=prices,
-        spill_dir=spill_dir,
-        concurrency_limit=concurrency_limit,
-        fail_on_error=fail_on_error,
-        input_images=input_images,
-        safety_tolerance=safety_tolerance,
-        prompt_upsampling=prompt_upsampling,
-    )
+    options = _options(locals())
     rows = read_prompts(source, aws_credentials=aws_credentials)
     return run_batch(rows, options)  # type: ignore[return-value]
 
