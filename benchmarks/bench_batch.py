@@ -24,10 +24,12 @@ Ctrl-C (each lives in its own process group, ended by id).
 Usage:
     python benchmarks/bench_batch.py --n 1000 --latency 1 --concurrency 32 --image-kb 300
     python benchmarks/bench_batch.py --n 300 --rpm 600
+    python benchmarks/bench_batch.py --n 300 --profile /tmp/prof.txt   # + where the CPU goes
 
 The last line printed is machine-readable:
     RESULT n=.. flow_vs_ideal=.. flow_vs_raw=.. speedup_vs_seed=.. cached_rerun_ratio=..
-    cpu_ms_per_image=.. rss_kb_per_image=.. image_kb=.. [rpm=.. sustained_rate_pct=.. failed=..]
+    cpu_ms_per_image=.. rss_kb_per_image=.. image_kb=..
+    [rpm=.. sustained_rate_pct=.. peak_60s_requests=.. failed=..]   (with --rpm)
 """
 
 from __future__ import annotations
@@ -152,15 +154,16 @@ class Processes:
         self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(
-        self, name: str, command: Sequence[str], env: dict[str, str], *, stdout: Any = None
+        self, name: str, command: Sequence[str], env: dict[str, str]
     ) -> subprocess.Popen[bytes]:
+        """Start `command` with its output in `<log_dir>/<name>.log` (shown if it fails)."""
         log = (self.log_dir / f"{name}.log").open("ab")
         try:
             proc = subprocess.Popen(
                 list(command),
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=stdout if stdout is not None else log,
+                stdout=log,
                 stderr=log,
                 start_new_session=True,
                 cwd=str(REPO),
@@ -783,9 +786,11 @@ def services(args: argparse.Namespace, workdir: Path, procs: Processes) -> Itera
     prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     prefect_cmd += ["--port", str(prefect_port), "--no-ui", "--analytics-off"]
     prefect = procs.spawn("prefect-server", prefect_cmd, {**env, **prefect_env})
+    # `python -m moto.server` from this interpreter: a `moto_server` found on PATH may belong
+    # to another Python installation.
     moto = procs.spawn(
         "moto",
-        [shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(moto_port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
         env,
     )
     emulator = procs.spawn("emulator", emulator_cmd, env)

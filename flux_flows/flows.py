@@ -9,10 +9,13 @@ writable and the key is set, list what the destination already holds, then submi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import queue
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +74,8 @@ class BatchOptions:
     fail_on_error: bool
     # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
     input_images: Sequence[str] | str | None = None
+    # One Prefect task run per image (visible in the UI, needed for Dask) or plain threads.
+    per_image_tasks: bool = False
 
     def check(self) -> None:
         if self.max_concurrency < 1:
@@ -92,7 +97,10 @@ class Pacer:
         return max(0.0, self.next_at - time.monotonic()) if self.interval else 0.0
 
     def take(self) -> None:
-        self.next_at = max(self.next_at, time.monotonic()) + self.interval
+        # Keep the schedule when a submission is a little late (timer granularity, the GIL):
+        # restarting it from "now" loses that lateness every time, ~2% of the rate here. More
+        # than one interval behind, it restarts, so a catch-up is one extra request at most.
+        self.next_at = max(self.next_at, time.monotonic() - self.interval) + self.interval
 
 
 class AdaptiveWindow:
@@ -125,16 +133,65 @@ class AdaptiveWindow:
             self.size = min(float(self.maximum), self.size + 1.0 / self.size)
 
 
+class _PlainFuture:
+    """The parts of a PrefectFuture that `_render_all` uses, over a concurrent.futures.Future."""
+
+    def __init__(self, inner: Future[Any]) -> None:
+        self._inner = inner
+        self.task_run_id = uuid.uuid4()
+
+    def add_done_callback(self, fn: Any) -> None:
+        self._inner.add_done_callback(lambda _: fn(self))
+
+    def result(self, raise_on_failure: bool = True) -> Any:
+        try:
+            value = self._inner.result()
+        except Exception as exc:
+            if raise_on_failure:
+                raise
+            return exc
+        # render_image returns Failed(data=RenderResult) for an API error.
+        return value.data if isinstance(value, State) else value
+
+
+class _PlainRunner:
+    """Runs the body of a task on plain threads: no task run, no events, no rows on the server.
+
+    A task run costs ~4 ms of client CPU and ~30 ms of Prefect-server CPU (its task-run
+    recorder writes every state change); per image, that is more than the image's own work.
+    The manifest and the table artifact still record every image.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="flux-render")
+
+    def submit(self, task: Any, parameters: dict[str, Any]) -> _PlainFuture:
+        # As Prefect's runner does: the flow's contexts (settings, flow run) go with the work.
+        context = contextvars.copy_context()
+        return _PlainFuture(self._pool.submit(context.run, task.fn, **parameters))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 @contextlib.contextmanager
-def _runner(max_concurrency: int) -> Iterator[Any]:
+def _runner(max_concurrency: int, per_image_tasks: bool = False) -> Iterator[Any]:
     """A thread pool sized to the concurrency asked for, unless the user chose another runner.
 
     Prefect's default pool is unbounded; a DaskTaskRunner (or any other) is used as given, with
-    the in-flight window below still bounding how much is submitted at once.
+    the in-flight window below still bounding how much is submitted at once. Without
+    `per_image_tasks`, local threads run the images without a Prefect task run each.
     """
     context = FlowRunContext.get()
     chosen = context.task_runner if context else None
     if chosen is None or isinstance(chosen, ThreadPoolTaskRunner):
+        if not per_image_tasks:
+            plain = _PlainRunner(max_concurrency)
+            try:
+                yield plain
+            finally:
+                plain.shutdown()
+            return
         with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner:
             yield runner
     else:
@@ -166,7 +223,7 @@ def _render_all(
     window = AdaptiveWindow(options.max_concurrency)
     abort: str | None = None
     in_flight = 0
-    with _runner(options.max_concurrency) as runner:
+    with _runner(options.max_concurrency, options.per_image_tasks) as runner:
         while pending or in_flight:
             while pending and abort is None and in_flight < window.limit:
                 if pacer.wait_s() > 0:
@@ -459,6 +516,7 @@ def _options(params: Mapping[str, Any]) -> BatchOptions:
         concurrency_limit=params["concurrency_limit"],
         fail_on_error=params["fail_on_error"],
         input_images=params.get("input_images"),
+        per_image_tasks=params.get("per_image_tasks", False),
     )
 
 
@@ -485,6 +543,7 @@ def generate_images(
     spill_dir: str | None = None,
     concurrency_limit: str | None = None,
     fail_on_error: bool = False,
+    per_image_tasks: bool = False,
     input_images: list[str] | str | None = None,
     safety_tolerance: int | None = None,
     prompt_upsampling: bool | None = None,
@@ -496,6 +555,11 @@ def generate_images(
     local folder. Images already in the destination are not generated again; identical requests
     in the batch are generated once. Returns a BatchReport; the run's state message says how many
     failed (set `fail_on_error=True` to make failures fail the run).
+
+    Images run on local threads, recorded in the manifest and artifacts rather than as one
+    Prefect task run each (a task run costs ~5 ms here and ~30 ms on the Prefect server, see
+    benchmarks/RESULTS.md); `per_image_tasks=True` makes one task run per image, and any other
+    task runner (such as a DaskTaskRunner) always does.
 
     FLUX Kontext (`model="flux-kontext-pro"` or `"flux-kontext-max"`, batch-wide or per prompt)
     takes `safety_tolerance` (0 strict .. 6 permissive) and `prompt_upsampling`. `input_images`
@@ -539,6 +603,7 @@ def generate_images_from_file(
     spill_dir: str | None = None,
     concurrency_limit: str | None = None,
     fail_on_error: bool = False,
+    per_image_tasks: bool = False,
     input_images: list[str] | str | None = None,
     safety_tolerance: int | None = None,
     prompt_upsampling: bool | None = None,

@@ -317,3 +317,27 @@ def test_prefect_cache_is_per_api(emulator: Any, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv("FIREWORKS_BASE_URL", other.base_url)
         state = user_flow()
         assert state.name != "Cached" and other.stats.generations == 1
+
+
+@pytest.mark.parametrize("per_image_tasks", [False, True])
+def test_per_image_task_runs_only_when_asked(
+    tmp_path: Path, flow_env: Any, per_image_tasks: bool
+) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    report, state = run(
+        ["task fox", "task cat", "task bad [[status:400]]"],
+        str(tmp_path),
+        per_image_tasks=per_image_tasks,
+    )
+    assert report.counts["SUCCESS"] == 2 and report.counts["ERROR"] == 1
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    renders = [t for t in task_runs if t.name.startswith("render-image")]
+    if per_image_tasks:
+        assert sorted(t.state.type.value for t in renders) == ["COMPLETED", "COMPLETED", "FAILED"]
+    else:
+        assert renders == []
