@@ -173,7 +173,10 @@ def test_key_never_leaks_from_a_failing_batch(
         kwargs["credentials"] = FireworksCredentials(api_key=KEY, base_url=flow_env.base_url)
     destination = f"s3://{s3_bucket}/secrets"
     with S3Faults(r"/images/spill-me-", status=500).active():
-        state = generate_images(FAILING_BATCH, destination, return_state=True, **kwargs)
+        # One task run per image, so the failures' texts also reach the Prefect API to be scanned.
+        state = generate_images(
+            FAILING_BATCH, destination, return_state=True, per_image_tasks=True, **kwargs
+        )
     report = state.result()
     reasons = {r.prompt: r.finish_reason.value for r in report.records}
     assert reasons["something nsfw"] == "CONTENT_FILTERED"
