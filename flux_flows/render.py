@@ -1,10 +1,12 @@
-"""render_image: the one task a batch runs per distinct image (generate, then store).
+"""render_image: the work a batch does per distinct image (generate, then store).
 
-It runs the steps as plain functions rather than nested tasks: a task run costs ~5 ms of CPU in
-Prefect 3 (measured, benchmarks/RESULTS.md), which would triple the library's own cost per image.
-It returns a small `RenderResult`, never the bytes, so 10,000 results fit in memory, and it is not
-cached by Prefect: the destination itself is the cache (a Prefect cache hit could vouch for an
-object that was since deleted, or that only reached the spill folder).
+It runs the steps as plain functions rather than nested tasks: a task run costs ~5 ms of client
+CPU and ~30 ms of Prefect-server CPU (measured, benchmarks/RESULTS.md). For the same reason the
+batch calls it on plain threads by default, and as one Prefect task run per image only with
+`per_image_tasks=True` or a non-thread runner such as Dask. It returns a small `RenderResult`,
+never the bytes, so 10,000 results fit in memory, and it is not cached by Prefect: the
+destination itself is the cache (a Prefect cache hit could vouch for an object that was since
+deleted, or that only reached the spill folder).
 """
 
 from __future__ import annotations
