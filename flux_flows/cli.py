@@ -325,34 +325,52 @@ UpsamplingOpt = Annotated[
 ]
 
 
+PromptFileArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Prompt file (.txt/.csv/.jsonl), path or s3://; or give --prompt instead.",
+        show_default=False,
+    ),
+]
+PromptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompt",
+        "-p",
+        help="A prompt, instead of a prompt file (repeat for more).",
+        show_default=False,
+    ),
+]
+EditOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--edit",
+        help="Edit images with FLUX Kontext: a folder, s3://bucket/prefix/ or one image; "
+        "every prompt is applied to every .jpg/.jpeg/.png/.webp in it.",
+        show_default=False,
+    ),
+]
+
+
+def check_prompt_source(
+    prompts: str | None, prompt: list[str] | None, edit: str | None, model: str
+) -> None:
+    """`run` and `plan` take prompts the same way; both refuse the same mistakes."""
+    if (prompts is None) == (not prompt):
+        fail("give either a prompt file or --prompt TEXT (exactly one of them)", ExitCode.BAD_INPUT)
+    if edit is not None and prompt and model not in KONTEXT_MODELS:
+        fail(
+            f"--edit needs a FLUX Kontext model: --model {' or --model '.join(KONTEXT_MODELS)}",
+            ExitCode.BAD_INPUT,
+        )
+
+
 @app.command()
 def run(
-    prompts: Annotated[
-        str | None,
-        typer.Argument(
-            help="Prompt file (.txt/.csv/.jsonl), path or s3://; or give --prompt instead.",
-            show_default=False,
-        ),
-    ] = None,
+    prompts: PromptFileArg = None,
     to: DestOpt = "./flux-flows-output",
-    prompt: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--prompt",
-            "-p",
-            help="A prompt, instead of a prompt file (repeat for more).",
-            show_default=False,
-        ),
-    ] = None,
-    edit: Annotated[
-        str | None,
-        typer.Option(
-            "--edit",
-            help="Edit images with FLUX Kontext: a folder, s3://bucket/prefix/ or one image; "
-            "every prompt is applied to every .jpg/.jpeg/.png/.webp in it.",
-            show_default=False,
-        ),
-    ] = None,
+    prompt: PromptOpt = None,
+    edit: EditOpt = None,
     model: ModelOpt = MODELS[0],
     aspect_ratio: AspectOpt = "1:1",
     seed: SeedOpt = None,
@@ -371,13 +389,7 @@ def run(
 
     With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
     """
-    if (prompts is None) == (not prompt):
-        fail("give either a prompt file or --prompt TEXT (exactly one of them)", ExitCode.BAD_INPUT)
-    if edit is not None and prompt and model not in KONTEXT_MODELS:
-        fail(
-            f"--edit needs a FLUX Kontext model: --model {' or --model '.join(KONTEXT_MODELS)}",
-            ExitCode.BAD_INPUT,
-        )
+    check_prompt_source(prompts, prompt, edit, model)
     settings: dict[str, Any] = {
         "model": model,
         "aspect_ratio": aspect_ratio,
@@ -409,8 +421,10 @@ def run(
 
 @app.command()
 def plan(
-    prompts: Annotated[str, typer.Argument(help="Prompt file (.txt/.csv/.jsonl), path or s3://.")],
+    prompts: PromptFileArg = None,
     to: DestOpt = "./flux-flows-output",
+    prompt: PromptOpt = None,
+    edit: EditOpt = None,
     model: ModelOpt = MODELS[0],
     aspect_ratio: AspectOpt = "1:1",
     seed: SeedOpt = None,
@@ -418,32 +432,45 @@ def plan(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = 3.5,
     safety_check: SafetyOpt = False,
+    safety_tolerance: SafetyToleranceOpt = None,
+    prompt_upsampling: UpsamplingOpt = False,
     budget: BudgetOpt = None,
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
     from rich.table import Table
 
     from flux_flows.batch import expand, find_stored, plan_batch
+    from flux_flows.images_in import list_input_images
     from flux_flows.pricing import price_table
-    from flux_flows.prompts import read_prompts
+    from flux_flows.prompts import normalize_prompts, read_prompts
     from flux_flows.storage import open_storage
 
+    check_prompt_source(prompts, prompt, edit, model)
     defaults = {
         "model": model,
         "aspect_ratio": aspect_ratio,
         "guidance_scale": guidance,
         "num_inference_steps": steps,
         "safety_check": safety_check,
+        "safety_tolerance": safety_tolerance,
+        "prompt_upsampling": prompt_upsampling,
     }
     try:
-        rows = read_prompts(prompts)
-        images = expand(rows, defaults=defaults, base_seed=seed, variants=variants)
+        rows = normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
+        images = expand(
+            rows,
+            defaults=defaults,
+            base_seed=seed,
+            variants=variants,
+            input_images=None if edit is None else list_input_images(edit),
+        )
         storage = open_storage(to)
         the_plan = plan_batch(images, find_stored(storage), prices=price_table(), budget_usd=budget)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
     stored = sum(1 for key in the_plan.unique if key in the_plan.stored)
-    table = Table(title=f"plan: {prompts} -> {storage.root_uri}", show_header=False)
+    source = prompts or f"{len(rows)} prompt(s)"
+    table = Table(title=f"plan: {source} -> {storage.root_uri}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for name, value in (

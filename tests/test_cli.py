@@ -171,3 +171,22 @@ def test_demo_runs_offline_and_reruns_for_free(tmp_path: Path, cli_env: dict[str
     again = cli("demo", "--to", str(tmp_path / "demo"), env=env)
     assert _row(again.stdout, "API calls") == "0"
     assert TEST_API_KEY not in done.stdout + done.stderr
+
+
+def test_plan_an_edit_batch_with_inline_prompts(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("a.png", "red"), ("b.jpg", "blue"), ("c.png", "green")):
+        Image.new("RGB", (64, 48), colour).save(photos / name)
+    args = ["--prompt", "make it winter", "--prompt", "make it night", "--edit", str(photos)]
+    done = cli(
+        "plan", *args, "--model", "flux-kontext-pro", "--to", str(tmp_path / "out"), env=cli_env
+    )
+    assert done.returncode == 0, done.stderr
+    assert _row(done.stdout, "images requested") == "6"
+    assert _row(done.stdout, "to generate") == "6"
+    assert _row(done.stdout, "estimated cost") == "$0.2400"  # Kontext pro: $0.04 an image
+    wrong = cli("plan", *args, "--to", str(tmp_path / "out"), env=cli_env)
+    assert wrong.returncode == 2 and "Kontext" in wrong.stderr
+    both = cli("plan", str(tmp_path / "p.txt"), "--prompt", "x", env=cli_env)
+    assert both.returncode == 2 and "exactly one" in both.stderr
