@@ -293,7 +293,16 @@ def _facts(record: ImageRecord) -> str:
     ]
     if record.item_id is not None:
         facts.append(("id", record.item_id))
+    if record.input_image:
+        facts.append(("edits", _input_name(record.input_image)))
     return "".join(f"<dt>{_e(name)}</dt><dd>{_e(value)}</dd>" for name, value in facts)
+
+
+def _input_name(reference: str) -> str:
+    """What a person recognises of a Kontext edit's input: its file name, not a whole data URI."""
+    if reference.startswith("data:"):
+        return "an inline image (data URI)"
+    return reference.rstrip("/").rsplit("/", 1)[-1] or reference
 
 
 def _badges(record: ImageRecord) -> str:

@@ -561,3 +561,31 @@ def test_upload_image_task_makes_the_thumbnail_too(tmp_path: Path) -> None:
     assert record.thumbnail_uri == str(tmp_path / "thumbs" / f"{record.cache_key}.jpg")
     with Image.open(record.thumbnail_uri) as thumb:
         assert thumb.size == (256, 256)
+
+
+def test_edit_cards_name_their_input_image() -> None:
+    from flux_flows.gallery import contact_sheet_html, relative_href
+    from flux_flows.models import ImageRecord
+
+    common = {
+        "model": "flux-kontext-pro",
+        "aspect_ratio": "1:1",
+        "guidance_scale": 3.5,
+        "num_inference_steps": 4,
+        "safety_check": False,
+        "output_format": "jpeg",
+        "cache_key": "0" * 32,
+        "finish_reason": "ERROR",
+        "error": "boom",
+    }
+    records = [
+        ImageRecord(index=0, prompt="winter", seed=1, input_image="/photos/shop-42.png", **common),
+        ImageRecord(
+            index=1, prompt="night", seed=2, input_image="data:image/png;base64,AAAA", **common
+        ),
+    ]
+    page = contact_sheet_html(
+        records, href=relative_href("contact-sheet.html"), summary=[], title="t"
+    )
+    assert "<dt>edits</dt><dd>shop-42.png</dd>" in page
+    assert "an inline image (data URI)" in page and "base64,AAAA" not in page
