@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 from flux_flows.errors import StorageError
+from flux_flows.storage import probe_writable, write_atomically
 
 SPILL_ENV = "FLUX_FLOWS_SPILL_DIR"
 
@@ -48,16 +47,15 @@ class SpillFolder:
         metadata: dict[str, str] | None = None,
     ) -> Path:
         """Write bytes then sidecar, each atomically: a sidecar always means complete bytes."""
-        self.path.mkdir(parents=True, exist_ok=True)
         target = self.data_path(cache_key)
-        _atomic_write(target, data)
+        write_atomically(target, data)
         meta = {
             "destination": self.destination,
             "object_key": object_key,
             "content_type": content_type,
             "metadata": metadata or {},
         }
-        _atomic_write(self._meta_path(cache_key), json.dumps(meta).encode("utf-8"))
+        write_atomically(self._meta_path(cache_key), json.dumps(meta).encode("utf-8"))
         return target
 
     def load(self, cache_key: str) -> tuple[bytes, dict[str, Any]] | None:
@@ -73,11 +71,8 @@ class SpillFolder:
 
     def check_writable(self) -> None:
         """Fail before any spend if paid-for images could not be kept here when an upload fails."""
-        probe = self.path / f".write-probe-{uuid.uuid4().hex}"
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(self.path)
         except OSError as exc:
             raise StorageError(
                 f"spill folder {self.path} is not writable ({exc.strerror or exc}): images whose "
@@ -86,23 +81,11 @@ class SpillFolder:
 
     def keep_manifest(self, run_id: str, data: bytes) -> Path:
         """A run's manifest that could not be stored in the destination."""
-        self.path.mkdir(parents=True, exist_ok=True)
         target = self.path / f"manifest-{run_id}.jsonl"
-        _atomic_write(target, data)
+        write_atomically(target, data)
         return target
 
     def cache_keys(self) -> set[str]:
         if not self.path.is_dir():
             return set()
         return {p.stem for p in self.path.glob("*.json")}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -465,6 +465,31 @@ _TEMP_SUFFIX = ".flux-tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}" + re.escape(_TEMP_SUFFIX) + "$")
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file beside the target, fsync, then `os.replace`: a killed process leaves either the
+    old file or the new one, never half an image. Leftover temp files end in `_TEMP_SUFFIX`."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def probe_writable(folder: Path) -> None:
+    """Create the folder and a probe file: permission bits alone do not prove writability."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 class LocalStorage:
     """Files under an absolute folder. Metadata is not kept: the manifest holds it."""
 
@@ -514,17 +539,9 @@ class LocalStorage:
         for interface parity; the manifest records them.
         """
         path = self._path(key)
-        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
+            write_atomically(path, data)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
             raise StorageError(f"could not write {path}: {exc.strerror or exc}") from exc
         return str(path)
 
@@ -542,11 +559,8 @@ class LocalStorage:
 
     def check_writable(self) -> None:
         """Create the folder and a probe file: permission bits alone do not prove writability."""
-        probe = self.root / f".write-probe.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(self.root)
         except OSError as exc:
             raise StorageError(
                 f"local folder {self.root} is not writable ({exc.strerror or exc}): choose "
