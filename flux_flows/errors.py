@@ -96,3 +96,12 @@ class BatchFailedError(FluxError):
     def __init__(self, message: str, *, report: object) -> None:
         super().__init__(message)
         self.report = report
+
+
+class PrefectStartupError(RuntimeError):
+    """Prefect's temporary API server did not start in time, before the flow could run.
+
+    Not a FluxError: nothing was sent to Fireworks. The message says the three ways out, because
+    Prefect's own text ("Timed out while attempting to connect to ephemeral Prefect API server")
+    does not say what to do.
+    """

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed, State
@@ -45,6 +45,7 @@ from flux_flows.reporting import (
     write_manifests,
 )
 from flux_flows.spill import SpillFolder
+from flux_flows.startup import flux_flow
 from flux_flows.storage import Storage, open_storage
 from flux_flows.tasks import flux_client
 
@@ -444,6 +445,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
         ),
         saved_usd=plan.saved_usd,
         dry_run=options.dry_run,
+        flow_run_id=flow_run_id,
     )
     manifest_problem: str | None = None
     if not options.dry_run:
@@ -520,7 +522,7 @@ def _options(params: Mapping[str, Any]) -> BatchOptions:
     )
 
 
-@flow(name="generate-images", persist_result=False, log_prints=True)
+@flux_flow(name="generate-images", persist_result=False, log_prints=True)
 def generate_images(
     prompts: list[str | dict[str, Any] | ImageRequest],
     destination: str = DEFAULT_DESTINATION,
@@ -580,7 +582,7 @@ def generate_images(
     return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
 
 
-@flow(name="generate-images-from-file", persist_result=False, log_prints=True)
+@flux_flow(name="generate-images-from-file", persist_result=False, log_prints=True)
 def generate_images_from_file(
     source: str,
     destination: str = DEFAULT_DESTINATION,
@@ -645,7 +647,7 @@ def replay_rows(
     return rows
 
 
-@flow(name="replay-failed", persist_result=False, log_prints=True)
+@flux_flow(name="replay-failed", persist_result=False, log_prints=True)
 def replay_failed(
     manifest_uri: str,
     destination: str | None = None,

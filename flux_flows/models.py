@@ -511,6 +511,7 @@ class BatchReport(BaseModel):
     saved_usd: float = 0.0
     wall_time_s: float = 0.0
     dry_run: bool = False
+    flow_run_id: str | None = None  # where the run's logs and artifacts are in the Prefect UI
 
     @property
     def failed(self) -> int:

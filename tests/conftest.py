@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,22 @@ TEST_API_KEY = "fw-test-key-do-not-leak-0123456789"
 # No telemetry from the test servers (there is no network to send it to anyway).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# A private PREFECT_HOME for the session: a command run without a Prefect API starts the CLI's
+# background server there, never in the developer's own home, and the session stops it at the end.
+TEST_PREFECT_HOME = tempfile.mkdtemp(prefix="flux-flows-tests-prefect-home-")
+os.environ["PREFECT_HOME"] = TEST_PREFECT_HOME
+# A fresh Prefect database takes ~30 s to migrate on 2 busy cores: no start-up may rely on
+# Prefect's 20 s default (issue 13).
+PREFECT_START_TIMEOUT_S = 240
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(PREFECT_START_TIMEOUT_S)
+os.environ["FLUX_FLOWS_SERVER_TIMEOUT"] = str(PREFECT_START_TIMEOUT_S)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop any background Prefect server a CLI test left in the session's PREFECT_HOME."""
+    from flux_flows.local_server import stop_server
+
+    stop_server(Path(TEST_PREFECT_HOME))
 
 
 def free_port() -> int:
@@ -105,7 +123,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     }
     with (
         temporary_settings(settings),
-        prefect_test_harness(server_startup_timeout=90),
+        prefect_test_harness(server_startup_timeout=PREFECT_START_TIMEOUT_S),
     ):
         yield
 

@@ -30,7 +30,7 @@ import boto3
 import httpx
 import pytest
 
-from conftest import TEST_API_KEY, free_port
+from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port
 
 pytestmark = pytest.mark.deployment
 
@@ -40,7 +40,7 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "flux-flows-pool"
 NIGHTLY = "nightly-batch/nightly-product-images"
 SHOTS = "product-shots/product-shots"
-SERVER_START_TIMEOUT_S = 90.0
+SERVER_START_TIMEOUT_S = float(PREFECT_START_TIMEOUT_S)
 CLI_TIMEOUT_S = 60.0
 WORKER_TIMEOUT_S = 150.0
 

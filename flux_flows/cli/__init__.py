@@ -1,0 +1,62 @@
+"""The `flux-flows` command line: one-off generations, batches, the emulator and the demo.
+
+Each command lives in the module of its kind (`tools`, `batch`, `server`); this one only assembles
+them. Nothing imported here imports Prefect, so `--help`, `--version` and argument errors answer
+in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from flux_flows._version import __version__
+from flux_flows.cli import batch, tools
+from flux_flows.cli._common import ExitCode, console, exit_code_for
+from flux_flows.cli.server import server_app
+from flux_flows.errors import PromptSourceError, StorageError
+
+__all__ = ["ExitCode", "app", "main"]
+
+app = typer.Typer(
+    name="flux-flows",
+    help="Generate images with FLUX.1 on Fireworks AI, from one prompt or thousands.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"flux-flows {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Generate images with FLUX.1 on Fireworks AI, from one prompt or thousands."""
+
+
+for command in (tools.generate, tools.emulator, batch.run, batch.plan, batch.replay, batch.demo):
+    app.command()(command)
+app.command()(tools.gallery)
+app.add_typer(server_app, name="server")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except (StorageError, PromptSourceError) as exc:  # raised outside a command's own handling
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(int(exit_code_for(exc)))

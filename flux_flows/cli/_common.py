@@ -1,0 +1,139 @@
+"""What every command shares: exit codes, one-line errors, and the options `run` and `plan` both take.
+
+User mistakes end with a one-line message and a documented exit code, never a traceback, so the
+commands can be scripted: 0 done, 1 some images failed, 2 bad input, 3 credentials, 4 API or
+network failure, 5 the image was content-filtered. Nothing here imports Prefect: `--help` and
+argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from flux_flows.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    MissingCredentialsError,
+    PromptSourceError,
+)
+from flux_flows.models import ALL_MODELS, KONTEXT_MODELS, describe_validation_error
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    SOME_FAILED = 1
+    BAD_INPUT = 2
+    CREDENTIALS = 3
+    API_FAILURE = 4
+    FILTERED = 5
+
+
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def exit_code_for(error: Exception) -> ExitCode:
+    if isinstance(error, ValidationError | PromptSourceError | InvalidRequestError | ValueError):
+        return ExitCode.BAD_INPUT
+    if isinstance(error, MissingCredentialsError | AuthenticationError):
+        return ExitCode.CREDENTIALS
+    return ExitCode.API_FAILURE
+
+
+def fail_with(error: Exception) -> NoReturn:
+    message = describe_validation_error(error) if isinstance(error, ValidationError) else str(error)
+    fail(message, exit_code_for(error))
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help=f"One of: {', '.join(ALL_MODELS)}.", show_default=True),
+]
+AspectOpt = Annotated[str, typer.Option("--aspect-ratio", "-a", help="e.g. 1:1, 16:9, 9:16.")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", "-s", help="Fixed seed (1..2^32-1); default: from the prompt."),
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", help="Inference steps; default 4 (schnell) / 28 (dev).")
+]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Guidance scale, 0 < g <= 20.")]
+SafetyOpt = Annotated[
+    bool,
+    typer.Option("--safety-check/--no-safety-check", help="Ask the API to filter unsafe images."),
+]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--base-url", help="API base URL (default: FIREWORKS_BASE_URL or Fireworks)."),
+]
+SafetyToleranceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--safety-tolerance", help="Kontext only: 0 (strict) .. 6 (permissive); API default 2."
+    ),
+]
+UpsamplingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prompt-upsampling/--no-prompt-upsampling",
+        help="Kontext only: let the API elaborate the prompt.",
+    ),
+]
+DestOpt = Annotated[str, typer.Option("--to", "-t", help="s3://bucket/prefix or a local folder.")]
+VariantsOpt = Annotated[int, typer.Option("--variants", "-n", help="Images per prompt.")]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", "-c", help="Requests in flight.")]
+RpmOpt = Annotated[
+    float | None, typer.Option("--rpm", help="Stay under this many requests per minute.")
+]
+BudgetOpt = Annotated[
+    float | None, typer.Option("--budget", help="Stop submitting once this many USD would pass.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs.")]
+PromptFileArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Prompt file (.txt/.csv/.jsonl), path or s3://; or give --prompt instead.",
+        show_default=False,
+    ),
+]
+PromptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompt",
+        "-p",
+        help="A prompt, instead of a prompt file (repeat for more).",
+        show_default=False,
+    ),
+]
+EditOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--edit",
+        help="Edit images with FLUX Kontext: a folder, s3://bucket/prefix/ or one image; "
+        "every prompt is applied to every .jpg/.jpeg/.png/.webp in it.",
+        show_default=False,
+    ),
+]
+
+
+def check_prompt_source(
+    prompts: str | None, prompt: list[str] | None, edit: str | None, model: str
+) -> None:
+    """`run` and `plan` take prompts the same way; both refuse the same mistakes."""
+    if (prompts is None) == (not prompt):
+        fail("give either a prompt file or --prompt TEXT (exactly one of them)", ExitCode.BAD_INPUT)
+    if edit is not None and prompt and model not in KONTEXT_MODELS:
+        fail(
+            f"--edit needs a FLUX Kontext model: --model {' or --model '.join(KONTEXT_MODELS)}",
+            ExitCode.BAD_INPUT,
+        )

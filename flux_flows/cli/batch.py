@@ -1,0 +1,258 @@
+"""`run`, `plan`, `replay` and `demo`: the batch commands, and how they report a run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from flux_flows.cli._common import (
+    AspectOpt,
+    BudgetOpt,
+    ConcurrencyOpt,
+    DestOpt,
+    EditOpt,
+    ExitCode,
+    GuidanceOpt,
+    ModelOpt,
+    PromptFileArg,
+    PromptOpt,
+    RpmOpt,
+    SafetyOpt,
+    SafetyToleranceOpt,
+    SeedOpt,
+    StepsOpt,
+    UpsamplingOpt,
+    VariantsOpt,
+    VerboseOpt,
+    check_prompt_source,
+    console,
+    fail_with,
+    out,
+)
+from flux_flows.cli._session import print_ui_page, run_flow
+from flux_flows.errors import FluxError, PromptSourceError
+from flux_flows.models import MODELS, BatchReport, FinishReason
+
+
+def print_summary(report: BatchReport, title: str) -> None:
+    from rich.table import Table
+
+    from flux_flows.reporting import summary_lines
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for name, value in summary_lines(report):
+        table.add_row(name, value)
+    out.print(table)
+    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
+    for record in errors[:5]:
+        console.print(f"[red]failed[/] prompt {record.index}: {record.error}", highlight=False)
+    if len(errors) > 5:
+        console.print(f"... and {len(errors) - 5} more failures: see the manifest")
+
+
+def print_contact_sheet(report: BatchReport) -> None:
+    """Say where the run's contact sheet is; an S3 page needs a static site or `gallery`."""
+    if not report.contact_sheet_uri:
+        return
+    out.print(f"Contact sheet: {report.contact_sheet_uri}", highlight=False, soft_wrap=True)
+    if report.contact_sheet_uri.startswith("s3://") and report.manifest_uri:
+        out.print(
+            f"  view it locally: flux-flows gallery {report.manifest_uri}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def finish(report: BatchReport) -> None:
+    if report.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def run(
+    prompts: PromptFileArg = None,
+    to: DestOpt = "./flux-flows-output",
+    prompt: PromptOpt = None,
+    edit: EditOpt = None,
+    model: ModelOpt = MODELS[0],
+    aspect_ratio: AspectOpt = "1:1",
+    seed: SeedOpt = None,
+    variants: VariantsOpt = 1,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = 3.5,
+    safety_check: SafetyOpt = False,
+    safety_tolerance: SafetyToleranceOpt = None,
+    prompt_upsampling: UpsamplingOpt = False,
+    concurrency: ConcurrencyOpt = 8,
+    rpm: RpmOpt = None,
+    budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate an image per prompt (x variants) into a bucket or folder, never paying twice.
+
+    With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
+    """
+    check_prompt_source(prompts, prompt, edit, model)
+    settings: dict[str, Any] = {
+        "model": model,
+        "aspect_ratio": aspect_ratio,
+        "seed": seed,
+        "variants": variants,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "safety_check": safety_check,
+        "safety_tolerance": safety_tolerance,
+        "prompt_upsampling": prompt_upsampling,
+        "input_images": edit,
+        "max_concurrency": concurrency,
+        "requests_per_minute": rpm,
+        "budget_usd": budget,
+    }
+
+    def start() -> BatchReport:
+        from flux_flows.flows import generate_images, generate_images_from_file
+
+        if prompt:  # inline prompts: a list of strings, no per-row overrides
+            return generate_images(list(prompt), to, **settings)
+        return generate_images_from_file(str(prompts), to, **settings)
+
+    report, page = run_flow(start, verbose=verbose, label="generating")
+    print_summary(report, f"flux-flows run -> {report.destination}")
+    print_contact_sheet(report)
+    print_ui_page(page)
+    finish(report)
+
+
+def plan(
+    prompts: PromptFileArg = None,
+    to: DestOpt = "./flux-flows-output",
+    prompt: PromptOpt = None,
+    edit: EditOpt = None,
+    model: ModelOpt = MODELS[0],
+    aspect_ratio: AspectOpt = "1:1",
+    seed: SeedOpt = None,
+    variants: VariantsOpt = 1,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = 3.5,
+    safety_check: SafetyOpt = False,
+    safety_tolerance: SafetyToleranceOpt = None,
+    prompt_upsampling: UpsamplingOpt = False,
+    budget: BudgetOpt = None,
+) -> None:
+    """Say what `run` would do and cost, without generating anything (no API key needed)."""
+    from rich.table import Table
+
+    from flux_flows.batch import expand, find_stored, plan_batch
+    from flux_flows.images_in import list_input_images
+    from flux_flows.pricing import price_table
+    from flux_flows.prompts import normalize_prompts, read_prompts
+    from flux_flows.storage import open_storage
+
+    check_prompt_source(prompts, prompt, edit, model)
+    defaults = {
+        "model": model,
+        "aspect_ratio": aspect_ratio,
+        "guidance_scale": guidance,
+        "num_inference_steps": steps,
+        "safety_check": safety_check,
+        "safety_tolerance": safety_tolerance,
+        "prompt_upsampling": prompt_upsampling,
+    }
+    try:
+        rows = normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
+        images = expand(
+            rows,
+            defaults=defaults,
+            base_seed=seed,
+            variants=variants,
+            input_images=None if edit is None else list_input_images(edit),
+        )
+        storage = open_storage(to)
+        the_plan = plan_batch(images, find_stored(storage), prices=price_table(), budget_usd=budget)
+    except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
+        fail_with(exc)
+    stored = sum(1 for key in the_plan.unique if key in the_plan.stored)
+    source = prompts or f"{len(rows)} prompt(s)"
+    table = Table(title=f"plan: {source} -> {storage.root_uri}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in (
+        ("images requested", len(images)),
+        ("distinct images", len(the_plan.unique)),
+        ("already stored (cache hits)", stored),
+        ("to generate", len(the_plan.to_generate)),
+        ("skipped for budget", len(the_plan.skipped_for_budget)),
+        ("estimated cost", f"${the_plan.estimated_cost_usd:.4f}"),
+        ("saved by the cache", f"${the_plan.saved_usd:.4f}"),
+    ):
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+def replay(
+    manifest: Annotated[
+        str, typer.Argument(help="manifest.jsonl of an earlier run (path or s3://).")
+    ],
+    to: Annotated[
+        str | None, typer.Option("--to", "-t", help="Default: where the manifest was written.")
+    ] = None,
+    include_skipped: Annotated[
+        bool, typer.Option(help="Also re-submit images skipped for budget.")
+    ] = False,
+    concurrency: ConcurrencyOpt = 8,
+    rpm: RpmOpt = None,
+    budget: BudgetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-submit only the failed images of an earlier run, with their original seeds."""
+    from flux_flows.flows import replay_failed
+
+    report, page = run_flow(
+        lambda: replay_failed(
+            manifest,
+            to,
+            include_skipped=include_skipped,
+            max_concurrency=concurrency,
+            requests_per_minute=rpm,
+            budget_usd=budget,
+        ),
+        verbose=verbose,
+        label="replaying",
+    )
+    print_summary(report, f"flux-flows replay -> {report.destination}")
+    print_ui_page(page)
+    finish(report)
+
+
+def demo(
+    to: DestOpt = "./flux-flows-demo",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a small batch on the built-in emulator into a local folder: no key, no network."""
+    from flux_flows.emulator import Emulator, EmulatorConfig
+    from flux_flows.flows import generate_images
+    from flux_flows.prompts import read_prompts
+
+    source = Path(__file__).parent.parent / "examples" / "demo_prompts.txt"
+    prompts = [row.fields for row in read_prompts(source)]
+    console.print(f"Starting the Fireworks emulator and generating {len(prompts)} images...")
+    with Emulator(EmulatorConfig(latency_s=0.2, jitter_s=0.3)) as emulator:
+        os.environ["FIREWORKS_BASE_URL"] = emulator.base_url
+        os.environ["FIREWORKS_API_KEY"] = "emulator-demo-key"
+        report, page = run_flow(
+            lambda: generate_images(prompts, to, safety_check=True, seed=2026),
+            verbose=verbose,
+            label="generating",
+        )
+    print_summary(report, f"flux-flows demo -> {report.destination}")
+    out.print(f"\nImages:   {Path(report.destination) / 'images'}")
+    out.print(f"Manifest: {Path(report.destination) / 'manifest.jsonl'}")
+    print_contact_sheet(report)
+    print_ui_page(page)
+    out.print("Run it again: every image is already stored, so nothing is generated twice.")
+    finish(report)
