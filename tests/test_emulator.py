@@ -24,6 +24,7 @@ from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 
 from flux_flows import emulator as emulator_module
 from flux_flows.emulator import Emulator, EmulatorConfig, negotiate, render_image
+from flux_flows.emulator import state as emulator_state
 from flux_flows.models import ASPECT_RATIO_SIZES, DEV, MAX_SEED, SCHNELL
 
 KEY = "fw-emulator-module-key-0123456789abcdef"
@@ -439,8 +440,8 @@ def test_rpm_limit_answers_429_once_the_window_is_full(
     assert third.headers["x-ratelimit-remaining-requests"] == "0"
     assert emu.stats.generations == 2
 
-    later = emulator_module._now() + 61  # the window slides: move the clock, don't sleep
-    monkeypatch.setattr(emulator_module, "_now", lambda: later)
+    later = emulator_state._now() + 61  # the window slides: move the clock, don't sleep
+    monkeypatch.setattr(emulator_state, "_now", lambda: later)
     assert post(client, {"prompt": "d"}).status_code == 200
 
 
