@@ -375,7 +375,7 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
     def list_keys(self, prefix: str = "") -> set[str]:
-        """Keys relative to the root, without the console's "folder" markers."""
+        """One listing tells a batch what is already stored; "folder" markers are not images."""
         root = f"{self.prefix}/" if self.prefix else ""
         listing = iter_object_keys(self.bucket, root + prefix, aws_credentials=self.aws_credentials)
         names = (object_key[len(root) :] for object_key in listing)
