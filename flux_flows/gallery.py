@@ -41,7 +41,7 @@ from flux_flows.reporting import (
     load_manifest,
     summary_lines,
 )
-from flux_flows.storage import LocalStorage, Storage, open_storage
+from flux_flows.storage import LocalStorage, Storage, is_s3_uri, open_storage
 from flux_flows.thumbnails import thumbnail_size
 
 HTML_CONTENT_TYPE = "text/html; charset=utf-8"
@@ -506,7 +506,7 @@ def build_gallery(
     keeps working after the links expire.
     """
     _check_expiry(expires_s)
-    is_s3 = manifest_uri.lower().startswith("s3://")
+    is_s3 = is_s3_uri(manifest_uri)
     records = load_manifest(manifest_uri, aws_credentials=aws_credentials)
     storage = open_storage(destination_of_manifest(manifest_uri), aws_credentials=aws_credentials)
     page = _page_path(manifest_uri, out_dir, is_s3)

@@ -19,6 +19,16 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from flux_flows.storage import (
+    IsAFolderError,
+    NotFoundError,
+    ReadError,
+    TooLargeError,
+    list_uri,
+    read_uri,
+    split_s3_uri,
+)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_INPUT_IMAGE_BYTES",
@@ -79,7 +89,7 @@ def normalize_reference(ref: str) -> str:
     if not ref:
         raise InputImageError("the input image reference is empty")
     if input_image_kind(ref) == "s3":
-        bucket, _, key = ref[len("s3://") :].partition("/")
+        bucket, key = split_s3_uri(ref)
         if not bucket or not key or key.endswith("/"):
             raise InputImageError(f"{ref}: an S3 input image must name an object, s3://BUCKET/KEY")
         return f"s3://{bucket}/{key}"
@@ -112,37 +122,23 @@ def _decode_data_uri(ref: str) -> bytes:
         ) from exc
 
 
-def _read_path(ref: str) -> bytes:
-    path = Path(ref).expanduser()
+def _read_stored(ref: str, aws_credentials: Any) -> bytes:
+    """A local file or S3 object; one over the limit is refused from its size, before the read."""
     try:
-        size = path.stat().st_size
-        if size > MAX_INPUT_IMAGE_BYTES:
-            raise InputImageError(_too_big(ref, size))
-        return path.read_bytes()
-    except FileNotFoundError as exc:
+        return read_uri(
+            ref,
+            aws_credentials=aws_credentials,
+            max_bytes=MAX_INPUT_IMAGE_BYTES,
+            action="read the input image",
+        )
+    except TooLargeError as exc:
+        raise InputImageError(_too_big(ref, exc.size)) from exc
+    except NotFoundError as exc:
         raise InputImageError(f"input image {ref} does not exist") from exc
-    except IsADirectoryError as exc:
+    except IsAFolderError as exc:
         raise InputImageError(f"input image {ref} is a folder, not a file") from exc
-    except OSError as exc:
-        raise InputImageError(f"cannot read input image {ref}: {exc.strerror or exc}") from exc
-
-
-def _read_s3(ref: str, aws_credentials: Any) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from flux_flows.storage import explain_s3_error, get_s3_client
-
-    bucket, _, key = ref[len("s3://") :].partition("/")
-    try:
-        response = get_s3_client(aws_credentials).get_object(Bucket=bucket, Key=key)
-        size = int(response.get("ContentLength") or 0)
-        if size > MAX_INPUT_IMAGE_BYTES:
-            response["Body"].close()
-            raise InputImageError(_too_big(ref, size))
-        return response["Body"].read()
-    except (BotoCoreError, ClientError) as exc:
-        message = explain_s3_error(exc, bucket=bucket, key=key, action="read the input image")
-        raise InputImageError(f"cannot read input image {ref}: {message}") from exc
+    except ReadError as exc:
+        raise InputImageError(f"cannot read input image {ref}: {exc.reason}") from exc
 
 
 def _read_url(ref: str) -> bytes:
@@ -182,12 +178,10 @@ def resolve_input_image(ref: str, aws_credentials: Any = None) -> tuple[bytes, s
     kind = input_image_kind(ref)
     if kind == "data":
         data = _decode_data_uri(ref)
-    elif kind == "s3":
-        data = _read_s3(normalize_reference(ref), aws_credentials)
     elif kind == "url":
         data = _read_url(ref)
     else:
-        data = _read_path(ref)
+        data = _read_stored(normalize_reference(ref) if kind == "s3" else ref, aws_credentials)
     if len(data) > MAX_INPUT_IMAGE_BYTES:
         raise InputImageError(_too_big(ref, len(data)))
     mime = sniff_image_type(data)
@@ -264,36 +258,30 @@ def _is_image_name(name: str) -> bool:
     ).name.startswith(".")
 
 
+def _list_images(uri: str, source: str, aws_credentials: Any = None) -> list[str]:
+    try:
+        listed = list_uri(uri, aws_credentials=aws_credentials)
+    except NotFoundError as exc:
+        raise ValueError(f"input images: {source} is neither a folder nor a file") from exc
+    except ReadError as exc:
+        raise ValueError(f"cannot list input images in {source}: {exc.reason}") from exc
+    return [ref for ref in listed if _is_image_name(ref)]
+
+
 def _list_s3(source: str, aws_credentials: Any) -> list[str]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from flux_flows.storage import explain_s3_error, get_s3_client
-
-    bucket, _, prefix = source[len("s3://") :].partition("/")
+    bucket, prefix = split_s3_uri(source)
     if not bucket:
         raise ValueError(f"{source}: no bucket name; use s3://BUCKET/PREFIX/")
     if prefix and not prefix.endswith("/"):
         if _is_image_name(prefix):
             return [f"s3://{bucket}/{prefix}"]
         prefix += "/"
-    keys: list[str] = []
-    try:
-        paginator = get_s3_client(aws_credentials).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
-    except (BotoCoreError, ClientError) as exc:
-        message = explain_s3_error(exc, bucket=bucket, key=prefix or None, action="list")
-        raise ValueError(f"cannot list input images in {source}: {message}") from exc
-    return [f"s3://{bucket}/{key}" for key in sorted(keys) if _is_image_name(key)]
+    return _list_images(f"s3://{bucket}/{prefix}", source, aws_credentials)
 
 
 def _list_folder(source: str) -> list[str]:
     path = Path(source).expanduser().absolute()
-    if path.is_file():
-        return [str(path)]
-    if not path.is_dir():
-        raise ValueError(f"input images: {source} is neither a folder nor a file")
-    return [str(p) for p in sorted(path.iterdir()) if p.is_file() and _is_image_name(p.name)]
+    return [str(path)] if path.is_file() else _list_images(str(path), source)
 
 
 def list_input_images(source: str | Iterable[str], aws_credentials: Any = None) -> list[str]:

@@ -19,7 +19,14 @@ from pydantic import BaseModel
 
 from flux_flows.errors import PromptSourceError
 from flux_flows.models import ImageRequest
-from flux_flows.storage import explain_s3_error, get_s3_client
+from flux_flows.storage import (
+    IsAFolderError,
+    NotFoundError,
+    ReadError,
+    is_s3_uri,
+    read_uri,
+    split_s3_uri,
+)
 
 if TYPE_CHECKING:
     from prefect_aws import AwsCredentials
@@ -221,37 +228,23 @@ def _parser_for(source: str) -> Callable[[str, str], list[PromptRow]]:
     return parser
 
 
-def _split_s3(source: str) -> tuple[str, str]:
-    bucket, _, key = source[len("s3://") :].partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise PromptSourceError(
-            f"{source}: an S3 prompt source must name an object, s3://BUCKET/KEY"
-        )
-    return bucket, key
-
-
-def _read_s3(source: str, aws_credentials: Any) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key = _split_s3(source)
+def _read_source(source: str, aws_credentials: Any) -> bytes:
+    """Storage reads; the wording stays this module's, the one users of prompt files know."""
+    if is_s3_uri(source):
+        bucket, key = split_s3_uri(source)
+        if not bucket or not key or key.endswith("/"):
+            raise PromptSourceError(
+                f"{source}: an S3 prompt source must name an object, s3://BUCKET/KEY"
+            )
     try:
-        response = get_s3_client(aws_credentials).get_object(Bucket=bucket, Key=key)
-        return response["Body"].read()
-    except (BotoCoreError, ClientError) as exc:
-        message = explain_s3_error(exc, bucket=bucket, key=key, action="read prompts from")
-        raise PromptSourceError(f"cannot read prompt source {source}: {message}") from exc
-
-
-def _read_local(source: str) -> bytes:
-    path = Path(source).expanduser()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
+        return read_uri(source, aws_credentials=aws_credentials, action="read prompts from")
+    except NotFoundError as exc:
         raise PromptSourceError(f"prompt file {source} does not exist") from exc
-    except IsADirectoryError as exc:
+    except IsAFolderError as exc:
         raise PromptSourceError(f"prompt source {source} is a folder, not a file") from exc
-    except OSError as exc:
-        raise PromptSourceError(f"cannot read prompt file {source}: {exc.strerror or exc}") from exc
+    except ReadError as exc:
+        what = "prompt source" if is_s3_uri(source) else "prompt file"
+        raise PromptSourceError(f"cannot read {what} {source}: {exc.reason}") from exc
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -289,11 +282,10 @@ def read_prompts(
     if not isinstance(source, str | Path) or not str(source).strip():
         raise PromptSourceError("prompt source is empty: pass a file path or s3://BUCKET/KEY")
     source = str(source).strip()
-    is_s3 = source.lower().startswith("s3://")
-    if is_s3:
+    if is_s3_uri(source):
         source = "s3://" + source[len("s3://") :]
     parser = _parser_for(source)
-    data = _read_s3(source, aws_credentials) if is_s3 else _read_local(source)
+    data = _read_source(source, aws_credentials)
     rows = parser(_decode(data, source), source)
     if not rows:
         raise PromptSourceError(f"no prompts in {source}")

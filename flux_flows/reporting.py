@@ -9,12 +9,19 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from flux_flows import layout
 from flux_flows.models import BatchReport, FinishReason, ImageRecord
-from flux_flows.storage import Storage
+from flux_flows.storage import (
+    IsAFolderError,
+    NotFoundError,
+    ReadError,
+    Storage,
+    is_s3_uri,
+    read_uri,
+    split_s3_uri,
+)
 
 ARTIFACT_ROWS_PER_TABLE = 2_000  # well under Prefect Cloud's 5 MiB artifact body limit
 PROMPT_CHARS_IN_TABLE = 200
@@ -212,24 +219,14 @@ def artifact_key(text: str) -> str:
 
 def load_manifest(uri: str, *, aws_credentials: Any = None) -> list[ImageRecord]:
     """An earlier run's manifest, from a local path or s3://bucket/key."""
-    if uri.lower().startswith("s3://"):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from flux_flows.storage import explain_s3_error, get_s3_client
-
-        bucket, _, key = uri[5:].partition("/")
-        if not bucket or not key:
-            raise ValueError(f"{uri}: a manifest URI must name an object, s3://BUCKET/KEY")
-        try:
-            data = get_s3_client(aws_credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except (BotoCoreError, ClientError) as exc:
-            message = explain_s3_error(exc, bucket=bucket, key=key, action="read the manifest")
-            raise ValueError(f"cannot read manifest {uri}: {message}") from exc
-    else:
-        path = Path(uri).expanduser()
-        if not path.is_file():
-            raise ValueError(f"manifest {uri} does not exist (or is not a file)")
-        data = path.read_bytes()
+    if is_s3_uri(uri) and not all(split_s3_uri(uri)):
+        raise ValueError(f"{uri}: a manifest URI must name an object, s3://BUCKET/KEY")
+    try:
+        data = read_uri(uri, aws_credentials=aws_credentials, action="read the manifest")
+    except (NotFoundError, IsAFolderError) as exc:
+        raise ValueError(f"manifest {uri} does not exist (or is not a file)") from exc
+    except ReadError as exc:
+        raise ValueError(f"cannot read manifest {uri}: {exc.reason}") from exc
     return read_manifest(data, uri)
 
 

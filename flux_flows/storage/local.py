@@ -1,0 +1,155 @@
+"""A local folder as storage, and the file operations the spill folder shares with it.
+
+Writes are atomic (a killed process never leaves half an image) and failures become a
+`StorageError` naming the path, like S3's, so the flow handles both destinations the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from flux_flows.errors import StorageError
+from flux_flows.storage.base import (
+    IsAFolderError,
+    NotFoundError,
+    ReadError,
+    TooLargeError,
+    check_key,
+)
+
+__all__ = ["LocalStorage", "list_folder", "probe_writable", "read_file", "write_atomically"]
+
+# Temp files of an in-flight (or killed) `put`: hidden, unique, never listed as keys.
+_TEMP_SUFFIX = ".flux-tmp"
+_TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}" + re.escape(_TEMP_SUFFIX) + "$")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file beside the target, fsync, then `os.replace`: a killed process leaves either the
+    old file or the new one, never half an image. Leftover temp files end in `_TEMP_SUFFIX`."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def probe_writable(folder: Path) -> None:
+    """Create the folder and a probe file: permission bits alone do not prove writability."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def _reason(exc: OSError) -> str:
+    return str(exc.strerror or exc)
+
+
+def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
+    """A file's bytes; over `max_bytes` it is refused from its size, before it is read."""
+    try:
+        if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+            raise TooLargeError(f"{path} is {size} bytes, over the limit of {max_bytes}", size=size)
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"no file at {path}: check the key", reason=_reason(exc)) from exc
+    except IsADirectoryError as exc:
+        raise IsAFolderError(f"could not read {path}: {_reason(exc)}", reason=_reason(exc)) from exc
+    except OSError as exc:
+        raise ReadError(f"could not read {path}: {_reason(exc)}", reason=_reason(exc)) from exc
+
+
+def list_folder(folder: Path) -> list[str]:
+    """The files directly in `folder` (not in its subfolders), as absolute paths, sorted."""
+    folder = folder.absolute()
+    try:
+        entries = sorted(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise NotFoundError(f"no folder at {folder}", reason=_reason(exc)) from exc
+    except OSError as exc:
+        raise ReadError(f"could not list {folder}: {_reason(exc)}", reason=_reason(exc)) from exc
+    return [str(path) for path in entries if path.is_file()]
+
+
+class LocalStorage:
+    """Files under an absolute folder. Metadata is not kept: the manifest holds it."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.root_uri = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root_uri!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def uri_for(self, key: str) -> str:
+        return str(self._path(key))
+
+    def list_keys(self, prefix: str = "") -> set[str]:
+        """Walk only the folder the prefix points into, so listing `thumbs/` skips `images/`."""
+        directory, _, _ = prefix.rpartition("/")
+        folder = self._path(directory) if directory else self.root
+        keys: set[str] = set()
+        for dirpath, _dirnames, filenames in os.walk(folder):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if _TEMP_RE.match(name):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    keys.add(key)
+        return keys
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Write to a temp file beside the target, fsync, then `os.replace`.
+
+        A killed process leaves either the old file or the new one, never half an image; a
+        leftover temp file is ignored by `list_keys`. `content_type` and `metadata` are accepted
+        for interface parity; the manifest records them.
+        """
+        path = self._path(key)
+        try:
+            write_atomically(path, data)
+        except OSError as exc:
+            raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
+        return str(path)
+
+    def get(self, key: str) -> bytes:
+        return read_file(self._path(key))
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str | None:
+        return None
+
+    def check_writable(self) -> None:
+        """Create the folder and a probe file: permission bits alone do not prove writability."""
+        try:
+            probe_writable(self.root)
+        except OSError as exc:
+            raise StorageError(
+                f"local folder {self.root} is not writable ({_reason(exc)}): choose "
+                "another destination or fix its permissions"
+            ) from exc
