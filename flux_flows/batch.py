@@ -6,14 +6,19 @@ real run: the plan a user sees is the plan that runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from flux_flows import layout
-from flux_flows.images_in import describe_reference, hash_input_images, normalize_reference
+from flux_flows.images_in import (
+    describe_reference,
+    hash_input_images,
+    list_input_images,
+    normalize_reference,
+)
 from flux_flows.models import (
     SCHNELL,
     FinishReason,
@@ -22,9 +27,10 @@ from flux_flows.models import (
     is_kontext,
     request_for,
 )
-from flux_flows.pricing import estimate_cost
+from flux_flows.pricing import estimate_cost, price_table
 from flux_flows.prompts import PromptRow
-from flux_flows.storage import Storage
+from flux_flows.settings import BatchSettings
+from flux_flows.storage import Storage, open_storage
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -205,3 +211,38 @@ def plan_batch(
         skipped_for_budget=skipped,
         cost_by_key=cost,
     )
+
+
+def plan_run(
+    rows: Sequence[PromptRow],
+    settings: BatchSettings,
+    destination: str,
+    *,
+    aws_credentials: Any = None,
+    preflight: Callable[[Storage], None] | None = None,
+) -> tuple[Storage, BatchPlan]:
+    """The plan a run makes and `flux-flows plan` shows: the same function, so they agree.
+
+    Prompts are validated first (bad input costs nothing to find); `preflight` runs on the
+    opened destination before its listing, for the checks only a real run needs.
+    """
+    images = expand(
+        rows,
+        defaults=settings.defaults,
+        base_seed=settings.seed,
+        variants=settings.variants,
+        input_images=None
+        if settings.input_images is None
+        else list_input_images(settings.input_images, aws_credentials=aws_credentials),
+        aws_credentials=aws_credentials,
+    )
+    storage = open_storage(destination, aws_credentials=aws_credentials)
+    if preflight is not None:
+        preflight(storage)
+    plan = plan_batch(
+        images,
+        find_stored(storage),
+        prices=price_table(settings.prices),
+        budget_usd=settings.budget_usd,
+    )
+    return storage, plan

@@ -8,34 +8,26 @@ writable and the key is set, list what the destination already holds, then submi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import queue
 import time
-import uuid
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed, State
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows import layout
-from flux_flows.batch import BatchPlan, PlannedImage, expand, find_stored, plan_batch
+from flux_flows.batch import plan_run
 from flux_flows.blocks import FireworksCredentials
-from flux_flows.errors import AuthenticationError, BatchFailedError, StorageError
+from flux_flows.dispatch import render_all
+from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
-from flux_flows.images_in import list_input_images
-from flux_flows.models import SCHNELL, BatchReport, FinishReason, ImageRecord, ImageRequest
-from flux_flows.pricing import price_table
+from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
-from flux_flows.render import RenderJob, RenderResult, render_image
+from flux_flows.records import build_records
+from flux_flows.render import RenderResult
 from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
@@ -44,321 +36,23 @@ from flux_flows.reporting import (
     publish_artifacts,
     write_manifests,
 )
+from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.startup import flux_flow
-from flux_flows.storage import Storage, open_storage
+from flux_flows.storage import Storage
 from flux_flows.tasks import flux_client
 
-DEFAULT_DESTINATION = "./flux-flows-output"
-DEFAULT_MAX_CONCURRENCY = 8
-# Pace a little under the stated limit: the account's window and our clock never agree exactly.
-RPM_HEADROOM = 0.98
+__all__ = [
+    "AdaptiveWindow",
+    "Pacer",
+    "generate_images",
+    "generate_images_from_file",
+    "replay_failed",
+    "replay_rows",
+    "run_batch",
+]
 
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """Everything a run needs besides its prompts; built from the flow's parameters."""
-
-    destination: str
-    defaults: Mapping[str, Any]
-    seed: int | None
-    variants: int
-    max_concurrency: int
-    requests_per_minute: float | None
-    credentials: FireworksCredentials | None
-    aws_credentials: Any
-    dry_run: bool
-    budget_usd: float | None
-    prices: Mapping[str, float] | None
-    spill_dir: str | None
-    concurrency_limit: str | None
-    fail_on_error: bool
-    # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
-    input_images: Sequence[str] | str | None = None
-    # One Prefect task run per image (visible in the UI, needed for Dask) or plain threads.
-    per_image_tasks: bool = False
-
-    def check(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
-        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
-            raise ValueError(
-                f"requests_per_minute must be positive, got {self.requests_per_minute}"
-            )
-
-
-class Pacer:
-    """Spaces submissions evenly to stay under a requests-per-minute limit (no bursts)."""
-
-    def __init__(self, requests_per_minute: float | None) -> None:
-        self.interval = 60.0 / (requests_per_minute * RPM_HEADROOM) if requests_per_minute else 0.0
-        self.next_at = time.monotonic()
-
-    def wait_s(self) -> float:
-        return max(0.0, self.next_at - time.monotonic()) if self.interval else 0.0
-
-    def take(self) -> None:
-        # Keep the schedule when a submission is a little late (timer granularity, the GIL):
-        # restarting it from "now" loses that lateness every time, ~2% of the rate here. More
-        # than one interval behind, it restarts, so a catch-up is one extra request at most.
-        self.next_at = max(self.next_at, time.monotonic() - self.interval) + self.interval
-
-
-class AdaptiveWindow:
-    """How many requests may be in flight: halved when the API answers 429, regrown by one per
-    window's worth of clean answers (AIMD, as TCP does), never above `max_concurrency`.
-
-    The client already waits out each 429 (honouring Retry-After); this keeps a whole batch from
-    walking back into the limit the moment those waits end.
-    """
-
-    def __init__(self, maximum: int, *, cooldown_s: float = 1.0) -> None:
-        self.maximum = maximum
-        self.size = float(maximum)
-        self.cooldown_s = cooldown_s
-        self.decreases = 0
-        self._last_decrease = -float("inf")
-
-    @property
-    def limit(self) -> int:
-        return max(1, int(self.size))
-
-    def observe(self, throttled: int) -> None:
-        now = time.monotonic()
-        if throttled:
-            if now - self._last_decrease >= self.cooldown_s:
-                self.size = max(1.0, self.size / 2)
-                self.decreases += 1
-                self._last_decrease = now
-        else:
-            self.size = min(float(self.maximum), self.size + 1.0 / self.size)
-
-
-class _PlainFuture:
-    """The parts of a PrefectFuture that `_render_all` uses, over a concurrent.futures.Future."""
-
-    def __init__(self, inner: Future[Any]) -> None:
-        self._inner = inner
-        self.task_run_id = uuid.uuid4()
-
-    def add_done_callback(self, fn: Any) -> None:
-        self._inner.add_done_callback(lambda _: fn(self))
-
-    def result(self, raise_on_failure: bool = True) -> Any:
-        try:
-            value = self._inner.result()
-        except Exception as exc:
-            if raise_on_failure:
-                raise
-            return exc
-        # render_image returns Failed(data=RenderResult) for an API error.
-        return value.data if isinstance(value, State) else value
-
-
-class _PlainRunner:
-    """Runs the body of a task on plain threads: no task run, no events, no rows on the server.
-
-    A task run costs ~4 ms of client CPU and ~30 ms of Prefect-server CPU (its task-run
-    recorder writes every state change); per image, that is more than the image's own work.
-    The manifest and the table artifact still record every image.
-    """
-
-    def __init__(self, max_workers: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="flux-render")
-
-    def submit(self, task: Any, parameters: dict[str, Any]) -> _PlainFuture:
-        # As Prefect's runner does: the flow's contexts (settings, flow run) go with the work.
-        context = contextvars.copy_context()
-        return _PlainFuture(self._pool.submit(context.run, task.fn, **parameters))
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-@contextlib.contextmanager
-def _runner(max_concurrency: int, per_image_tasks: bool = False) -> Iterator[Any]:
-    """A thread pool sized to the concurrency asked for, unless the user chose another runner.
-
-    Prefect's default pool is unbounded; a DaskTaskRunner (or any other) is used as given, with
-    the in-flight window below still bounding how much is submitted at once. Without
-    `per_image_tasks`, local threads run the images without a Prefect task run each.
-    """
-    context = FlowRunContext.get()
-    chosen = context.task_runner if context else None
-    if chosen is None or isinstance(chosen, ThreadPoolTaskRunner):
-        if not per_image_tasks:
-            plain = _PlainRunner(max_concurrency)
-            try:
-                yield plain
-            finally:
-                plain.shutdown()
-            return
-        with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner:
-            yield runner
-    else:
-        yield chosen
-
-
-def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
-    value = future.result(raise_on_failure=False)
-    if isinstance(value, RenderResult):
-        return value
-    error = value if isinstance(value, BaseException) else RuntimeError(str(value))
-    return RenderResult(
-        cache_key=cache_key,
-        finish_reason=FinishReason.ERROR,
-        error=f"{type(error).__name__}: {error}",
-    )
-
-
-def _render_all(
-    plan: BatchPlan, options: BatchOptions, progress: ProgressReporter, flow_run_id: str | None
-) -> dict[str, RenderResult]:
-    """Submit the missing images with a bounded window; collect results as they complete."""
-    logger = get_run_logger()
-    results: dict[str, RenderResult] = {}
-    pending = deque(plan.to_generate)
-    done: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
-    keys_by_run: dict[Any, str] = {}
-    pacer = Pacer(options.requests_per_minute)
-    window = AdaptiveWindow(options.max_concurrency)
-    abort: str | None = None
-    in_flight = 0
-    with _runner(options.max_concurrency, options.per_image_tasks) as runner:
-        while pending or in_flight:
-            while pending and abort is None and in_flight < window.limit:
-                if pacer.wait_s() > 0:
-                    break
-                key = pending.popleft()
-                job = RenderJob(
-                    request=plan.unique[key],
-                    destination=options.destination,
-                    spill_root=options.spill_dir,
-                    credentials=options.credentials,
-                    aws_credentials=options.aws_credentials,
-                    flow_run_id=flow_run_id,
-                    concurrency_limit=options.concurrency_limit,
-                )
-                future = runner.submit(render_image, {"job": job})
-                keys_by_run[future.task_run_id] = key
-                future.add_done_callback(done.put)
-                in_flight += 1
-                pacer.take()
-            if abort is not None and pending:
-                for key in pending:
-                    results[key] = RenderResult(
-                        cache_key=key, finish_reason=FinishReason.ERROR, error=abort
-                    )
-                pending.clear()
-            if not in_flight:
-                continue
-            wait = pacer.wait_s() if pending and in_flight < window.limit else 1.0
-            try:
-                future = done.get(timeout=max(wait, 0.005))
-            except queue.Empty:
-                continue
-            in_flight -= 1
-            result = _result_of(future, keys_by_run.pop(future.task_run_id))
-            results[result.cache_key] = result
-            window.observe(result.throttled)
-            if (
-                abort is None
-                and result.error
-                and result.error.startswith(AuthenticationError.__name__)
-            ):
-                abort = f"not attempted: an earlier request failed with {result.error}"
-                logger.error("stopping: the API refused the credentials (%s)", result.error)
-            progress.update(len(results))
-    if window.decreases:
-        logger.warning(
-            "the API answered 429: in-flight requests were cut %d time(s), to %d at the end",
-            window.decreases,
-            window.limit,
-        )
-    return results
-
-
-def _record(
-    planned: PlannedImage,
-    plan: BatchPlan,
-    storage: Storage,
-    results: Mapping[str, RenderResult],
-    first: bool,
-    skipped: set[str],
-) -> ImageRecord:
-    """One manifest line: the planned image joined with how its distinct request ended."""
-    key = planned.request.cache_key
-    base = {"index": planned.index, "variant": planned.variant, "item_id": planned.item_id}
-    if key in plan.stored:
-        stored = plan.stored[key]
-        uri = storage.uri_for(stored.object_key)
-        success = stored.finish_reason is FinishReason.SUCCESS
-        return ImageRecord.for_request(
-            planned.request,
-            **base,
-            finish_reason=stored.finish_reason,
-            uri=uri if success else None,
-            filtered_uri=None if success else uri,
-            # Made with the image; if it went missing since, the contact sheet shows the image.
-            thumbnail_uri=storage.uri_for(layout.thumbnail_key(key)) if success else None,
-            cached=True,
-            width=planned.request.size[0],
-            height=planned.request.size[1],
-            content_type=planned.request.content_type,
-        )
-    if key in skipped:
-        return ImageRecord.for_request(
-            planned.request,
-            **base,
-            finish_reason=FinishReason.SKIPPED_BUDGET,
-            error="not generated: the run's budget_usd would have been exceeded",
-            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
-        )
-    if key not in results:  # a dry run
-        return ImageRecord.for_request(
-            planned.request,
-            **base,
-            finish_reason=FinishReason.PLANNED,
-            cached=not first,
-            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
-        )
-    result = results[key]
-    success = result.finish_reason is FinishReason.SUCCESS
-    paid = first and not result.recovered_from_spill and result.finish_reason != FinishReason.ERROR
-    return ImageRecord.for_request(
-        planned.request,
-        **base,
-        finish_reason=result.finish_reason,
-        uri=result.uri if success else None,
-        filtered_uri=result.uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
-        thumbnail_uri=result.thumbnail_uri if success else None,
-        cached=not first or result.recovered_from_spill,
-        error=result.error,
-        spill_path=result.spill_path,
-        width=result.width,
-        height=result.height,
-        content_type=result.content_type,
-        size_bytes=result.size_bytes,
-        request_id=result.request_id,
-        latency_s=result.latency_s,
-        api_calls=result.api_calls if first else 0,
-        estimated_cost_usd=plan.cost_by_key[key] if paid else 0.0,
-    )
-
-
-def _records(
-    plan: BatchPlan, storage: Storage, results: Mapping[str, RenderResult]
-) -> list[ImageRecord]:
-    seen: set[str] = set()
-    skipped = set(plan.skipped_for_budget)
-    records = []
-    for planned in plan.images:
-        key = planned.request.cache_key
-        records.append(
-            _record(planned, plan, storage, results, first=key not in seen, skipped=skipped)
-        )
-        seen.add(key)
-    return records
+D = BATCH_DEFAULTS  # the signatures' defaults, written once in settings.py
 
 
 def _preflight(options: BatchOptions, storage: Storage) -> None:
@@ -395,25 +89,16 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
-    options.check()
-    prices = price_table(options.prices)
-    images = expand(
+    storage, plan = plan_run(
         rows,
-        defaults=options.defaults,
-        base_seed=options.seed,
-        variants=options.variants,
-        input_images=None
-        if options.input_images is None
-        else list_input_images(options.input_images, aws_credentials=options.aws_credentials),
+        options,
+        options.destination,
         aws_credentials=options.aws_credentials,
+        preflight=lambda storage: _preflight(options, storage),
     )
-    storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
-    _preflight(options, storage)
-    stored = find_stored(storage)
-    plan = plan_batch(images, stored, prices=prices, budget_usd=options.budget_usd)
     logger.info(
         "%d images requested: %d distinct, %d already stored, %d to generate (est. $%.4f)%s",
-        len(images),
+        len(plan.images),
         len(plan.unique),
         sum(1 for k in plan.unique if k in plan.stored),
         len(plan.to_generate),
@@ -426,9 +111,9 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     results: dict[str, RenderResult] = {}
     if not options.dry_run:
         progress = ProgressReporter(total=len(plan.to_generate))
-        results = _render_all(plan, options, progress, flow_run_id)
+        results = render_all(plan, options, progress, flow_run_id)
         progress.finish()
-    records = _records(plan, storage, results)
+    records = build_records(plan, storage, results)
     spill = SpillFolder(options.destination, options.spill_dir)
     report = BatchReport(
         records=records,
@@ -485,70 +170,33 @@ def _final_state(
     return Completed(message=message, data=report)
 
 
-_DEFAULT_FIELDS = (
-    "model",
-    "aspect_ratio",
-    "guidance_scale",
-    "num_inference_steps",
-    "output_format",
-    "safety_check",
-    "safety_tolerance",
-    "prompt_upsampling",
-)
-
-
-def _options(params: Mapping[str, Any]) -> BatchOptions:
-    """BatchOptions from a batch flow's own parameters, by name (both flows share them all).
-
-    Request fields become the batch's defaults, which each prompt's overrides take precedence over.
-    """
-    return BatchOptions(
-        destination=params["destination"],
-        defaults={name: params.get(name) for name in _DEFAULT_FIELDS},
-        seed=params["seed"],
-        variants=params["variants"],
-        max_concurrency=params["max_concurrency"],
-        requests_per_minute=params["requests_per_minute"],
-        credentials=params["credentials"],
-        aws_credentials=params["aws_credentials"],
-        dry_run=params["dry_run"],
-        budget_usd=params["budget_usd"],
-        prices=params["prices"],
-        spill_dir=params["spill_dir"],
-        concurrency_limit=params["concurrency_limit"],
-        fail_on_error=params["fail_on_error"],
-        input_images=params.get("input_images"),
-        per_image_tasks=params.get("per_image_tasks", False),
-    )
-
-
 @flux_flow(name="generate-images", persist_result=False, log_prints=True)
 def generate_images(
     prompts: list[str | dict[str, Any] | ImageRequest],
     destination: str = DEFAULT_DESTINATION,
     *,
-    model: str = SCHNELL,
-    aspect_ratio: str = "1:1",
-    seed: int | None = None,
-    variants: int = 1,
-    guidance_scale: float = 3.5,
-    num_inference_steps: int | None = None,
-    output_format: str = "jpeg",
-    safety_check: bool = False,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    requests_per_minute: float | None = None,
+    model: str = D.model,
+    aspect_ratio: str = D.aspect_ratio,
+    seed: int | None = D.seed,
+    variants: int = D.variants,
+    guidance_scale: float = D.guidance_scale,
+    num_inference_steps: int | None = D.num_inference_steps,
+    output_format: str = D.output_format,
+    safety_check: bool = D.safety_check,
+    max_concurrency: int = D.max_concurrency,
+    requests_per_minute: float | None = D.requests_per_minute,
     credentials: FireworksCredentials | None = None,
     aws_credentials: Any = None,
-    dry_run: bool = False,
-    budget_usd: float | None = None,
-    prices: dict[str, float] | None = None,
-    spill_dir: str | None = None,
-    concurrency_limit: str | None = None,
-    fail_on_error: bool = False,
-    per_image_tasks: bool = False,
-    input_images: list[str] | str | None = None,
-    safety_tolerance: int | None = None,
-    prompt_upsampling: bool | None = None,
+    dry_run: bool = D.dry_run,
+    budget_usd: float | None = D.budget_usd,
+    prices: dict[str, float] | None = D.prices,
+    spill_dir: str | None = D.spill_dir,
+    concurrency_limit: str | None = D.concurrency_limit,
+    fail_on_error: bool = D.fail_on_error,
+    per_image_tasks: bool = D.per_image_tasks,
+    input_images: list[str] | str | None = D.input_images,
+    safety_tolerance: int | None = D.safety_tolerance,
+    prompt_upsampling: bool | None = D.prompt_upsampling,
 ) -> BatchReport:
     """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
 
@@ -578,7 +226,7 @@ def generate_images(
                         input_images="s3://assets/products/photos/")
         ```
     """
-    options = _options(locals())
+    options = BatchOptions.from_params(locals())
     return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
 
 
@@ -587,28 +235,28 @@ def generate_images_from_file(
     source: str,
     destination: str = DEFAULT_DESTINATION,
     *,
-    model: str = SCHNELL,
-    aspect_ratio: str = "1:1",
-    seed: int | None = None,
-    variants: int = 1,
-    guidance_scale: float = 3.5,
-    num_inference_steps: int | None = None,
-    output_format: str = "jpeg",
-    safety_check: bool = False,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    requests_per_minute: float | None = None,
+    model: str = D.model,
+    aspect_ratio: str = D.aspect_ratio,
+    seed: int | None = D.seed,
+    variants: int = D.variants,
+    guidance_scale: float = D.guidance_scale,
+    num_inference_steps: int | None = D.num_inference_steps,
+    output_format: str = D.output_format,
+    safety_check: bool = D.safety_check,
+    max_concurrency: int = D.max_concurrency,
+    requests_per_minute: float | None = D.requests_per_minute,
     credentials: FireworksCredentials | None = None,
     aws_credentials: Any = None,
-    dry_run: bool = False,
-    budget_usd: float | None = None,
-    prices: dict[str, float] | None = None,
-    spill_dir: str | None = None,
-    concurrency_limit: str | None = None,
-    fail_on_error: bool = False,
-    per_image_tasks: bool = False,
-    input_images: list[str] | str | None = None,
-    safety_tolerance: int | None = None,
-    prompt_upsampling: bool | None = None,
+    dry_run: bool = D.dry_run,
+    budget_usd: float | None = D.budget_usd,
+    prices: dict[str, float] | None = D.prices,
+    spill_dir: str | None = D.spill_dir,
+    concurrency_limit: str | None = D.concurrency_limit,
+    fail_on_error: bool = D.fail_on_error,
+    per_image_tasks: bool = D.per_image_tasks,
+    input_images: list[str] | str | None = D.input_images,
+    safety_tolerance: int | None = D.safety_tolerance,
+    prompt_upsampling: bool | None = D.prompt_upsampling,
 ) -> BatchReport:
     """The batch, reading prompts from a file: local path or `s3://bucket/key`.
 
@@ -623,7 +271,7 @@ def generate_images_from_file(
         generate_images_from_file("s3://prompts/2026-11-24.jsonl", "s3://assets/products/")
         ```
     """
-    options = _options(locals())
+    options = BatchOptions.from_params(locals())
     rows = read_prompts(source, aws_credentials=aws_credentials)
     return run_batch(rows, options)  # type: ignore[return-value]
 
@@ -653,15 +301,15 @@ def replay_failed(
     destination: str | None = None,
     *,
     include_skipped: bool = False,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    requests_per_minute: float | None = None,
+    max_concurrency: int = D.max_concurrency,
+    requests_per_minute: float | None = D.requests_per_minute,
     credentials: FireworksCredentials | None = None,
     aws_credentials: Any = None,
-    budget_usd: float | None = None,
-    prices: dict[str, float] | None = None,
-    spill_dir: str | None = None,
-    concurrency_limit: str | None = None,
-    fail_on_error: bool = False,
+    budget_usd: float | None = D.budget_usd,
+    prices: dict[str, float] | None = D.prices,
+    spill_dir: str | None = D.spill_dir,
+    concurrency_limit: str | None = D.concurrency_limit,
+    fail_on_error: bool = D.fail_on_error,
 ) -> BatchReport:
     """Re-submit exactly the ERROR (and, if asked, SKIPPED_BUDGET) records of an earlier manifest.
 
@@ -688,20 +336,6 @@ def replay_failed(
             destination=target,
         )
         return Completed(message="nothing to replay", data=empty)  # type: ignore[return-value]
-    options = BatchOptions(
-        destination=target,
-        defaults={},
-        seed=None,
-        variants=1,
-        max_concurrency=max_concurrency,
-        requests_per_minute=requests_per_minute,
-        credentials=credentials,
-        aws_credentials=aws_credentials,
-        dry_run=False,
-        budget_usd=budget_usd,
-        prices=prices,
-        spill_dir=spill_dir,
-        concurrency_limit=concurrency_limit,
-        fail_on_error=fail_on_error,
-    )
+    # The rows carry every request field of the original records; the batch defaults do not apply.
+    options = BatchOptions.from_params({**locals(), "destination": target})
     return run_batch(rows, options)  # type: ignore[return-value]

@@ -480,20 +480,7 @@ class ImageRecord(BaseModel):
 
     def to_request(self) -> ImageRequest:
         """The exact request that produced (or should produce) this record, for replays."""
-        return ImageRequest(
-            prompt=self.prompt,
-            model=self.model,
-            aspect_ratio=self.aspect_ratio,
-            guidance_scale=self.guidance_scale,
-            num_inference_steps=self.num_inference_steps,
-            seed=self.seed,
-            safety_check=self.safety_check,
-            output_format=self.output_format,
-            input_image=self.input_image,
-            input_image_sha256=self.input_image_sha256,
-            safety_tolerance=self.safety_tolerance,
-            prompt_upsampling=self.prompt_upsampling,
-        )
+        return ImageRequest.model_validate(self.model_dump(include=set(ImageRequest.model_fields)))
 
 
 class BatchReport(BaseModel):

@@ -35,7 +35,9 @@ from flux_flows.cli._common import (
 )
 from flux_flows.cli._session import print_ui_page, run_flow
 from flux_flows.errors import FluxError, PromptSourceError
-from flux_flows.models import MODELS, BatchReport, FinishReason
+from flux_flows.models import BatchReport, FinishReason
+from flux_flows.settings import BATCH_DEFAULTS as D
+from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
 
 
 def print_summary(report: BatchReport, title: str) -> None:
@@ -74,23 +76,40 @@ def finish(report: BatchReport) -> None:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
+def _settings(**cli: Any) -> BatchSettings:
+    """The CLI's option names (`--steps`, `--guidance`, `--edit`...) mapped onto the one list
+    of settings, so `run` and `plan` read their options the same way."""
+    names = {
+        "steps": "num_inference_steps",
+        "guidance": "guidance_scale",
+        "edit": "input_images",
+        "concurrency": "max_concurrency",
+        "rpm": "requests_per_minute",
+        "budget": "budget_usd",
+    }
+    try:
+        return BatchSettings.model_validate({names.get(k, k): v for k, v in cli.items()})
+    except ValidationError as exc:
+        fail_with(exc)
+
+
 def run(
     prompts: PromptFileArg = None,
-    to: DestOpt = "./flux-flows-output",
+    to: DestOpt = DEFAULT_DESTINATION,
     prompt: PromptOpt = None,
     edit: EditOpt = None,
-    model: ModelOpt = MODELS[0],
-    aspect_ratio: AspectOpt = "1:1",
-    seed: SeedOpt = None,
-    variants: VariantsOpt = 1,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = 3.5,
-    safety_check: SafetyOpt = False,
-    safety_tolerance: SafetyToleranceOpt = None,
+    model: ModelOpt = D.model,
+    aspect_ratio: AspectOpt = D.aspect_ratio,
+    seed: SeedOpt = D.seed,
+    variants: VariantsOpt = D.variants,
+    steps: StepsOpt = D.num_inference_steps,
+    guidance: GuidanceOpt = D.guidance_scale,
+    safety_check: SafetyOpt = D.safety_check,
+    safety_tolerance: SafetyToleranceOpt = D.safety_tolerance,
     prompt_upsampling: UpsamplingOpt = False,
-    concurrency: ConcurrencyOpt = 8,
-    rpm: RpmOpt = None,
-    budget: BudgetOpt = None,
+    concurrency: ConcurrencyOpt = D.max_concurrency,
+    rpm: RpmOpt = D.requests_per_minute,
+    budget: BudgetOpt = D.budget_usd,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate an image per prompt (x variants) into a bucket or folder, never paying twice.
@@ -98,21 +117,9 @@ def run(
     With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
     """
     check_prompt_source(prompts, prompt, edit, model)
-    settings: dict[str, Any] = {
-        "model": model,
-        "aspect_ratio": aspect_ratio,
-        "seed": seed,
-        "variants": variants,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "safety_check": safety_check,
-        "safety_tolerance": safety_tolerance,
-        "prompt_upsampling": prompt_upsampling,
-        "input_images": edit,
-        "max_concurrency": concurrency,
-        "requests_per_minute": rpm,
-        "budget_usd": budget,
-    }
+    settings = _settings(
+        **{k: v for k, v in locals().items() if k not in ("prompts", "to", "prompt", "verbose")}
+    ).model_dump(exclude_defaults=True)
 
     def start() -> BatchReport:
         from flux_flows.flows import generate_images, generate_images_from_file
@@ -130,50 +137,33 @@ def run(
 
 def plan(
     prompts: PromptFileArg = None,
-    to: DestOpt = "./flux-flows-output",
+    to: DestOpt = DEFAULT_DESTINATION,
     prompt: PromptOpt = None,
     edit: EditOpt = None,
-    model: ModelOpt = MODELS[0],
-    aspect_ratio: AspectOpt = "1:1",
-    seed: SeedOpt = None,
-    variants: VariantsOpt = 1,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = 3.5,
-    safety_check: SafetyOpt = False,
-    safety_tolerance: SafetyToleranceOpt = None,
+    model: ModelOpt = D.model,
+    aspect_ratio: AspectOpt = D.aspect_ratio,
+    seed: SeedOpt = D.seed,
+    variants: VariantsOpt = D.variants,
+    steps: StepsOpt = D.num_inference_steps,
+    guidance: GuidanceOpt = D.guidance_scale,
+    safety_check: SafetyOpt = D.safety_check,
+    safety_tolerance: SafetyToleranceOpt = D.safety_tolerance,
     prompt_upsampling: UpsamplingOpt = False,
-    budget: BudgetOpt = None,
+    budget: BudgetOpt = D.budget_usd,
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
     from rich.table import Table
 
-    from flux_flows.batch import expand, find_stored, plan_batch
-    from flux_flows.images_in import list_input_images
-    from flux_flows.pricing import price_table
+    from flux_flows.batch import plan_run
     from flux_flows.prompts import normalize_prompts, read_prompts
-    from flux_flows.storage import open_storage
 
     check_prompt_source(prompts, prompt, edit, model)
-    defaults = {
-        "model": model,
-        "aspect_ratio": aspect_ratio,
-        "guidance_scale": guidance,
-        "num_inference_steps": steps,
-        "safety_check": safety_check,
-        "safety_tolerance": safety_tolerance,
-        "prompt_upsampling": prompt_upsampling,
-    }
+    settings = _settings(
+        **{k: v for k, v in locals().items() if k not in ("prompts", "to", "prompt")}
+    )
     try:
         rows = normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
-        images = expand(
-            rows,
-            defaults=defaults,
-            base_seed=seed,
-            variants=variants,
-            input_images=None if edit is None else list_input_images(edit),
-        )
-        storage = open_storage(to)
-        the_plan = plan_batch(images, find_stored(storage), prices=price_table(), budget_usd=budget)
+        storage, the_plan = plan_run(rows, settings, to)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
     stored = sum(1 for key in the_plan.unique if key in the_plan.stored)
@@ -182,7 +172,7 @@ def plan(
     table.add_column(style="bold")
     table.add_column()
     for name, value in (
-        ("images requested", len(images)),
+        ("images requested", len(the_plan.images)),
         ("distinct images", len(the_plan.unique)),
         ("already stored (cache hits)", stored),
         ("to generate", len(the_plan.to_generate)),
@@ -204,9 +194,9 @@ def replay(
     include_skipped: Annotated[
         bool, typer.Option(help="Also re-submit images skipped for budget.")
     ] = False,
-    concurrency: ConcurrencyOpt = 8,
-    rpm: RpmOpt = None,
-    budget: BudgetOpt = None,
+    concurrency: ConcurrencyOpt = D.max_concurrency,
+    rpm: RpmOpt = D.requests_per_minute,
+    budget: BudgetOpt = D.budget_usd,
     verbose: VerboseOpt = False,
 ) -> None:
     """Re-submit only the failed images of an earlier run, with their original seeds."""

@@ -1,0 +1,98 @@
+"""Manifest records: each planned image joined with how its distinct request ended.
+
+A prompt asked for twice, or already stored, still gets its own line; only the first line of a
+distinct request carries its API calls and cost, so the manifest's totals are what was paid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flux_flows import layout
+from flux_flows.batch import BatchPlan, PlannedImage
+from flux_flows.models import FinishReason, ImageRecord
+from flux_flows.render import RenderResult
+from flux_flows.storage import Storage
+
+
+def _record(
+    planned: PlannedImage,
+    plan: BatchPlan,
+    storage: Storage,
+    results: Mapping[str, RenderResult],
+    first: bool,
+    skipped: set[str],
+) -> ImageRecord:
+    """One manifest line: the planned image joined with how its distinct request ended."""
+    key = planned.request.cache_key
+    base = {"index": planned.index, "variant": planned.variant, "item_id": planned.item_id}
+    if key in plan.stored:
+        stored = plan.stored[key]
+        uri = storage.uri_for(stored.object_key)
+        success = stored.finish_reason is FinishReason.SUCCESS
+        return ImageRecord.for_request(
+            planned.request,
+            **base,
+            finish_reason=stored.finish_reason,
+            uri=uri if success else None,
+            filtered_uri=None if success else uri,
+            # Made with the image; if it went missing since, the contact sheet shows the image.
+            thumbnail_uri=storage.uri_for(layout.thumbnail_key(key)) if success else None,
+            cached=True,
+            width=planned.request.size[0],
+            height=planned.request.size[1],
+            content_type=planned.request.content_type,
+        )
+    if key in skipped:
+        return ImageRecord.for_request(
+            planned.request,
+            **base,
+            finish_reason=FinishReason.SKIPPED_BUDGET,
+            error="not generated: the run's budget_usd would have been exceeded",
+            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
+        )
+    if key not in results:  # a dry run
+        return ImageRecord.for_request(
+            planned.request,
+            **base,
+            finish_reason=FinishReason.PLANNED,
+            cached=not first,
+            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
+        )
+    result = results[key]
+    success = result.finish_reason is FinishReason.SUCCESS
+    paid = first and not result.recovered_from_spill and result.finish_reason != FinishReason.ERROR
+    return ImageRecord.for_request(
+        planned.request,
+        **base,
+        finish_reason=result.finish_reason,
+        uri=result.uri if success else None,
+        filtered_uri=result.uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
+        thumbnail_uri=result.thumbnail_uri if success else None,
+        cached=not first or result.recovered_from_spill,
+        error=result.error,
+        spill_path=result.spill_path,
+        width=result.width,
+        height=result.height,
+        content_type=result.content_type,
+        size_bytes=result.size_bytes,
+        request_id=result.request_id,
+        latency_s=result.latency_s,
+        api_calls=result.api_calls if first else 0,
+        estimated_cost_usd=plan.cost_by_key[key] if paid else 0.0,
+    )
+
+
+def build_records(
+    plan: BatchPlan, storage: Storage, results: Mapping[str, RenderResult]
+) -> list[ImageRecord]:
+    seen: set[str] = set()
+    skipped = set(plan.skipped_for_budget)
+    records = []
+    for planned in plan.images:
+        key = planned.request.cache_key
+        records.append(
+            _record(planned, plan, storage, results, first=key not in seen, skipped=skipped)
+        )
+        seen.add(key)
+    return records

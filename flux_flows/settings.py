@@ -1,0 +1,120 @@
+"""The one list of knobs: a batch's request defaults and how it runs.
+
+The flows' signatures, the CLI's `run` and `plan`, `replay_failed` and `build_request` all take
+these settings; their names, defaults and checks are written here once. Prefect still needs each
+flow parameter spelled out in the flow's signature (that is what the UI shows and deployments
+fill in), so a test holds the signatures to these models field by field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from flux_flows.models import DEFAULT_GUIDANCE, SCHNELL
+
+DEFAULT_DESTINATION = "./flux-flows-output"
+
+
+def _number(name: str, value: Any) -> None:
+    """Refuse what Python would take as a number but a user never means as one."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+class RequestDefaults(BaseModel):
+    """Batch-wide request fields; a prompt's own overrides win. None: the model's own default."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = SCHNELL
+    aspect_ratio: str = "1:1"
+    guidance_scale: float = DEFAULT_GUIDANCE
+    num_inference_steps: int | None = None
+    output_format: str = "jpeg"
+    safety_check: bool = False
+    safety_tolerance: int | None = None
+    prompt_upsampling: bool | None = None
+
+    def as_defaults(self) -> dict[str, Any]:
+        """The fields a prompt's request starts from (see `models.request_for`)."""
+        return {name: getattr(self, name) for name in REQUEST_FIELDS}
+
+
+class BatchSettings(RequestDefaults):
+    """How a batch runs: seeds, variants, limits, spend, where failed uploads wait."""
+
+    seed: int | None = None
+    variants: int = 1
+    max_concurrency: int = 8
+    requests_per_minute: float | None = None
+    dry_run: bool = False
+    budget_usd: float | None = None
+    prices: dict[str, float] | None = None
+    spill_dir: str | None = None
+    concurrency_limit: str | None = None
+    fail_on_error: bool = False
+    per_image_tasks: bool = False
+    # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
+    input_images: list[str] | str | None = None
+
+    @field_validator("variants", "max_concurrency", mode="before")
+    @classmethod
+    def _at_least_one(cls, value: Any, info: Any) -> Any:
+        _number(info.field_name, value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{info.field_name} must be at least 1, got {value}")
+        return value
+
+    @field_validator("requests_per_minute", mode="before")
+    @classmethod
+    def _positive_rate(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        _number("requests_per_minute", value)
+        if isinstance(value, int | float) and value <= 0:
+            raise ValueError(f"requests_per_minute must be positive, got {value}")
+        return value
+
+    @field_validator("budget_usd", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        _number("budget_usd", value)
+        if isinstance(value, int | float) and value < 0:
+            raise ValueError(f"budget_usd must not be negative, got {value}")
+        return value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.as_defaults()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Self:
+        """The settings among a flow's or command's parameters, by name; the rest is ignored."""
+        return cls.model_validate({k: v for k, v in params.items() if k in cls.model_fields})
+
+
+class BatchOptions(BatchSettings):
+    """Everything a run needs besides its prompts: the settings, where, and with which keys.
+
+    The credentials are Prefect blocks (`FireworksCredentials`, prefect-aws `AwsCredentials`);
+    typed loosely here because this module sits below the modules that define them.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    destination: str = DEFAULT_DESTINATION
+    credentials: Any = None
+    aws_credentials: Any = None
+
+
+REQUEST_FIELDS: tuple[str, ...] = tuple(RequestDefaults.model_fields)
+SETTING_FIELDS: tuple[str, ...] = tuple(BatchSettings.model_fields)
+BATCH_DEFAULTS = BatchSettings()
