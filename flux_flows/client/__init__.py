@@ -4,7 +4,7 @@ retries the API needs.
 One job per module: `_wire` knows the wire format (no I/O), `_kontext` what a Kontext task's
 answers mean, `_protocol` the one loop that retries and polls (a generator, like httpx's
 `Auth.auth_flow`), and `_sync` / `_async` only send and sleep for it. `_config` holds what both
-clients are configured with.
+clients are configured with, and their common base.
 """
 
 from flux_flows.client._async import AsyncFluxClient

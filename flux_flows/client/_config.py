@@ -1,17 +1,16 @@
 """What a client is configured with: key, endpoint, timeouts, pool, and the two waiting policies.
 
-Both clients take exactly these settings (`ClientConfig` is their common base), so the sync and
-async constructors cannot drift apart; each only adds its own pooled httpx client and transport.
+Both clients take exactly these settings (`BaseClient` is their common base), so the sync and
+async constructors cannot drift apart; each only says which httpx client it pools.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -20,13 +19,11 @@ from flux_flows._version import __version__
 from flux_flows.client._wire import ResponseFormat
 from flux_flows.errors import FluxError, MissingCredentialsError
 
-logger = logging.getLogger("flux_flows.client")
-
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
 API_KEY_ENV = "FIREWORKS_API_KEY"
 BASE_URL_ENV = "FIREWORKS_BASE_URL"
 
-# on_retry(attempt, delay_s, error class name): how the batch notices the API pushing back.
+# on_retry(attempt, delay_s, error class name), called before each retry's wait.
 RetryHook = Callable[[int, float, str], None]
 
 
@@ -112,8 +109,16 @@ def auth_headers(api_key: SecretStr) -> dict[str, str]:
     }
 
 
-class ClientConfig:
-    """The settings both clients share; the protocol reads them live (tests swap `on_retry`)."""
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
+PoolT = TypeVar("PoolT", httpx.Client, httpx.AsyncClient)
+
+
+class BaseClient(Generic[TransportT, PoolT]):
+    """The settings both clients share, and their one pooled httpx client.
+
+    The protocol reads the settings live, so `retry` or `on_retry` set after construction count.
+    `transport=` replaces the network under the pool, as it does for `httpx.Client`.
+    """
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class ClientConfig:
         max_connections: int = 64,
         on_retry: RetryHook | None = None,
         kontext: KontextPolicy | None = None,
+        transport: TransportT | None = None,
     ) -> None:
         if response_format not in ("image", "json"):
             raise ValueError(f"response_format must be 'image' or 'json', got {response_format!r}")
@@ -140,18 +146,20 @@ class ClientConfig:
         )
         self.on_retry = on_retry
         self.kontext = kontext or KontextPolicy()
+        self._http: PoolT = self._open_pool(
+            transport,
+            base_url=self.base_url,
+            timeout=self.timeout,
+            limits=self.limits,
+            headers=auth_headers(self._api_key),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
-    def _pool_options(self) -> dict[str, Any]:
-        """Keyword arguments for the pooled httpx client: one connection set per FluxClient."""
-        return {
-            "base_url": self.base_url,
-            "timeout": self.timeout,
-            "limits": self.limits,
-            "headers": auth_headers(self._api_key),
-        }
+    def _open_pool(self, transport: TransportT | None, **options: Any) -> PoolT:
+        """The mode's own httpx client: one connection set per FluxClient."""
+        raise NotImplementedError
 
     def _redact(self, error: FluxError) -> FluxError:
         """A server that echoes the key must not make us print it."""

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from flux_flows.client._config import ClientConfig
+from flux_flows.client._config import BaseClient
 from flux_flows.client._kontext import (
     KontextModerated,
     KontextReady,
@@ -81,6 +81,8 @@ Step = httpx.Request | Follow | Sleep | Offload
 # `_send`/`_offload` generators below give each answer its type again.
 Flow = Generator[Step, Any, T]
 StatusMapper = Callable[[httpx.Response, int], FluxError]
+# What came of a step, as a driver saw it: (reply, None), or (None, the exception to throw in).
+Outcome = tuple[Any, Exception | None]
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Tally:
 
 
 def generation_flow(
-    config: ClientConfig,
+    config: BaseClient[Any, Any],
     build: RequestBuilder,
     request: ImageRequest,
     aws_credentials: Any = None,
@@ -152,7 +154,7 @@ class _Generation:
 
     def __init__(
         self,
-        config: ClientConfig,
+        config: BaseClient[Any, Any],
         build: RequestBuilder,
         request: ImageRequest,
         aws_credentials: Any,

@@ -9,53 +9,42 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
-from pydantic import SecretStr
 
-from flux_flows.client._config import ClientConfig
-from flux_flows.client._protocol import (
-    Done,
-    Flow,
-    Follow,
-    Offload,
-    Sleep,
-    Step,
-    generation_flow,
-    resume,
-)
+from flux_flows.client import _protocol as protocol
+from flux_flows.client._config import BaseClient
 from flux_flows.models import GeneratedImage, ImageRequest
 
 T = TypeVar("T")
+Sleeper = Callable[[float], object]
 
 
-def drive(flow: Flow[T], http: httpx.Client, sleep: Callable[[float], object] = time.sleep) -> T:
+def drive(flow: protocol.Flow[T], http: httpx.Client, sleep: Sleeper = time.sleep) -> T:
     """Run a flow to its result on this thread, as httpx's `_send_handling_auth` runs auth flows.
 
     A step that fails (a transport error, an unreadable input image) is thrown back into the
     flow: only the flow knows whether that failure is retried.
     """
     with closing(flow):
-        step = resume(flow)
-        while not isinstance(step, Done):
-            try:
-                reply = _perform(step, http, sleep)
-            except Exception as exc:
-                step = resume(flow, error=exc)
-            else:
-                step = resume(flow, reply)
+        step = protocol.resume(flow)
+        while not isinstance(step, protocol.Done):
+            step = protocol.resume(flow, *_perform(step, http, sleep))
         return step.result
 
 
-def _perform(step: Step, http: httpx.Client, sleep: Callable[[float], object]) -> Any:
-    if isinstance(step, Sleep):
-        return sleep(step.seconds)
-    if isinstance(step, Offload):
-        return step.call()
-    if isinstance(step, Follow):
-        return http.send(step.request, follow_redirects=True)
-    return http.send(step)
+def _perform(step: protocol.Step, http: httpx.Client, sleep: Sleeper) -> protocol.Outcome:
+    try:
+        if isinstance(step, protocol.Sleep):
+            return sleep(step.seconds), None
+        if isinstance(step, protocol.Offload):
+            return step.call(), None
+        if isinstance(step, protocol.Follow):
+            return http.send(step.request, follow_redirects=True), None
+        return http.send(step), None
+    except Exception as exc:
+        return None, exc
 
 
-class FluxClient(ClientConfig):
+class FluxClient(BaseClient[httpx.BaseTransport, httpx.Client]):
     """Synchronous client; thread-safe, one pooled connection set per instance.
 
     `transport=` replaces the network, as with `httpx.Client` (e.g. an `httpx.MockTransport`).
@@ -64,15 +53,8 @@ class FluxClient(ClientConfig):
     ...     image = client.generate(ImageRequest(prompt="a red fox in snow", seed=7))
     """
 
-    def __init__(
-        self,
-        api_key: str | SecretStr | None = None,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(api_key, **kwargs)
-        self._http = httpx.Client(transport=transport, **self._pool_options())
+    def _open_pool(self, transport: httpx.BaseTransport | None, **options: Any) -> httpx.Client:
+        return httpx.Client(transport=transport, **options)
 
     def generate(self, request: ImageRequest, *, aws_credentials: Any = None) -> GeneratedImage:
         """Generate one image, retrying what is worth retrying; raises a FluxError subclass.
@@ -81,7 +63,7 @@ class FluxClient(ClientConfig):
         task comes back as CONTENT_FILTERED with no bytes. `aws_credentials` (a prefect-aws
         block) reads an `s3://` input image; without it the standard AWS configuration is used.
         """
-        flow = generation_flow(self, self._http.build_request, request, aws_credentials)
+        flow = protocol.generation_flow(self, self._http.build_request, request, aws_credentials)
         return drive(flow, self._http)
 
     def close(self) -> None:
