@@ -71,7 +71,7 @@ class AsyncFluxClient(BaseClient[httpx.AsyncBaseTransport, httpx.AsyncClient]):
         Same behaviour as `FluxClient.generate`, Kontext included; the input image is read in
         a worker thread so the event loop never blocks on a file or S3.
         """
-        flow = protocol.generation_flow(self, self._http.build_request, request, aws_credentials)
+        flow = protocol.generation_flow(self, request, aws_credentials)
         return await drive(flow, self._http)
 
     async def aclose(self) -> None:

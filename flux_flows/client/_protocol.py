@@ -140,13 +140,14 @@ class Tally:
 
 
 def generation_flow(
-    config: BaseClient[Any, Any],
-    build: RequestBuilder,
-    request: ImageRequest,
-    aws_credentials: Any = None,
+    client: BaseClient[Any, Any], request: ImageRequest, aws_credentials: Any = None
 ) -> Flow[GeneratedImage]:
-    """One image, FLUX.1 or Kontext, as a flow for a driver; `build` is the pooled client's."""
-    return _Generation(config, build, request, aws_credentials).flow()
+    """One image, FLUX.1 or Kontext, as a flow for a driver.
+
+    Requests are built by the client's pool, so its headers and timeouts apply; whoever drives
+    the flow sends them.
+    """
+    return _Generation(client, client._http.build_request, request, aws_credentials).flow()
 
 
 class _Generation:

@@ -63,7 +63,7 @@ class FluxClient(BaseClient[httpx.BaseTransport, httpx.Client]):
         task comes back as CONTENT_FILTERED with no bytes. `aws_credentials` (a prefect-aws
         block) reads an `s3://` input image; without it the standard AWS configuration is used.
         """
-        flow = protocol.generation_flow(self, self._http.build_request, request, aws_credentials)
+        flow = protocol.generation_flow(self, request, aws_credentials)
         return drive(flow, self._http)
 
     def close(self) -> None:
