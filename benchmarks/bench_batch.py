@@ -920,7 +920,7 @@ def rate_figures(log: Sequence[tuple[float, int]], rpm: float) -> dict[str, floa
 PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
     ("thumbnail: make + S3 put", "store_thumbnail (flux_flows/thumbnails.py"),
     ("S3 put of the image (boto3)", "S3Storage.put (flux_flows/storage/s3.py"),
-    ("API call: httpx + response parsing", "FluxClient.generate (flux_flows/client.py"),
+    ("API call: httpx + response parsing", "FluxClient.generate (flux_flows/client/_sync.py"),
     ("render(): other library code", "flux_flows/render.py"),
     ("logging (log records, handlers)", "Logger._log (logging/__init__.py"),
     ("Prefect task engine (per-task overhead)", "prefect/task_engine.py"),

@@ -7,7 +7,7 @@ name is generated again. Bytes are read, hashed and dropped: the request carries
 reference and the hash, and the client reads the bytes again at send time, so a batch of
 thousands of edits never holds thousands of images in memory.
 
-This module imports neither the client nor Prefect: `models` uses it from a validator.
+This module imports neither the client nor Prefect at import time: `models` uses it from a validator.
 """
 
 from __future__ import annotations
@@ -48,10 +48,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 # Kontext's own limit is not published; 20 MiB keeps the JSON body (base64: x4/3) under ~27 MB.
 MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
 URL_TIMEOUT_S = 30.0
-_MIME_BY_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-)
 
 
 class InputImageError(ValueError):
@@ -100,12 +96,11 @@ def normalize_reference(ref: str) -> str:
 
 def sniff_image_type(data: bytes) -> str | None:
     """The image type the bytes really are (JPEG, PNG or WebP), or None."""
-    for magic, mime in _MIME_BY_MAGIC:
-        if data.startswith(magic):
-            return mime
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+    # The client's sniffer, so the magic bytes live in one place. Imported here, not at the
+    # top: `models` imports this module, and the client imports `models`.
+    from flux_flows.client._wire import image_type
+
+    return image_type(data)
 
 
 def _decode_data_uri(ref: str) -> bytes:

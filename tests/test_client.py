@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +23,7 @@ from flux_flows.client import (
     api_error_message,
     parse_retry_after,
 )
+from flux_flows.client._protocol import Sleep, generation_flow
 from flux_flows.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -31,7 +34,7 @@ from flux_flows.errors import (
     ResponseError,
     ServerError,
 )
-from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
 
 FAST = RetryPolicy(max_retries=3, initial_delay_s=0.01, max_delay_s=0.05)
 
@@ -272,3 +275,103 @@ def test_error_message_falls_back_to_text() -> None:
     assert api_error_message(httpx.Response(502, text="<html>Bad gateway</html>")) == (
         "<html>Bad gateway</html>"
     )
+
+
+# --- transport= and the protocol flow, no server ------------------------------------------
+
+BASE = "https://api.test/inference/v1"
+ROUTE = f"{BASE}/workflows/accounts/fireworks/models/flux-1-schnell-fp8/text_to_image"
+
+
+def _jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+JPEG = _jpeg()
+
+
+def _image_answer(seed: str = "7") -> httpx.Response:
+    headers = {"content-type": "image/jpeg", "seed": seed, "x-request-id": "req-1"}
+    return httpx.Response(200, headers=headers, content=JPEG)
+
+
+def test_mock_transport_is_the_network_for_both_clients() -> None:
+    seen: list[httpx.Request] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _image_answer()
+
+    request = ImageRequest(prompt="a red fox", seed=7)
+    with FluxClient(TEST_API_KEY, base_url=BASE, transport=httpx.MockTransport(api)) as client:
+        image = client.generate(request)
+
+    async def run() -> GeneratedImage:
+        transport = httpx.MockTransport(api)
+        async with AsyncFluxClient(TEST_API_KEY, base_url=BASE, transport=transport) as client:
+            return await client.generate(request)
+
+    async_image = asyncio.run(run())
+    for result in (image, async_image):
+        assert (result.data, result.content_type, result.seed) == (JPEG, "image/jpeg", 7)
+        assert (result.width, result.height) == (16, 8)
+        assert (result.attempts, result.request_id) == (1, "req-1")
+    assert [str(r.url) for r in seen] == [ROUTE, ROUTE]
+    for sent in seen:
+        assert sent.method == "POST"
+        assert sent.headers["authorization"] == f"Bearer {TEST_API_KEY}"
+        assert sent.headers["accept"] == "image/jpeg"
+        assert json.loads(sent.content) == request.api_body()
+        # Built by the pooled client, so its timeouts travel with every request.
+        assert sent.extensions["timeout"] == httpx.Timeout(60.0, connect=5.0).as_dict()
+
+
+def _offline(**settings: Any) -> FluxClient:
+    """A client whose flows the test drives by hand: its own transport must never be used."""
+    never = httpx.MockTransport(lambda r: pytest.fail(f"the flow itself sent {r.url}"))
+    return FluxClient(TEST_API_KEY, base_url=BASE, transport=never, **settings)
+
+
+def test_flow_waits_out_a_429s_retry_after_then_succeeds() -> None:
+    with _offline(retry=RetryPolicy(max_retries=2)) as client:
+        flow = generation_flow(client, ImageRequest(prompt="fox", seed=7))
+        first = next(flow)
+        assert isinstance(first, httpx.Request) and str(first.url) == ROUTE
+        assert first.headers["authorization"] == f"Bearer {TEST_API_KEY}"
+        throttled = httpx.Response(429, headers={"retry-after": "3"}, json={"message": "slow"})
+        assert flow.send(throttled) == Sleep(3.0)  # the server's wait, not the backoff's
+        again = flow.send(None)
+        assert isinstance(again, httpx.Request) and again is not first
+        assert again.content == first.content
+        with pytest.raises(StopIteration) as done:
+            flow.send(_image_answer())
+    image = done.value.value
+    assert isinstance(image, GeneratedImage)
+    assert (image.attempts, image.throttled, image.seed, image.data) == (2, 1, 7, JPEG)
+
+
+def test_flow_retries_a_failure_to_send_thrown_into_it() -> None:
+    policy = RetryPolicy(max_retries=1, initial_delay_s=0.5, max_delay_s=0.5)
+    with _offline(retry=policy) as client:
+        flow = generation_flow(client, ImageRequest(prompt="fox"))
+        next(flow)
+        pause = flow.throw(httpx.ConnectError("refused"))
+        assert isinstance(pause, Sleep) and 0.25 <= pause.seconds <= 0.5
+        assert isinstance(flow.send(None), httpx.Request)
+        with pytest.raises(APIConnectionError, match="after 2 attempts") as info:
+            flow.throw(httpx.ConnectError("refused"))
+    assert (info.value.attempts, info.value.throttled) == (2, 0)
+
+
+@pytest.mark.parametrize("status", [400, 401, 402, 403, 404, 412, 413])
+def test_flow_never_retries_a_client_error(status: int) -> None:
+    with _offline(retry=RetryPolicy(max_retries=4)) as client:
+        flow = generation_flow(client, ImageRequest(prompt="fox"))
+        next(flow)
+        answer = httpx.Response(status, json={"error": {"message": "bad aspect"}})
+        with pytest.raises((InvalidRequestError, AuthenticationError)) as info:
+            flow.send(answer)  # raised at once: no Sleep, no second request
+    assert info.value.status_code == status and info.value.attempts == 1
+    assert "bad aspect" in str(info.value)

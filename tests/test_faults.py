@@ -574,8 +574,12 @@ def test_wrong_content_types(content_type: str, body: str, accepted: bool) -> No
         calls.append(request)
         return httpx.Response(200, headers={"content-type": content_type}, content=payload)
 
-    client = FluxClient(TEST_API_KEY, base_url="http://127.0.0.1:9/inference/v1", retry=FAST)
-    client._http._transport = httpx.MockTransport(answer)  # wire-level stand-in, this test only
+    client = FluxClient(
+        TEST_API_KEY,
+        base_url="http://127.0.0.1:9/inference/v1",
+        retry=FAST,
+        transport=httpx.MockTransport(answer),  # a wire-level stand-in for this test's answers
+    )
     with client:
         if accepted:
             image = client.generate(ImageRequest(prompt="typed"))

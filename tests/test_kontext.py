@@ -15,6 +15,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from flux_flows.client import (
     RetryPolicy,
     same_origin,
 )
+from flux_flows.client._async import drive as async_drive
+from flux_flows.client._protocol import Flow, Offload, generation_flow
+from flux_flows.client._sync import drive as sync_drive
 from flux_flows.emulator import Emulator, EmulatorConfig
 from flux_flows.errors import (
     APIConnectionError,
@@ -650,6 +654,169 @@ def test_an_input_changed_after_hashing_is_not_sent(fresh: Emulator, tmp_path: P
 def test_flux1_is_still_synchronous(fresh: Emulator) -> None:
     image = generate(fresh, ImageRequest(prompt="a fox", seed=1), "sync")
     assert image.finish_reason is FinishReason.SUCCESS and image.attempts == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# One flow, two drivers: submit -> poll -> download over a MockTransport, sleeps only recorded
+# ---------------------------------------------------------------------------------------------
+
+API = "https://api.test/inference/v1"
+API_SUBMIT = "/inference/v1" + SUBMIT.format(model=KONTEXT_PRO)
+API_RESULT = "/inference/v1" + RESULT.format(model=KONTEXT_PRO)
+SAMPLE = "https://storage.test/r/t-1.jpg?sig=s3cret"
+RESULT_JPEG = picture((10, 200, 10), size=(64, 48), fmt="JPEG")
+
+
+class FakeKontext:
+    """The Kontext wire for one task: `pending` Pending answers, then Ready; the sample redirects."""
+
+    def __init__(self, pending: int = 1, submit_failures: int = 0) -> None:
+        self.pending = pending
+        self.submit_failures = submit_failures
+        self.seen: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        if request.url.host == "storage.test":
+            if request.url.path == "/r/t-1.jpg":
+                return httpx.Response(302, headers={"location": "/blobs/t-1.jpg?sig=s3cret"})
+            headers = {"content-type": "image/jpeg"}
+            return httpx.Response(200, headers=headers, content=RESULT_JPEG)
+        if request.url.path == API_RESULT:
+            assert json.loads(request.content) == {"id": "t-1"}
+            answer: dict[str, Any] = {"id": "t-1", "status": "Pending", "result": None}
+            if self.pending:
+                self.pending -= 1
+            else:
+                answer.update(status="Ready", result={"sample": SAMPLE, "seed": 9})
+            return httpx.Response(200, json={**answer, "progress": None, "details": None})
+        assert request.url.path == API_SUBMIT
+        if self.submit_failures:
+            self.submit_failures -= 1
+            return httpx.Response(503, json={"message": "busy"})
+        return httpx.Response(200, json={"request_id": "t-1"})
+
+
+def drive_flow(
+    mode: str, request: ImageRequest, server: FakeKontext, sleeps: list[float], **settings: Any
+) -> GeneratedImage:
+    """`request`'s generation flow run by the sync or the async driver; nothing really sleeps."""
+    transport = httpx.MockTransport(server)
+    if mode == "sync":
+        with (
+            FluxClient(KEY, base_url=API, transport=transport, **settings) as client,
+            httpx.Client(transport=transport) as http,
+        ):
+            return sync_drive(generation_flow(client, request), http, sleep=sleeps.append)
+
+    async def record(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def run() -> GeneratedImage:
+        async with (
+            AsyncFluxClient(KEY, base_url=API, transport=transport, **settings) as client,
+            httpx.AsyncClient(transport=transport) as http,
+        ):
+            return await async_drive(generation_flow(client, request), http, sleep=record)
+
+    return asyncio.run(run())
+
+
+@MODES
+def test_one_flow_submits_polls_and_downloads_for_either_driver(mode: str) -> None:
+    server, sleeps = FakeKontext(pending=1, submit_failures=1), []
+    retry = RetryPolicy(max_retries=2, initial_delay_s=0.2, max_delay_s=0.2)
+    image = drive_flow(mode, kontext("a lighthouse", seed=9), server, sleeps, retry=retry)
+    assert image.finish_reason is FinishReason.SUCCESS and image.data == RESULT_JPEG
+    assert (image.seed, image.request_id, image.width, image.height) == (9, "t-1", 64, 48)
+    # Two submits (one 503), two polls, one download: its redirect is followed, not retried.
+    assert (image.attempts, image.throttled) == (5, 0)
+    assert [(r.method, r.url.host, r.url.path) for r in server.seen] == [
+        ("POST", "api.test", API_SUBMIT),
+        ("POST", "api.test", API_SUBMIT),
+        ("POST", "api.test", API_RESULT),
+        ("POST", "api.test", API_RESULT),
+        ("GET", "storage.test", "/r/t-1.jpg"),
+        ("GET", "storage.test", "/blobs/t-1.jpg"),
+    ]
+    assert 0.1 <= sleeps[0] <= 0.2  # the submit's backoff, with jitter
+    assert sleeps[1:] == [0.5, 0.75]  # KontextPolicy's waits before each poll
+    for sent in server.seen:
+        on_api = sent.url.host == "api.test"
+        assert (sent.headers.get("authorization") == f"Bearer {KEY}") is on_api
+
+
+@MODES
+def test_moderated_task_ends_the_flow_without_a_download(mode: str) -> None:
+    class Moderated(FakeKontext):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == API_RESULT:
+                self.seen.append(request)
+                details = {"moderation_reasons": ["test"]}
+                body = {"id": "t-1", "status": "Content Moderated", "details": details}
+                return httpx.Response(200, json={**body, "result": None, "progress": None})
+            return super().__call__(request)
+
+    server = Moderated()
+    image = drive_flow(mode, kontext("x", seed=4), server, [])
+    assert image.finish_reason is FinishReason.CONTENT_FILTERED and image.data == b""
+    assert image.attempts == 2 and len(server.seen) == 2
+
+
+@MODES
+def test_an_unreadable_input_fails_inside_the_flow_before_any_request(
+    mode: str, tmp_path: Path
+) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(RED)
+    request = kontext("winter", input_image=str(photo))
+    photo.unlink()
+    server = FakeKontext()
+    with pytest.raises(InvalidRequestError, match="cannot send the input image") as info:
+        drive_flow(mode, request, server, [])
+    assert (info.value.attempts, info.value.throttled, server.seen) == (0, 0, [])
+
+
+@MODES
+def test_the_input_image_is_read_by_the_driver(mode: str, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(RED)
+    server = FakeKontext(pending=0)
+    drive_flow(mode, kontext("winter", seed=2, input_image=str(photo)), server, [])
+    assert json.loads(server.seen[0].content)["input_image"] == data_uri(RED)
+
+
+def test_blocking_work_runs_off_the_event_loop() -> None:
+    def flow() -> Flow[int]:
+        worker: int = yield Offload(threading.get_ident)
+        return worker
+
+    async def run() -> tuple[int, int]:
+        async with httpx.AsyncClient() as http:
+            return await async_drive(flow(), http), threading.get_ident()
+
+    worker, loop = asyncio.run(run())
+    assert worker != loop
+    with httpx.Client() as http:
+        assert sync_drive(flow(), http) == threading.get_ident()
+
+
+@MODES
+def test_public_clients_take_a_transport_for_kontext_too(mode: str) -> None:
+    server = FakeKontext(pending=2)
+    settings: dict[str, Any] = {"base_url": API, "retry": FAST_RETRY, "kontext": FAST_POLL}
+    transport = httpx.MockTransport(server)
+    if mode == "sync":
+        with FluxClient(KEY, transport=transport, **settings) as client:
+            image = client.generate(kontext("x", seed=1))
+    else:
+
+        async def run() -> GeneratedImage:
+            async with AsyncFluxClient(KEY, transport=transport, **settings) as client:
+                return await client.generate(kontext("x", seed=1))
+
+        image = asyncio.run(run())
+    assert image.data == RESULT_JPEG and image.attempts == 1 + 3 + 1
 
 
 # ---------------------------------------------------------------------------------------------

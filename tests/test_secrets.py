@@ -288,8 +288,10 @@ def test_a_server_echoing_the_key_is_redacted(status: int, content_type: str, bo
         assert request.headers["authorization"] == f"Bearer {KEY}"
         return httpx.Response(status, headers={"content-type": content_type}, content=payload)
 
-    client = FluxClient(KEY, base_url="http://127.0.0.1:9/inference/v1", retry=FAST)
-    client._http._transport = httpx.MockTransport(answer)  # a gateway stand-in, this test only
+    gateway = httpx.MockTransport(answer)
+    client = FluxClient(
+        KEY, base_url="http://127.0.0.1:9/inference/v1", retry=FAST, transport=gateway
+    )
     with client, pytest.raises(FluxError) as info:
         client.generate(ImageRequest(prompt="echo"))
     assert_clean("an error built from an echoing answer", _all_text(info.value))
