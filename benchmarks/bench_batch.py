@@ -535,14 +535,15 @@ def run_components_child(argv: Sequence[str]) -> None:
     from prefect.cache_policies import NO_CACHE
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    from flux_flows.blocks import shared_client
     from flux_flows.models import ImageRequest
-    from flux_flows.render import RenderJob, render, render_image
+    from flux_flows.render import RenderJob, image_metadata, render, render_image
+    from flux_flows.spill import SpillFolder
     from flux_flows.storage import open_storage
-    from flux_flows.tasks import flux_client, image_metadata
 
     calls, conc = args.calls, args.concurrency
     requests = [ImageRequest(**job) for job in workload(calls, tag="components ")]
-    client = flux_client()
+    client = shared_client()
     storage = open_storage(args.dest)
     image = client.generate(requests[0])  # warm: connection, imports
     storage.put("warm.jpg", image.data, content_type=image.content_type)
@@ -566,7 +567,12 @@ def run_components_child(argv: Sequence[str]) -> None:
         out["thumbnail: S3 put"], _ = _cpu_per_call_ms(
             calls, lambda i: storage.put(f"t/{i}.jpg", thumb, content_type="image/jpeg")
         )
-    jobs = [RenderJob(request=r, destination=args.dest.rstrip("/") + "/plain") for r in requests]
+
+    def job(request: ImageRequest, folder: str) -> RenderJob:
+        destination = args.dest.rstrip("/") + folder
+        return RenderJob(request, open_storage(destination), SpillFolder(destination))
+
+    jobs = [job(r, "/plain") for r in requests]
     out["render() on plain threads (all steps, no Prefect)"], _ = _cpu_per_call_ms(
         calls, lambda i: render(jobs[i]), threads=conc
     )
@@ -579,10 +585,7 @@ def run_components_child(argv: Sequence[str]) -> None:
     def many(count: int, use_render: bool) -> None:
         with ThreadPoolTaskRunner(max_workers=conc) as runner:
             if use_render:
-                tagged = [
-                    RenderJob(request=r, destination=args.dest.rstrip("/") + "/task")
-                    for r in requests[:count]
-                ]
+                tagged = [job(r, "/task") for r in requests[:count]]
                 futures = [runner.submit(render_image, {"job": j}) for j in tagged]
             else:
                 futures = [runner.submit(noop, {"i": i}) for i in range(count)]

@@ -6,12 +6,20 @@ of carrying it in parameters (which Prefect stores and shows in the UI).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr
 
-from flux_flows.client import DEFAULT_BASE_URL, AsyncFluxClient, FluxClient, RetryPolicy
+from flux_flows.client import (
+    DEFAULT_BASE_URL,
+    AsyncFluxClient,
+    FluxClient,
+    RetryPolicy,
+    resolve_api_key,
+    resolve_base_url,
+)
 
 
 class FireworksCredentials(CredentialsBlock):
@@ -63,3 +71,29 @@ class FireworksCredentials(CredentialsBlock):
         return AsyncFluxClient(
             self.api_key, base_url=self.base_url, **{**self.client_options(), **kwargs}
         )
+
+
+def shared_client(credentials: FireworksCredentials | None = None) -> FluxClient:
+    """This process's client for these credentials: one connection pool, reused by every image.
+
+    Clients are never task arguments (they cannot be pickled to a Dask worker): each process
+    builds its own from the block, or from FIREWORKS_API_KEY / FIREWORKS_BASE_URL without one.
+    """
+    if credentials is None:
+        return _cached_client(resolve_api_key(None).get_secret_value(), resolve_base_url(None))
+    return _cached_client(
+        credentials.api_key.get_secret_value(),
+        credentials.base_url,
+        credentials.timeout_s,
+        credentials.max_retries,
+    )
+
+
+@lru_cache(maxsize=8)
+def _cached_client(
+    api_key: str, base_url: str, timeout_s: float = 60.0, max_retries: int = 4
+) -> FluxClient:
+    block = FireworksCredentials(
+        api_key=api_key, base_url=base_url, timeout_s=timeout_s, max_retries=max_retries
+    )
+    return block.get_client()

@@ -8,7 +8,7 @@ import contextvars
 import queue
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows.batch import BatchPlan
 from flux_flows.errors import AuthenticationError
-from flux_flows.models import FinishReason
+from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.render import RenderJob, RenderResult, render_image
@@ -107,7 +107,10 @@ def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
 
 
 def render_all(
-    plan: BatchPlan, options: BatchOptions, progress: ProgressReporter, flow_run_id: str | None
+    plan: BatchPlan,
+    options: BatchOptions,
+    progress: ProgressReporter,
+    job_for: Callable[[ImageRequest], RenderJob],
 ) -> dict[str, RenderResult]:
     """Submit the missing images with a bounded window; collect results as they complete."""
     logger = get_run_logger()
@@ -125,15 +128,7 @@ def render_all(
                 if pacer.wait_s() > 0:
                     break
                 key = pending.popleft()
-                job = RenderJob(
-                    request=plan.unique[key],
-                    destination=options.destination,
-                    spill_root=options.spill_dir,
-                    credentials=options.credentials,
-                    aws_credentials=options.aws_credentials,
-                    flow_run_id=flow_run_id,
-                    concurrency_limit=options.concurrency_limit,
-                )
+                job = job_for(plan.unique[key])
                 future = runner.submit(render_image, {"job": job})
                 keys_by_run[future.task_run_id] = key
                 future.add_done_callback(done.put)

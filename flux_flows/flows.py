@@ -8,6 +8,7 @@ writable and the key is set, list what the destination already holds, then submi
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from prefect.states import Completed, Failed, State
 
 from flux_flows import layout
 from flux_flows.batch import plan_run
-from flux_flows.blocks import FireworksCredentials
+from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.dispatch import render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
@@ -27,7 +28,7 @@ from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
 from flux_flows.records import build_records
-from flux_flows.render import RenderResult
+from flux_flows.render import RenderJob, RenderResult
 from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
@@ -40,7 +41,6 @@ from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOption
 from flux_flows.spill import SpillFolder
 from flux_flows.startup import flux_flow
 from flux_flows.storage import Storage
-from flux_flows.tasks import flux_client
 
 __all__ = [
     "AdaptiveWindow",
@@ -55,13 +55,13 @@ __all__ = [
 D = BATCH_DEFAULTS  # the signatures' defaults, written once in settings.py
 
 
-def _preflight(options: BatchOptions, storage: Storage) -> None:
+def _preflight(options: BatchOptions, storage: Storage, spill: SpillFolder) -> None:
     """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
     storage.check_writable()
     if not options.dry_run:
         # The fallback for a failed upload must work before an image is paid for.
-        SpillFolder(options.destination, options.spill_dir).check_writable()
-        flux_client(options.credentials)
+        spill.check_writable()
+        shared_client(options.credentials)
         if options.concurrency_limit:
             _check_concurrency_limit(options.concurrency_limit)
 
@@ -89,12 +89,13 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
+    spill = SpillFolder(options.destination, options.spill_dir)
     storage, plan = plan_run(
         rows,
         options,
         options.destination,
         aws_credentials=options.aws_credentials,
-        preflight=lambda storage: _preflight(options, storage),
+        preflight=lambda storage: _preflight(options, storage, spill),
     )
     logger.info(
         "%d images requested: %d distinct, %d already stored, %d to generate (est. $%.4f)%s",
@@ -111,10 +112,18 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     results: dict[str, RenderResult] = {}
     if not options.dry_run:
         progress = ProgressReporter(total=len(plan.to_generate))
-        results = render_all(plan, options, progress, flow_run_id)
+        job_for = functools.partial(
+            RenderJob,
+            storage=storage,
+            spill=spill,
+            credentials=options.credentials,
+            aws_credentials=options.aws_credentials,
+            flow_run_id=flow_run_id,
+            concurrency_limit=options.concurrency_limit,
+        )
+        results = render_all(plan, options, progress, lambda request: job_for(request=request))
         progress.finish()
     records = build_records(plan, storage, results)
-    spill = SpillFolder(options.destination, options.spill_dir)
     report = BatchReport(
         records=records,
         counts=count_outcomes(records),

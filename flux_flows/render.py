@@ -14,20 +14,20 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from flux_flows import layout
-from flux_flows.blocks import FireworksCredentials
+from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
 from flux_flows.spill import SpillFolder
-from flux_flows.storage import Storage, open_storage
-from flux_flows.tasks import flux_client, image_metadata, store_image
+from flux_flows.storage import Storage, s3_metadata
 from flux_flows.thumbnails import store_thumbnail
 
 logger = logging.getLogger("flux_flows.render")
@@ -45,16 +45,19 @@ class _NoEmptyTraceback(logging.Filter):
 logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
 
 
-class RenderJob(BaseModel):
-    """All a worker needs for one image; picklable, so it can cross to Dask workers."""
+@dataclass(frozen=True)
+class RenderJob:
+    """All a worker needs for one image; picklable, so it can cross to Dask workers.
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    The run opens its storage and spill folder once and every job carries them: both hold
+    settings only (a storage's boto3 client comes from the worker's own cache).
+    """
 
     request: ImageRequest
-    destination: str
-    spill_root: str | None = None
+    storage: Storage
+    spill: SpillFolder
     credentials: FireworksCredentials | None = None
-    aws_credentials: Any = None
+    aws_credentials: Any = None  # reads a Kontext edit's s3:// input image at send time
     flow_run_id: str | None = None
     concurrency_limit: str | None = None
 
@@ -98,6 +101,60 @@ def _api_slot(limit_name: str | None) -> Iterator[None]:
         yield
 
 
+def image_metadata(image: GeneratedImage, *, flow_run_id: str | None = None) -> dict[str, str]:
+    """Provenance stored on the object itself, so an image found alone still says where it came from."""
+    request = image.request
+    fields: dict[str, object] = {
+        "seed": request.seed,
+        "model": request.model,
+        "finish-reason": image.finish_reason.value,
+        "aspect-ratio": request.aspect_ratio,
+        "cache-key": request.cache_key,
+        "generator": "flux-flows",
+    }
+    if request.is_kontext:
+        fields["safety-tolerance"] = request.safety_tolerance
+        if request.input_image_sha256:  # the reference itself may be a huge data URI
+            fields["input-image-sha256"] = request.input_image_sha256
+    else:
+        fields["steps"] = request.num_inference_steps
+        fields["guidance-scale"] = request.guidance_scale
+    if image.request_id:
+        fields["request-id"] = image.request_id
+    if flow_run_id:
+        fields["flow-run-id"] = flow_run_id
+    fields["prompt"] = request.prompt
+    return s3_metadata(fields)
+
+
+def store_image(
+    storage: Storage, image: GeneratedImage, *, flow_run_id: str | None = None
+) -> tuple[str, str]:
+    """Write one answer where its cache key says; filtered answers never land beside real images."""
+    key = layout.image_key(image.request, image.finish_reason)
+    uri = storage.put(
+        key,
+        image.data,
+        content_type=image.content_type,
+        metadata=image_metadata(image, flow_run_id=flow_run_id),
+    )
+    return key, uri
+
+
+def store_with_thumbnail(
+    storage: Storage, image: GeneratedImage, *, flow_run_id: str | None = None
+) -> tuple[str, str | None]:
+    """Store the image, then (for a SUCCESS) its thumbnail: URIs of both (thumbnail may be None).
+
+    The thumbnail is made from the bytes in hand; a thumbnail failure is only logged.
+    """
+    _, uri = store_image(storage, image, flow_run_id=flow_run_id)
+    if image.finish_reason is not FinishReason.SUCCESS:
+        return uri, None
+    thumbnail = store_thumbnail(storage, image.request.cache_key, image.data)
+    return uri, thumbnail[1] if thumbnail else None
+
+
 def _with_thumbnail(
     storage: Storage, result: RenderResult, data: bytes, finish_reason: FinishReason
 ) -> RenderResult:
@@ -115,11 +172,10 @@ def _with_thumbnail(
 
 def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult) -> RenderResult:
     """Upload; if storage still fails after boto3's retries, keep the bytes in the spill folder."""
-    storage = open_storage(job.destination, aws_credentials=job.aws_credentials)
+    storage, spill = job.storage, job.spill
     try:
         key, uri = store_image(storage, image, flow_run_id=job.flow_run_id)
     except (StorageError, OSError) as exc:
-        spill = SpillFolder(job.destination, job.spill_root)
         key = layout.image_key(image.request, image.finish_reason)
         try:
             path = spill.save(
@@ -146,7 +202,7 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
 
 def _recover_spilled(job: RenderJob) -> RenderResult | None:
     """An earlier run paid for this image but could not store it: upload it now, pay nothing."""
-    spill = SpillFolder(job.destination, job.spill_root)
+    storage, spill = job.storage, job.spill
     cache_key = job.request.cache_key
     found = spill.load(cache_key)
     if found is None:
@@ -164,7 +220,6 @@ def _recover_spilled(job: RenderJob) -> RenderResult | None:
         content_type=meta["content_type"],
         size_bytes=len(data),
     )
-    storage = open_storage(job.destination, aws_credentials=job.aws_credentials)
     try:
         uri = storage.put(
             meta["object_key"],
@@ -187,7 +242,7 @@ def render(job: RenderJob) -> RenderResult:
     recovered = _recover_spilled(job)
     if recovered is not None:
         return recovered
-    client = flux_client(job.credentials)
+    client = shared_client(job.credentials)
     with _api_slot(job.concurrency_limit):
         # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
         image = client.generate(job.request, aws_credentials=job.aws_credentials)

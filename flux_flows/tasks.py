@@ -2,96 +2,29 @@
 
 Retries live in one layer, the client (which knows about `Retry-After`), so the tasks set
 `retries=0`: task retries on top would multiply API calls and spend. Clients are never task
-arguments: each process builds its own from the credentials and keeps it (see `flux_client`).
+arguments: each process builds its own from the credentials and keeps it (`shared_client`).
+The work itself is in `render` (storing) and the client (generating); these are thin.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.context import TaskRunContext
 
-from flux_flows import layout
-from flux_flows.blocks import FireworksCredentials
-from flux_flows.client import FluxClient, RetryPolicy, resolve_api_key, resolve_base_url
+from flux_flows.blocks import FireworksCredentials, shared_client
+from flux_flows.client import resolve_base_url
 from flux_flows.images_in import hash_input_images
-from flux_flows.models import (
-    FinishReason,
-    GeneratedImage,
-    ImageRecord,
-    ImageRequest,
-    request_for,
-)
-from flux_flows.storage import Storage, open_storage, s3_metadata
-from flux_flows.thumbnails import store_thumbnail
+from flux_flows.models import FinishReason, GeneratedImage, ImageRecord, ImageRequest, request_for
+from flux_flows.render import store_with_thumbnail
+from flux_flows.settings import REQUEST_FIELDS
+from flux_flows.storage import open_storage
 
 if TYPE_CHECKING:
     from prefect_aws import AwsCredentials
-
-
-def flux_client(credentials: FireworksCredentials | None = None) -> FluxClient:
-    """This process's client for these credentials: one connection pool, reused by every task."""
-    if credentials is not None:
-        return _cached_client(
-            credentials.api_key.get_secret_value(),
-            credentials.base_url,
-            credentials.timeout_s,
-            credentials.max_retries,
-        )
-    return _cached_client(resolve_api_key(None).get_secret_value(), resolve_base_url(None))
-
-
-@lru_cache(maxsize=8)
-def _cached_client(
-    api_key: str, base_url: str, timeout_s: float = 60.0, max_retries: int = 4
-) -> FluxClient:
-    return FluxClient(
-        api_key, base_url=base_url, timeout_s=timeout_s, retry=RetryPolicy(max_retries=max_retries)
-    )
-
-
-def image_metadata(image: GeneratedImage, *, flow_run_id: str | None = None) -> dict[str, str]:
-    """Provenance stored on the object itself, so an image found alone still says where it came from."""
-    request = image.request
-    fields: dict[str, object] = {
-        "seed": request.seed,
-        "model": request.model,
-        "finish-reason": image.finish_reason.value,
-        "aspect-ratio": request.aspect_ratio,
-        "cache-key": request.cache_key,
-        "generator": "flux-flows",
-    }
-    if request.is_kontext:
-        fields["safety-tolerance"] = request.safety_tolerance
-        if request.input_image_sha256:  # the reference itself may be a huge data URI
-            fields["input-image-sha256"] = request.input_image_sha256
-    else:
-        fields["steps"] = request.num_inference_steps
-        fields["guidance-scale"] = request.guidance_scale
-    if image.request_id:
-        fields["request-id"] = image.request_id
-    if flow_run_id:
-        fields["flow-run-id"] = flow_run_id
-    fields["prompt"] = request.prompt
-    return s3_metadata(fields)
-
-
-def store_image(
-    storage: Storage, image: GeneratedImage, *, flow_run_id: str | None = None
-) -> tuple[str, str]:
-    """Write one answer where its cache key says; filtered answers never land beside real images."""
-    key = layout.image_key(image.request, image.finish_reason)
-    uri = storage.put(
-        key,
-        image.data,
-        content_type=image.content_type,
-        metadata=image_metadata(image, flow_run_id=flow_run_id),
-    )
-    return key, uri
 
 
 def current_flow_run_id() -> str | None:
@@ -150,17 +83,8 @@ def build_request(
             upload_image(image, "s3://my-bucket/renders/")
         ```
     """
-    defaults = {
-        "model": model,
-        "aspect_ratio": aspect_ratio,
-        "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps,
-        "safety_check": safety_check,
-        "output_format": output_format,
-        "input_image": input_image,
-        "safety_tolerance": safety_tolerance,
-        "prompt_upsampling": prompt_upsampling,
-    }
+    given = locals()
+    defaults = {name: given[name] for name in (*REQUEST_FIELDS, "input_image")}
     request = request_for(prompt, defaults=defaults, base_seed=seed, variant=variant)
     if request.needs_input_hash and request.input_image is not None:
         digest = hash_input_images([request.input_image], aws_credentials)[request.input_image]
@@ -194,7 +118,7 @@ def generate_image(
         image = generate_image(ImageRequest(prompt="a red fox", seed=1), credentials=creds)
         ```
     """
-    return flux_client(credentials).generate(
+    return shared_client(credentials).generate(
         ImageRequest.model_validate(request), aws_credentials=aws_credentials
     )
 
@@ -220,9 +144,8 @@ def upload_image(
         ```
     """
     storage = open_storage(destination, aws_credentials=aws_credentials)
-    _, uri = store_image(storage, image, flow_run_id=current_flow_run_id())
+    uri, thumbnail = store_with_thumbnail(storage, image, flow_run_id=current_flow_run_id())
     stored = image.finish_reason is FinishReason.SUCCESS
-    thumbnail = store_thumbnail(storage, image.request.cache_key, image.data) if stored else None
     return ImageRecord.for_request(
         image.request,
         index=0,
@@ -230,7 +153,7 @@ def upload_image(
         finish_reason=image.finish_reason,
         uri=uri if stored else None,
         filtered_uri=None if stored else uri,
-        thumbnail_uri=thumbnail[1] if thumbnail else None,
+        thumbnail_uri=thumbnail,
         width=image.width,
         height=image.height,
         content_type=image.content_type,

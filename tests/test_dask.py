@@ -52,10 +52,10 @@ def worker_state(client: Any) -> dict[str, dict[str, Any]]:
     def probe() -> dict[str, Any]:
         import sys
 
-        tasks = sys.modules.get("flux_flows.tasks")
+        blocks = sys.modules.get("flux_flows.blocks")
         return {
             "pid": os.getpid(),
-            "flux_clients": tasks._cached_client.cache_info().currsize if tasks else 0,
+            "flux_clients": blocks._cached_client.cache_info().currsize if blocks else 0,
         }
 
     return client.run(probe)
