@@ -23,7 +23,7 @@ from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.dispatch import render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
-from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
@@ -37,6 +37,7 @@ from flux_flows.reporting import (
     publish_artifacts,
     write_manifests,
 )
+from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.startup import flux_flow

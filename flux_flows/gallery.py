@@ -34,13 +34,14 @@ from urllib.parse import quote
 
 from flux_flows import layout
 from flux_flows.errors import StorageError
-from flux_flows.models import BatchReport, FinishReason, ImageRecord
+from flux_flows.models import FinishReason
 from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
     load_manifest,
     summary_lines,
 )
+from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, Storage, is_s3_uri, open_storage
 from flux_flows.thumbnails import thumbnail_size
 

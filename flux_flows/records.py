@@ -10,8 +10,9 @@ from collections.abc import Mapping
 
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, PlannedImage
-from flux_flows.models import FinishReason, ImageRecord
+from flux_flows.models import FinishReason
 from flux_flows.render import RenderResult
+from flux_flows.results import ImageRecord
 from flux_flows.storage import Storage
 
 

@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.errors import FluxError, StorageError
-from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.results import GeneratedImage
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, s3_metadata
 from flux_flows.thumbnails import store_thumbnail

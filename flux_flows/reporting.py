@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from flux_flows import layout
-from flux_flows.models import BatchReport, FinishReason, ImageRecord
+from flux_flows.models import FinishReason
+from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import (
     IsAFolderError,
     NotFoundError,

@@ -18,8 +18,9 @@ from prefect.context import TaskRunContext
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.client import resolve_base_url
 from flux_flows.images_in import hash_input_images
-from flux_flows.models import FinishReason, GeneratedImage, ImageRecord, ImageRequest, request_for
+from flux_flows.models import FinishReason, ImageRequest, request_for
 from flux_flows.render import store_with_thumbnail
+from flux_flows.results import GeneratedImage, ImageRecord
 from flux_flows.settings import REQUEST_FIELDS
 from flux_flows.storage import open_storage
 

@@ -19,9 +19,10 @@ from PIL import Image
 from flux_flows import layout
 from flux_flows.flows import generate_images
 from flux_flows.gallery import contact_sheet_html, relative_href
-from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.prompts import read_prompts
 from flux_flows.reporting import count_outcomes, summary_lines
+from flux_flows.results import BatchReport, ImageRecord
 
 pytestmark = pytest.mark.browser
 

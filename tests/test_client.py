@@ -34,7 +34,8 @@ from flux_flows.errors import (
     ResponseError,
     ServerError,
 )
-from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.results import GeneratedImage
 
 FAST = RetryPolicy(max_retries=3, initial_delay_s=0.01, max_delay_s=0.05)
 

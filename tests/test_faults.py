@@ -49,7 +49,8 @@ from conftest import TEST_API_KEY
 from flux_flows.client import FluxClient, RetryPolicy
 from flux_flows.errors import APITimeoutError, ResponseError, ServerError, StorageError
 from flux_flows.flows import generate_images
-from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import get_s3_client
 
 pytestmark = pytest.mark.usefixtures("flow_env")

@@ -20,7 +20,7 @@ from conftest import TEST_API_KEY
 from flux_flows import FinishReason, ImageRequest, generate_image
 from flux_flows.errors import StorageError
 from flux_flows.flows import generate_images, generate_images_from_file
-from flux_flows.models import BatchReport
+from flux_flows.results import BatchReport
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

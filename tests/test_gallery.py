@@ -35,7 +35,8 @@ from flux_flows.gallery import (
     object_key_of,
     relative_href,
 )
-from flux_flows.models import BatchReport, FinishReason, ImageRecord, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, get_s3_client
 
 pytestmark = pytest.mark.usefixtures("flow_env")
@@ -565,7 +566,7 @@ def test_upload_image_task_makes_the_thumbnail_too(tmp_path: Path) -> None:
 
 def test_edit_cards_name_their_input_image() -> None:
     from flux_flows.gallery import contact_sheet_html, relative_href
-    from flux_flows.models import ImageRecord
+    from flux_flows.results import ImageRecord
 
     common = {
         "model": "flux-kontext-pro",

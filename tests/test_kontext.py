@@ -53,11 +53,10 @@ from flux_flows.models import (
     KONTEXT_PRO,
     SCHNELL,
     FinishReason,
-    GeneratedImage,
-    ImageRecord,
     ImageRequest,
     describe_validation_error,
 )
+from flux_flows.results import GeneratedImage, ImageRecord
 
 KEY = "fw-kontext-test-key-0123456789abcdef"
 SUBMIT = "/workflows/accounts/fireworks/models/{model}"

@@ -12,12 +12,11 @@ from flux_flows.models import (
     ASPECT_RATIO_SIZES,
     DEV,
     SCHNELL,
-    GeneratedImage,
-    ImageRecord,
     ImageRequest,
     derive_seed,
     describe_validation_error,
 )
+from flux_flows.results import GeneratedImage, ImageRecord
 
 
 def problems(**fields: object) -> str:

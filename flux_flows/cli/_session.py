@@ -18,7 +18,7 @@ from flux_flows.cli._common import ExitCode, console, fail, fail_with, out
 from flux_flows.errors import FluxError, PromptSourceError
 
 if TYPE_CHECKING:
-    from flux_flows.models import BatchReport
+    from flux_flows.results import BatchReport
 
 # Our own loggers still reach the terminal (a spilled image, a missing thumbnail); Prefect's
 # per-run chatter is for the UI, where it still goes: the console handler is filtered, not the

@@ -35,7 +35,8 @@ from flux_flows.cli._common import (
 )
 from flux_flows.cli._session import print_ui_page, run_flow
 from flux_flows.errors import FluxError, PromptSourceError
-from flux_flows.models import BatchReport, FinishReason
+from flux_flows.models import FinishReason
+from flux_flows.results import BatchReport
 from flux_flows.settings import BATCH_DEFAULTS as D
 from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
 

@@ -31,7 +31,8 @@ from flux_flows.images_in import (
     resolve_input_image,
     sha256_hex,
 )
-from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.results import GeneratedImage
 
 logger = logging.getLogger("flux_flows.client")
 

@@ -47,7 +47,8 @@ from flux_flows.client._wire import (
     text_to_image_request,
 )
 from flux_flows.errors import APIConnectionError, APITimeoutError, FluxError, RateLimitError
-from flux_flows.models import GeneratedImage, ImageRequest
+from flux_flows.models import ImageRequest
+from flux_flows.results import GeneratedImage
 
 logger = logging.getLogger("flux_flows.client")
 

@@ -12,7 +12,8 @@ import httpx
 
 from flux_flows.client import _protocol as protocol
 from flux_flows.client._config import BaseClient
-from flux_flows.models import GeneratedImage, ImageRequest
+from flux_flows.models import ImageRequest
+from flux_flows.results import GeneratedImage
 
 T = TypeVar("T")
 Sleeper = Callable[[float], object]

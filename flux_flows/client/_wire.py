@@ -29,7 +29,8 @@ from flux_flows.errors import (
     ResponseError,
     ServerError,
 )
-from flux_flows.models import FinishReason, GeneratedImage, ImageRequest
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.results import GeneratedImage
 
 ResponseFormat = Literal["image", "json"]
 # `httpx.Client.build_request` / `httpx.AsyncClient.build_request`: the same in both modes.

@@ -1,0 +1,125 @@
+"""What comes back and what a run records: an answer, a manifest line, a batch's report.
+
+Kept apart from the request models (`models.py`): a request decides the pixels; these only say
+what happened to it, and are never part of a cache key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from flux_flows.models import DEFAULT_SAFETY_TOLERANCE, FinishReason, ImageRequest
+
+
+class GeneratedImage(BaseModel):
+    """One answer of the API. Holds the bytes: keep it short-lived, carry `ImageRecord`s instead.
+
+    A moderated Kontext task (`Request Moderated` / `Content Moderated`) comes back as
+    CONTENT_FILTERED with `data=b""` and width/height 0: Kontext sends no image at all, and an
+    invented placeholder could be mistaken for a real one. Stored, it is an empty object under
+    `filtered/`, which is what lets a re-run know the outcome without asking (and paying) again.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    request: ImageRequest
+    data: bytes = Field(repr=False)
+    content_type: str
+    seed: int | None
+    finish_reason: FinishReason
+    request_id: str | None = None
+    latency_s: float = 0.0
+    width: int
+    height: int
+    attempts: int = Field(default=1, description="HTTP requests it took, retries included")
+    throttled: int = Field(default=0, description="how many of those were answered 429")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+
+class ImageRecord(BaseModel):
+    """One line of the manifest: what was asked, how it ended, where it is. Never the bytes."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    index: int = Field(description="position of the prompt in the input")
+    variant: int = 0
+    prompt: str
+    model: str
+    aspect_ratio: str
+    guidance_scale: float
+    num_inference_steps: int
+    seed: int
+    safety_check: bool
+    output_format: str
+    # Kontext only (defaults for FLUX.1, and in manifests written before Kontext existed).
+    input_image: str | None = Field(default=None, description="the edit's input reference")
+    input_image_sha256: str | None = None
+    safety_tolerance: int = DEFAULT_SAFETY_TOLERANCE
+    prompt_upsampling: bool = False
+    cache_key: str
+    finish_reason: FinishReason
+    item_id: str | None = Field(default=None, description="the user's id for the prompt row")
+    uri: str | None = Field(
+        default=None, description="where the real image is; None unless SUCCESS"
+    )
+    filtered_uri: str | None = Field(default=None, description="a CONTENT_FILTERED answer's bytes")
+    thumbnail_uri: str | None = None
+    cached: bool = False
+    error: str | None = None
+    spill_path: str | None = None
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+    size_bytes: int | None = None
+    request_id: str | None = None
+    latency_s: float | None = None
+    api_calls: int = 0
+    estimated_cost_usd: float = 0.0
+
+    @classmethod
+    def for_request(
+        cls, request: ImageRequest, *, index: int, variant: int, **fields: Any
+    ) -> ImageRecord:
+        return cls(
+            index=index,
+            variant=variant,
+            cache_key=request.cache_key,
+            **request.model_dump(),
+            **fields,
+        )
+
+    def to_request(self) -> ImageRequest:
+        """The exact request that produced (or should produce) this record, for replays."""
+        return ImageRequest.model_validate(self.model_dump(include=set(ImageRequest.model_fields)))
+
+
+class BatchReport(BaseModel):
+    """What a batch run returns: every record, counts by outcome, and what the run cost."""
+
+    records: list[ImageRecord]
+    counts: dict[str, int]
+    api_calls: int
+    cache_hits: int
+    manifest_uri: str | None
+    destination: str
+    contact_sheet_uri: str | None = None
+    spill_dir: str | None = None
+    estimated_cost_usd: float = 0.0
+    saved_usd: float = 0.0
+    wall_time_s: float = 0.0
+    dry_run: bool = False
+    flow_run_id: str | None = None  # where the run's logs and artifacts are in the Prefect UI
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(FinishReason.ERROR, 0)
+
+    @property
+    def spilled(self) -> int:
+        return sum(1 for r in self.records if r.spill_path)
