@@ -126,14 +126,18 @@ def _read_stored(ref: str, aws_credentials: Any) -> bytes:
             max_bytes=MAX_INPUT_IMAGE_BYTES,
             action="read the input image",
         )
-    except TooLargeError as exc:
-        raise InputImageError(_too_big(ref, exc.size)) from exc
-    except NotFoundError as exc:
-        raise InputImageError(f"input image {ref} does not exist") from exc
-    except IsAFolderError as exc:
-        raise InputImageError(f"input image {ref} is a folder, not a file") from exc
     except ReadError as exc:
-        raise InputImageError(f"cannot read input image {ref}: {exc.reason}") from exc
+        raise _unreadable(ref, exc) from exc
+
+
+def _unreadable(ref: str, exc: ReadError) -> InputImageError:
+    if isinstance(exc, TooLargeError):
+        return InputImageError(_too_big(ref, exc.size))
+    if isinstance(exc, NotFoundError):
+        return InputImageError(f"input image {ref} does not exist")
+    if isinstance(exc, IsAFolderError):
+        return InputImageError(f"input image {ref} is a folder, not a file")
+    return InputImageError(f"cannot read input image {ref}: {exc.reason}")
 
 
 def _read_url(ref: str) -> bytes:
@@ -197,19 +201,10 @@ def check_input_image(ref: str) -> None:
     if kind == "data":
         head = _decode_data_uri(ref)[:16]
     elif kind == "path":
-        path = Path(ref)
         try:
-            size = path.stat().st_size
-            with path.open("rb") as handle:
-                head = handle.read(16)
-        except FileNotFoundError as exc:
-            raise InputImageError(f"input image {ref} does not exist") from exc
-        except IsADirectoryError as exc:
-            raise InputImageError(f"input image {ref} is a folder, not a file") from exc
-        except OSError as exc:
-            raise InputImageError(f"cannot read input image {ref}: {exc.strerror or exc}") from exc
-        if size > MAX_INPUT_IMAGE_BYTES:
-            raise InputImageError(_too_big(ref, size))
+            head = read_uri(ref, max_bytes=MAX_INPUT_IMAGE_BYTES, head=16)
+        except ReadError as exc:
+            raise _unreadable(ref, exc) from exc
     else:
         return
     if sniff_image_type(head) is None:

@@ -248,16 +248,7 @@ def render(job: RenderJob) -> RenderResult:
         # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
         image = client.generate(job.request, aws_credentials=job.aws_credentials)
     result = RenderResult(
-        cache_key=job.request.cache_key,
-        finish_reason=image.finish_reason,
-        width=image.width,
-        height=image.height,
-        content_type=image.content_type,
-        size_bytes=len(image.data),
-        request_id=image.request_id,
-        latency_s=image.latency_s,
-        api_calls=image.attempts,
-        throttled=image.throttled,
+        cache_key=job.request.cache_key, throttled=image.throttled, **image.facts()
     )
     return _store_or_spill(job, image, result)
 

@@ -41,6 +41,19 @@ class GeneratedImage(BaseModel):
     def size_bytes(self) -> int:
         return len(self.data)
 
+    def facts(self) -> dict[str, Any]:
+        """What a record of this answer keeps: never the bytes, only what they were."""
+        return {
+            "finish_reason": self.finish_reason,
+            "width": self.width,
+            "height": self.height,
+            "content_type": self.content_type,
+            "size_bytes": self.size_bytes,
+            "request_id": self.request_id,
+            "latency_s": self.latency_s,
+            "api_calls": self.attempts,
+        }
+
 
 class ImageRecord(BaseModel):
     """One line of the manifest: what was asked, how it ended, where it is. Never the bytes."""

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from flux_flows.models import DEFAULT_GUIDANCE, SCHNELL
 
@@ -25,6 +25,15 @@ def _number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+# field: (floor, floor allowed, what the message says)
+_LOWER_BOUNDS: dict[str, tuple[float, bool, str]] = {
+    "variants": (1, True, "must be at least 1"),
+    "max_concurrency": (1, True, "must be at least 1"),
+    "requests_per_minute": (0, False, "must be positive"),
+    "budget_usd": (0, True, "must not be negative"),
+}
 
 
 class RequestDefaults(BaseModel):
@@ -63,32 +72,17 @@ class BatchSettings(RequestDefaults):
     # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
     input_images: list[str] | str | None = None
 
-    @field_validator("variants", "max_concurrency", mode="before")
+    @field_validator(*_LOWER_BOUNDS, mode="before")
     @classmethod
-    def _at_least_one(cls, value: Any, info: Any) -> Any:
-        _number(info.field_name, value)
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"{info.field_name} must be at least 1, got {value}")
-        return value
-
-    @field_validator("requests_per_minute", mode="before")
-    @classmethod
-    def _positive_rate(cls, value: Any) -> Any:
+    def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each number has a floor (the messages name it); None means "no limit" where allowed."""
         if value is None:
             return value
-        _number("requests_per_minute", value)
-        if isinstance(value, int | float) and value <= 0:
-            raise ValueError(f"requests_per_minute must be positive, got {value}")
-        return value
-
-    @field_validator("budget_usd", mode="before")
-    @classmethod
-    def _budget(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        _number("budget_usd", value)
-        if isinstance(value, int | float) and value < 0:
-            raise ValueError(f"budget_usd must not be negative, got {value}")
+        name = info.field_name or ""
+        _number(name, value)
+        floor, allowed, says = _LOWER_BOUNDS[name]
+        if isinstance(value, int | float) and (value < floor or (value == floor and not allowed)):
+            raise ValueError(f"{name} {says}, got {value}")
         return value
 
     @property

@@ -9,7 +9,7 @@ argument errors answer at once.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -124,6 +124,22 @@ EditOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+# Short option names the commands use, and the setting or request field each one is.
+_FIELD_OF_OPTION = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "edit": "input_images",
+    "concurrency": "max_concurrency",
+    "rpm": "requests_per_minute",
+    "budget": "budget_usd",
+}
+
+
+def as_fields(options: dict[str, Any], *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A command's options under the names of `settings.py` and `ImageRequest`."""
+    return {_FIELD_OF_OPTION.get(k, k): v for k, v in options.items() if k not in drop}
 
 
 def check_prompt_source(

@@ -28,6 +28,7 @@ from flux_flows.cli._common import (
     UpsamplingOpt,
     VariantsOpt,
     VerboseOpt,
+    as_fields,
     check_prompt_source,
     console,
     fail_with,
@@ -77,19 +78,10 @@ def finish(report: BatchReport) -> None:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
-def _settings(**cli: Any) -> BatchSettings:
-    """The CLI's option names (`--steps`, `--guidance`, `--edit`...) mapped onto the one list
-    of settings, so `run` and `plan` read their options the same way."""
-    names = {
-        "steps": "num_inference_steps",
-        "guidance": "guidance_scale",
-        "edit": "input_images",
-        "concurrency": "max_concurrency",
-        "rpm": "requests_per_minute",
-        "budget": "budget_usd",
-    }
+def _settings(options: dict[str, Any], drop: tuple[str, ...]) -> BatchSettings:
+    """`run` and `plan` read their options the same way: as the one list of settings."""
     try:
-        return BatchSettings.model_validate({names.get(k, k): v for k, v in cli.items()})
+        return BatchSettings.model_validate(as_fields(options, drop=drop))
     except ValidationError as exc:
         fail_with(exc)
 
@@ -118,9 +110,9 @@ def run(
     With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
     """
     check_prompt_source(prompts, prompt, edit, model)
-    settings = _settings(
-        **{k: v for k, v in locals().items() if k not in ("prompts", "to", "prompt", "verbose")}
-    ).model_dump(exclude_defaults=True)
+    settings = _settings(locals(), drop=("prompts", "to", "prompt", "verbose")).model_dump(
+        exclude_defaults=True
+    )
 
     def start() -> BatchReport:
         from flux_flows.flows import generate_images, generate_images_from_file
@@ -159,9 +151,7 @@ def plan(
     from flux_flows.prompts import normalize_prompts, read_prompts
 
     check_prompt_source(prompts, prompt, edit, model)
-    settings = _settings(
-        **{k: v for k, v in locals().items() if k not in ("prompts", "to", "prompt")}
-    )
+    settings = _settings(locals(), drop=("prompts", "to", "prompt"))
     try:
         rows = normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
         storage, the_plan = plan_run(rows, settings, to)

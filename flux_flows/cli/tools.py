@@ -18,6 +18,7 @@ from flux_flows.cli._common import (
     SafetyToleranceOpt,
     SeedOpt,
     StepsOpt,
+    as_fields,
     console,
     fail,
     fail_with,
@@ -54,6 +55,7 @@ def generate(
     ] = False,
 ) -> None:
     """Generate one image and write it to a file (format from the file's extension)."""
+    fields = as_fields(locals(), drop=("output", "base_url", "keep_filtered"))
     from flux_flows.client import FluxClient
 
     suffix = output.suffix.lower()
@@ -63,18 +65,7 @@ def generate(
     if not output.parent.exists():
         fail(f"the folder {str(output.parent)!r} does not exist", ExitCode.BAD_INPUT)
     try:
-        request = ImageRequest(
-            prompt=prompt,
-            model=model,
-            aspect_ratio=aspect_ratio,
-            seed=seed,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            safety_check=safety_check,
-            output_format=formats[suffix],
-            input_image=input_image,
-            safety_tolerance=safety_tolerance,
-        )
+        request = ImageRequest.model_validate({**fields, "output_format": formats[suffix]})
         if request.needs_input_hash and request.input_image is not None:
             from flux_flows.images_in import hash_input_images
 

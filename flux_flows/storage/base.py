@@ -18,6 +18,9 @@ from urllib.parse import unquote, urlparse
 
 from flux_flows.errors import StorageError
 
+Metadata = Mapping[str, str] | None
+"""User metadata for an object: S3-safe already (see `s3_metadata`); local folders ignore it."""
+
 if TYPE_CHECKING:
     from prefect_aws import AwsCredentials
 
@@ -52,12 +55,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: Mapping[str, str] | None = None,
+        self, key: str, data: bytes, *, content_type: str, metadata: Metadata = None
     ) -> str: ...
 
     def get(self, key: str) -> bytes: ...
@@ -142,11 +140,13 @@ def read_uri(
     aws_credentials: AwsCredentials | None = None,
     max_bytes: int | None = None,
     action: str = "read",
+    head: int | None = None,
 ) -> bytes:
     """The bytes of an `s3://bucket/key` object or a local file (`~` expanded).
 
     `max_bytes` refuses a bigger object before downloading it (`TooLargeError`); `action` ends the
-    S3 explanation's "wanted to ..." so it says what the object was for. Raises `ReadError`.
+    S3 explanation's "wanted to ..." so it says what the object was for; `head` reads only the
+    first bytes of a local file (a cheap "is it an image" check). Raises `ReadError`.
     """
     if is_s3_uri(uri):
         from flux_flows.storage.s3 import read_object
@@ -159,7 +159,7 @@ def read_uri(
         )
     from flux_flows.storage.local import read_file
 
-    return read_file(Path(uri).expanduser(), max_bytes=max_bytes)
+    return read_file(Path(uri).expanduser(), max_bytes=max_bytes, head=head)
 
 
 def list_uri(uri: str, *, aws_credentials: AwsCredentials | None = None) -> list[str]:

@@ -6,15 +6,17 @@ Writes are atomic (a killed process never leaves half an image) and failures bec
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 
 from flux_flows.errors import StorageError
 from flux_flows.storage.base import (
     IsAFolderError,
+    Metadata,
     NotFoundError,
     ReadError,
     TooLargeError,
@@ -57,12 +59,32 @@ def _reason(exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
-def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
-    """A file's bytes; over `max_bytes` it is refused from its size, before it is read."""
+def read_file(path: Path, *, max_bytes: int | None = None, head: int | None = None) -> bytes:
+    """A regular file's bytes (or its first `head` bytes); over `max_bytes` it is refused.
+
+    Devices, pipes and sockets are refused before they are opened: a prompt file naming
+    /dev/zero (or a link to it) must not read until memory runs out, nor a FIFO block forever.
+    """
     try:
-        if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
-            raise TooLargeError(f"{path} is {size} bytes, over the limit of {max_bytes}", size=size)
-        return path.read_bytes()
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ReadError(
+                f"could not read {path}: not a regular file", reason="not a regular file"
+            )
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise TooLargeError(
+                f"{path} is {info.st_size} bytes, over the limit of {max_bytes}",
+                size=info.st_size,
+            )
+        with path.open("rb") as handle:
+            if head is not None:
+                return handle.read(head)
+            data = handle.read(-1 if max_bytes is None else max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew since the stat
+            raise TooLargeError(f"{path} is over the limit of {max_bytes}", size=len(data))
+        return data
     except FileNotFoundError as exc:
         raise NotFoundError(f"no file at {path}: check the key", reason=_reason(exc)) from exc
     except IsADirectoryError as exc:
@@ -117,14 +139,7 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: Mapping[str, str] | None = None,
-    ) -> str:
+    def put(self, key: str, data: bytes, *, content_type: str, metadata: Metadata = None) -> str:
         """Write to a temp file beside the target, fsync, then `os.replace`.
 
         A killed process leaves either the old file or the new one, never half an image; a

@@ -13,11 +13,11 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from flux_flows.errors import StorageError
-from flux_flows.storage.base import ReadError, TooLargeError, check_key
+from flux_flows.storage.base import Metadata, ReadError, TooLargeError, check_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -395,14 +395,7 @@ class S3Storage:
             raise _storage_error(exc, bucket=self.bucket, key=object_key, action="check") from exc
         return True
 
-    def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: Mapping[str, str] | None = None,
-    ) -> str:
+    def put(self, key: str, data: bytes, *, content_type: str, metadata: Metadata = None) -> str:
         """Store one object. `metadata` must already be S3-safe: build it with `s3_metadata`."""
         object_key = self._object_key(key)
         try:
