@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -481,6 +482,27 @@ def test_metadata_budget_goes_to_other_fields_first_but_caps_them() -> None:
     assert meta["seed"] == "1"
     assert meta["note"].endswith(TRUNCATION_MARKER) and len(meta["note"]) == FIELD_VALUE_MAX
     assert len(meta["prompt"]) > 1_500
+
+
+def test_metadata_plain_ascii_shortcut_encodes_exactly_as_per_character_quoting() -> None:
+    """The fast path for printable ASCII must give the same bytes as quoting each character."""
+    from urllib.parse import quote
+
+    from flux_flows.storage.metadata import _SAFE_CHARS
+
+    def reference(text: str) -> str:
+        chunks = [quote(ch, safe=_SAFE_CHARS) for ch in text]
+        for index in (0, len(chunks) - 1):
+            if chunks and chunks[index] == " ":
+                chunks[index] = "%20"
+        return "".join(chunks)
+
+    rng = random.Random(17)
+    alphabet = [chr(c) for c in range(0x80)] + ["é", "東", "🌸"]
+    texts = ["", " ", "  ", "plain prompt", " lead", "trail ", "100%", "~!#$&'()*+,/:;=?@[]"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    for text in texts:
+        assert s3_metadata({"prompt": text})["prompt"] == reference(text), repr(text)
 
 
 def test_metadata_rejects_colliding_keys() -> None:
