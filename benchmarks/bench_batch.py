@@ -651,10 +651,26 @@ def run_components_child(argv: Sequence[str]) -> None:
     out["API call + parse (FluxClient.generate)"], _ = _cpu_per_call_ms(
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
+    with contextlib.suppress(ImportError):  # older trees: no header reader to time
+        from flux_flows.client._wire import image_size, sniff_image
+
+        out["verify the answer (sniff + size from the header)"], _ = _cpu_per_call_ms(
+            calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))
+        )
+    out["S3 metadata of the image (image_metadata)"], _ = _cpu_per_call_ms(
+        calls * 20, lambda i: image_metadata(image)
+    )
     out["S3 put of the image + metadata"], _ = _cpu_per_call_ms(
         calls,
         lambda i: storage.put(
             f"c/{i}.jpg", image.data, content_type="image/jpeg", metadata=metadata
+        ),
+    )
+    raw_s3 = s3_client(4)  # the raw loop's client: boto3 defaults
+    out["S3 put of the image, boto3 defaults (as the raw loop)"], _ = _cpu_per_call_ms(
+        calls,
+        lambda i: raw_s3.put_object(
+            Bucket=BUCKET, Key=f"components/r/{i}.jpg", Body=image.data, ContentType="image/jpeg"
         ),
     )
     with contextlib.suppress(ImportError):
