@@ -113,7 +113,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     results: dict[str, RenderResult] = {}
     if not options.dry_run:
         progress = ProgressReporter(total=len(plan.to_generate))
-        job_for = functools.partial(
+        make_job = functools.partial(
             RenderJob,
             storage=storage,
             spill=spill,
@@ -122,7 +122,8 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
             flow_run_id=flow_run_id,
             concurrency_limit=options.concurrency_limit,
         )
-        results = render_all(plan, options, progress, lambda request: job_for(request=request))
+        requests = [plan.unique[key] for key in plan.to_generate]
+        results = render_all(requests, options, progress, make_job)
         progress.finish()
     records = build_records(plan, storage, results)
     report = BatchReport(
@@ -204,6 +205,7 @@ def generate_images(
     concurrency_limit: str | None = D.concurrency_limit,
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
+    chunk_size: int = D.chunk_size,
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
@@ -218,8 +220,10 @@ def generate_images(
 
     Images run on local threads, recorded in the manifest and artifacts rather than as one
     Prefect task run each (a task run costs ~5 ms here and ~30 ms on the Prefect server, see
-    benchmarks/RESULTS.md); `per_image_tasks=True` makes one task run per image, and any other
-    task runner (such as a DaskTaskRunner) always does.
+    benchmarks/RESULTS.md). Under any other task runner (`with_options(task_runner=
+    DaskTaskRunner(...))`) the plan is cut into chunks of up to `chunk_size` images, one task run
+    each, rendered on threads in the worker with a share of the batch's limits.
+    `per_image_tasks=True` makes one task run per image instead (visible in the UI, slower).
 
     FLUX Kontext (`model="flux-kontext-pro"` or `"flux-kontext-max"`, batch-wide or per prompt)
     takes `safety_tolerance` (0 strict .. 6 permissive) and `prompt_upsampling`. `input_images`
@@ -264,6 +268,7 @@ def generate_images_from_file(
     concurrency_limit: str | None = D.concurrency_limit,
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
+    chunk_size: int = D.chunk_size,
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
