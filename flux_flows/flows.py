@@ -209,6 +209,7 @@ def generate_images(
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
+    staged_prompts: str | None = None,
 ) -> BatchReport:
     """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
 
@@ -216,7 +217,9 @@ def generate_images(
     field, plus an "id" carried into the manifest). `destination` is `s3://bucket/prefix` or a
     local folder. Images already in the destination are not generated again; identical requests
     in the batch are generated once. Returns a BatchReport; the run's state message says how many
-    failed (set `fail_on_error=True` to make failures fail the run).
+    failed (set `fail_on_error=True` to make failures fail the run). A list too big for a Prefect
+    parameter (over ~256 KB of JSON) is written to `<destination>/runs/<stamp>-staged-<id>/
+    prompts.jsonl` before the run starts, and the run reads it from `staged_prompts`.
 
     Images run on local threads, recorded in the manifest and artifacts rather than as one
     Prefect task run each (a task run costs ~5 ms here and ~30 ms on the Prefect server, see
@@ -241,7 +244,12 @@ def generate_images(
         ```
     """
     options = BatchOptions.from_params(locals())
-    return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
+    if staged_prompts:  # a list too big for a flow-run parameter, written there by the caller
+        get_run_logger().info("reading the prompt list staged at %s", staged_prompts)
+        rows = read_prompts(staged_prompts, aws_credentials=aws_credentials)
+    else:
+        rows = normalize_prompts(prompts)
+    return run_batch(rows, options)  # type: ignore[return-value]
 
 
 @flux_flow(name="generate-images-from-file", persist_result=False, log_prints=True)
