@@ -15,13 +15,20 @@ destination root for the latest run) and can be rebuilt later from any manifest
 - 1,000 cards load fast: thumbnails (~5 KB) instead of images, `loading="lazy"`, and
   `content-visibility: auto` so off-screen cards are not laid out.
 
+A run of more than `PAGE_SIZE` (1,000) images is paged. Its index sits where the single page
+would (`runs/<id>/contact-sheet.html`, and a copy at the root that links into the run) and
+leads to pages of at most 1,000 cards in `runs/<id>/contact-sheet/`, failures first
+(`failed-1.html`, `filtered-1.html`, ..., `images-1.html`, ...).
+
 Modules, one job each: `links` (how a page reaches an object), `assets` (CSS, scripts, CSP),
-`cards` (one card per record), `page` (a whole page), `run_sheets` (a run's pages in its
-destination), `rebuild` (pages for an earlier manifest).
+`cards` (one card per record), `page` (one page), `paging` (which records go on which page),
+`index` (the index of a paged sheet), `sheets` (storing a sheet, paged or not), `run_sheets`
+(a run's sheet in its destination), `rebuild` (a sheet for an earlier manifest).
 """
 
 from flux_flows.gallery.assets import CSP
 from flux_flows.gallery.cards import PLACEHOLDER_LABELS
+from flux_flows.gallery.index import SheetText
 from flux_flows.gallery.links import (
     Href,
     local_href,
@@ -30,6 +37,7 @@ from flux_flows.gallery.links import (
     signed_href,
 )
 from flux_flows.gallery.page import HTML_CONTENT_TYPE, contact_sheet_html
+from flux_flows.gallery.paging import PAGE_SIZE, PAGES_FOLDER
 from flux_flows.gallery.rebuild import (
     DEFAULT_EXPIRES_S,
     DEFAULT_GALLERY_DIR,
@@ -41,7 +49,8 @@ from flux_flows.gallery.rebuild import (
     local_manifest_href,
     manifest_summary,
 )
-from flux_flows.gallery.run_sheets import write_contact_sheets
+from flux_flows.gallery.run_sheets import write_contact_sheets, write_run_sheet
+from flux_flows.gallery.sheets import WrittenSheet, write_sheet
 
 __all__ = [
     "CSP",
@@ -51,9 +60,13 @@ __all__ = [
     "GALLERY_PAGE",
     "HTML_CONTENT_TYPE",
     "MAX_EXPIRES_S",
+    "PAGES_FOLDER",
+    "PAGE_SIZE",
     "PLACEHOLDER_LABELS",
     "GalleryPage",
     "Href",
+    "SheetText",
+    "WrittenSheet",
     "build_gallery",
     "contact_sheet_html",
     "local_href",
@@ -63,4 +76,6 @@ __all__ = [
     "relative_href",
     "signed_href",
     "write_contact_sheets",
+    "write_run_sheet",
+    "write_sheet",
 ]

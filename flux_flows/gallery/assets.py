@@ -55,6 +55,14 @@ color:var(--muted)}
 .b-SUCCESS{color:var(--ok)}.b-CONTENT_FILTERED{color:var(--warn)}.b-ERROR{color:var(--bad)}
 .b-SKIPPED_BUDGET,.b-PLANNED,.b-cached,.b-new{color:var(--muted)}
 .empty{padding:40px 20px;color:var(--muted)}
+.pager{display:flex;flex-wrap:wrap;gap:4px 14px;margin:8px 0 0}
+.pager .here{color:var(--muted)}
+main.index{display:block;max-width:960px;padding:4px 20px 32px}
+.index h2{font-size:16px;margin:18px 0 6px}
+.index ol{margin:0;padding-left:28px}
+.index li{margin:3px 0}
+.meta{color:var(--muted)}
+.g-ERROR h2{color:var(--bad)}.g-CONTENT_FILTERED h2{color:var(--warn)}
 """
 
 # Registered in <head>, before any <img> exists, so no load error can fire before it listens.
@@ -103,15 +111,25 @@ def _csp_hash(source: str) -> str:
     return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
 
 
-# Nothing but images may load, and only these exact scripts and styles may run: an injected
-# <script>, inline handler or style attribute is refused by the browser even if escaping failed.
-CSP = "; ".join(
-    [
-        "default-src 'none'",
-        "img-src * data: blob: file:",
-        f"style-src {_csp_hash(CSS)}",
-        f"script-src {_csp_hash(FALLBACK_JS)} {_csp_hash(FILTER_JS)}",
-        "base-uri 'none'",
-        "form-action 'none'",
-    ]
-)
+def _csp(*, images: str, scripts: tuple[str, ...]) -> str:
+    """Nothing may load but images, and only these exact scripts and styles may run.
+
+    An injected <script>, inline handler or style attribute is refused by the browser even if
+    escaping failed.
+    """
+    script_src = " ".join(_csp_hash(script) for script in scripts) or "'none'"
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"img-src {images}",
+            f"style-src {_csp_hash(CSS)}",
+            f"script-src {script_src}",
+            "base-uri 'none'",
+            "form-action 'none'",
+        ]
+    )
+
+
+CSP = _csp(images="* data: blob: file:", scripts=(FALLBACK_JS, FILTER_JS))
+# The index of a paged sheet shows no image and runs no script: it may do neither.
+INDEX_CSP = _csp(images="'none'", scripts=())

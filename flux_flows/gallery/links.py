@@ -45,12 +45,12 @@ def relative_href(page_key: str) -> Href:
 
     The same relative link works on disk, over file:// and from a bucket served as a website.
     """
-    base = posixpath.dirname(page_key) or "."
+    return lambda key: relative_link(page_key, key)
 
-    def href(key: str) -> str:
-        return quote(posixpath.relpath(key, base))
 
-    return href
+def relative_link(from_key: str, to_key: str) -> str:
+    """The link from the page stored at `from_key` to the object or page at `to_key`."""
+    return quote(posixpath.relpath(to_key, posixpath.dirname(from_key) or "."))
 
 
 def local_href(root: Path, page_dir: Path) -> Href:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -12,8 +12,9 @@ from typing import Any
 
 from flux_flows import layout
 from flux_flows.errors import StorageError
+from flux_flows.gallery.index import SheetText
 from flux_flows.gallery.links import Href, local_href, object_key_of, relative_href, signed_href
-from flux_flows.gallery.page import contact_sheet_html
+from flux_flows.gallery.sheets import write_sheet
 from flux_flows.models import FinishReason
 from flux_flows.reporting import (
     count_outcomes,
@@ -49,11 +50,13 @@ def manifest_summary(records: Sequence[ImageRecord], manifest_uri: str) -> list[
 
 @dataclass(frozen=True)
 class GalleryPage:
-    """Where `build_gallery` wrote the page, and how many thumbnails it copied beside it."""
+    """Where `build_gallery` wrote the index, how many thumbnails it copied beside it, and how
+    many pages of cards the index leads to (1: the index is the page)."""
 
     path: Path
     downloaded: int = 0
     missing: int = 0
+    pages: int = 1
 
 
 def _check_expiry(expires_s: int) -> None:
@@ -73,7 +76,7 @@ def _page_path(manifest_uri: str, out_dir: str | os.PathLike[str] | None, is_s3:
 
 
 def _download_thumbnails(
-    storage: Storage, records: Sequence[ImageRecord], folder: Path
+    storage: Storage, records: Iterable[ImageRecord], folder: Path
 ) -> tuple[set[str], int]:
     """Copy every thumbnail the records name into `folder`/thumbs; returns (copied keys, missing).
 
@@ -100,10 +103,23 @@ def _download_thumbnails(
     return copied, len(keys) - len(copied)
 
 
-def _prefer_copies(copied: set[str], fallback: Href) -> Href:
-    """Relative links to the copies beside the page; `fallback` for everything else."""
-    here = relative_href(GALLERY_PAGE)
-    return lambda key: here(key) if key in copied else fallback(key)
+def _links_to(storage: Storage, sheet_dir: Path, expires_s: int) -> Callable[[str], Href]:
+    """For a page at a key under `sheet_dir`: file links to a local destination, else signed."""
+    if isinstance(storage, LocalStorage):
+        root = storage.root
+        return lambda page_key: local_href(root, sheet_dir.joinpath(*page_key.split("/")).parent)
+    signed = signed_href(storage, expires_s)
+    return lambda _page_key: signed
+
+
+def _prefer_copies(copied: set[str], fallback: Callable[[str], Href]) -> Callable[[str], Href]:
+    """Relative links to the copies beside the sheet; `fallback` for everything else."""
+
+    def href_for(page_key: str) -> Href:
+        here, elsewhere = relative_href(page_key), fallback(page_key)
+        return lambda key: here(key) if key in copied else elsewhere(key)
+
+    return href_for
 
 
 def build_gallery(
@@ -114,13 +130,14 @@ def build_gallery(
     expires_s: int = DEFAULT_EXPIRES_S,
     aws_credentials: Any = None,
 ) -> GalleryPage:
-    """Write a contact sheet for an earlier run's manifest; returns where it is.
+    """Write a contact sheet for an earlier run's manifest; returns where its index is.
 
-    A local manifest's page goes beside it (or into `out_dir`/index.html) with relative links
-    to the destination's files. An S3 manifest's page is written locally
+    A local manifest's sheet goes beside it (or into `out_dir`/index.html) with relative links
+    to the destination's files. An S3 manifest's sheet is written locally
     (./flux-flows-gallery/index.html by default) with signed links valid for `expires_s`; with
-    `download`, the thumbnails are copied beside the page and linked relatively, so the grid
-    keeps working after the links expire.
+    `download`, the thumbnails are copied beside the sheet and linked relatively, so the grid
+    keeps working after the links expire. A big run is paged as a run's own sheet is, with the
+    pages in a `contact-sheet/` folder beside the index.
     """
     _check_expiry(expires_s)
     is_s3 = is_s3_uri(manifest_uri)
@@ -128,11 +145,9 @@ def build_gallery(
     storage = open_storage(destination_of_manifest(manifest_uri), aws_credentials=aws_credentials)
     page = _page_path(manifest_uri, out_dir, is_s3)
     page.parent.mkdir(parents=True, exist_ok=True)
+    href_for = _links_to(storage, page.parent, expires_s)
     notes: list[str] = []
-    if isinstance(storage, LocalStorage):
-        href = local_href(storage.root, page.parent)
-    else:
-        href = signed_href(storage, expires_s)
+    if not isinstance(storage, LocalStorage):
         until = (datetime.now(UTC) + timedelta(seconds=expires_s)).strftime("%Y-%m-%d %H:%M UTC")
         notes.append(
             f"Links to S3 are signed and expire at {until}: run `flux-flows gallery` again "
@@ -142,18 +157,22 @@ def build_gallery(
     missing = 0
     if download:
         copied, missing = _download_thumbnails(storage, records, page.parent)
-        href = _prefer_copies(copied, href)
-    body = contact_sheet_html(
+        href_for = _prefer_copies(copied, href_for)
+    written = write_sheet(
+        LocalStorage(page.parent),
+        [page.name],
         records,
-        href=href,
-        summary=manifest_summary(records, manifest_uri),
-        title=f"flux-flows gallery: {manifest_uri.rsplit('/', 1)[-1]}",
-        subtitle=manifest_uri,
-        notes=notes,
-        manifest_href=None if is_s3 else local_manifest_href(manifest_uri, page.parent),
+        count_outcomes(records),
+        href_for=href_for,
+        text=SheetText(
+            title=f"flux-flows gallery: {manifest_uri.rsplit('/', 1)[-1]}",
+            subtitle=manifest_uri,
+            summary=manifest_summary(records, manifest_uri),
+            notes=notes,
+            manifest_href=None if is_s3 else local_manifest_href(manifest_uri, page.parent),
+        ),
     )
-    page.write_text(body, encoding="utf-8")
-    return GalleryPage(page, downloaded=len(copied), missing=missing)
+    return GalleryPage(page, downloaded=len(copied), missing=missing, pages=written.pages)
 
 
 def local_manifest_href(manifest_uri: str, page_dir: Path) -> str:
