@@ -24,12 +24,24 @@ from flux_flows.storage import (
     split_s3_uri,
 )
 
-ARTIFACT_ROWS_PER_TABLE = 2_000  # well under Prefect Cloud's 5 MiB artifact body limit
+# A table a person reads in the Prefect UI, not a copy of the manifest: the manifest has them all.
+ARTIFACT_TABLE_ROWS = 500
 PROMPT_CHARS_IN_TABLE = 200
 THUMBNAILS_IN_SUMMARY = 12
 # Artifacts outlive any link; 7 days is the longest S3 signs for.
 ARTIFACT_LINK_EXPIRES_S = 7 * 24 * 3600
 _NOT_ALT_TEXT = re.compile(r"[^\w ,.'-]+")
+
+
+# What a person looking for problems wants first: the table artifact and the contact sheet's
+# pages list records in this order.
+OUTCOME_ORDER: tuple[FinishReason, ...] = (
+    FinishReason.ERROR,
+    FinishReason.CONTENT_FILTERED,
+    FinishReason.SKIPPED_BUDGET,
+    FinishReason.PLANNED,
+    FinishReason.SUCCESS,
+)
 
 
 def count_outcomes(records: Iterable[ImageRecord]) -> dict[str, int]:
@@ -187,30 +199,73 @@ def table_rows(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
     ]
 
 
+def problems_first(records: Iterable[ImageRecord], limit: int) -> tuple[list[ImageRecord], int]:
+    """At most `limit` records in `OUTCOME_ORDER` (manifest order within a finish reason), and
+    how many were left out; holds at most `limit` records per finish reason, so it can stream."""
+    kept: dict[FinishReason, list[ImageRecord]] = {reason: [] for reason in OUTCOME_ORDER}
+    total = 0
+    for record in records:
+        total += 1
+        bucket = kept.setdefault(record.finish_reason, [])
+        if len(bucket) < limit:
+            bucket.append(record)
+    chosen = [record for bucket in kept.values() for record in bucket][:limit]
+    return chosen, total - len(chosen)
+
+
+def left_out_markdown(
+    shown: int, left_out: int, manifest_uri: str | None, link: str | None = None
+) -> str:
+    """What the capped table does not show, and where it is (with a signed `link` on S3)."""
+    if not left_out:
+        return ""
+    where = f" `{_code(manifest_uri)}`" if manifest_uri else " (not stored: see the run's logs)"
+    if manifest_uri and link:
+        where += f" ([download]({link}), valid for up to 7 days)"
+    return (
+        f"The images table shows {shown:,} of {shown + left_out:,} records, failures first; "
+        f"{left_out:,} more are left out. Every record is in the manifest{where}.\n"
+    )
+
+
 def publish_artifacts(
     report: BatchReport, *, key_prefix: str = "flux-flows", storage: Storage | None = None
 ) -> None:
-    """Table (split into parts for big runs) and markdown summary on the current flow run.
+    """A table of the records (failures first, capped) and a markdown summary on the flow run.
 
+    The table is capped at `ARTIFACT_TABLE_ROWS`: Prefect stores it as one row of its database
+    and the UI renders it whole, and a person scanning it wants the failures, not 20,000 rows.
+    Both artifacts say how many records were left out and where the manifest is.
     With the run's `storage`, the summary also shows the first thumbnails (signed links on S3).
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = table_rows(report.records)
-    parts = max(1, -(-len(rows) // ARTIFACT_ROWS_PER_TABLE))
-    for part in range(parts):
-        chunk = rows[part * ARTIFACT_ROWS_PER_TABLE : (part + 1) * ARTIFACT_ROWS_PER_TABLE]
-        suffix = "" if parts == 1 else f"-part-{part + 1}"
-        create_table_artifact(
-            table=chunk,
-            key=f"{key_prefix}-images{suffix}",
-            description=f"Images of this run ({part + 1}/{parts})" if parts > 1 else "Images",
-        )
+    shown, left_out = problems_first(report.records, ARTIFACT_TABLE_ROWS)
+    link = _signed_link(report.manifest_uri, storage) if left_out else None
+    note = left_out_markdown(len(shown), left_out, report.manifest_uri, link)
+    create_table_artifact(
+        table=table_rows(shown),
+        key=f"{key_prefix}-images",
+        description=f"Images, failures first. {note}" if note else "Images, failures first",
+    )
+    markdown = summary_markdown(report, storage=storage)
+    if note:
+        markdown += f"\n## Images table\n\n{note}"
     create_markdown_artifact(
-        markdown=summary_markdown(report, storage=storage),
+        markdown=markdown,
         key=f"{key_prefix}-summary",
         description="Counts, API calls, cache hits and cost of this run",
     )
+
+
+def _signed_link(uri: str | None, storage: Storage | None) -> str | None:
+    """A signed link to an object of `storage` given by its URI; None where none can be signed."""
+    if storage is None or not uri:
+        return None
+    prefix = f"{storage.root_uri.rstrip('/')}/"
+    if not uri.startswith(prefix):
+        return None
+    return storage.presigned_url(uri.removeprefix(prefix), ARTIFACT_LINK_EXPIRES_S)
 
 
 def artifact_key(text: str) -> str:
