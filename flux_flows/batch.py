@@ -30,7 +30,7 @@ from flux_flows.models import (
 from flux_flows.pricing import estimate_cost, price_table
 from flux_flows.prompts import PromptRow
 from flux_flows.settings import BatchSettings
-from flux_flows.storage import Storage, open_storage
+from flux_flows.storage import Storage
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -61,6 +61,15 @@ class BatchPlan:
     to_generate: list[str]
     skipped_for_budget: list[str] = field(default_factory=list)
     cost_by_key: dict[str, float] = field(default_factory=dict)
+    _first: dict[str, PlannedImage] | None = field(default=None, repr=False)
+
+    def first_planned(self) -> dict[str, PlannedImage]:
+        """Each distinct request's first planned image (computed once, then kept)."""
+        if self._first is None:
+            self._first = {}
+            for planned in self.images:
+                self._first.setdefault(planned.request.cache_key, planned)
+        return self._first
 
     @property
     def estimated_cost_usd(self) -> float:
@@ -216,11 +225,11 @@ def plan_batch(
 def plan_run(
     rows: Sequence[PromptRow],
     settings: BatchSettings,
-    destination: str,
+    storage: Storage,
     *,
     aws_credentials: Any = None,
-    preflight: Callable[[Storage], None] | None = None,
-) -> tuple[Storage, BatchPlan]:
+    preflight: Callable[[], None] | None = None,
+) -> BatchPlan:
     """The plan a run makes and `flux-flows plan` shows: the same function, so they agree.
 
     Prompts are validated first (bad input costs nothing to find); `preflight` runs on the
@@ -236,13 +245,11 @@ def plan_run(
         else list_input_images(settings.input_images, aws_credentials=aws_credentials),
         aws_credentials=aws_credentials,
     )
-    storage = open_storage(destination, aws_credentials=aws_credentials)
     if preflight is not None:
-        preflight(storage)
-    plan = plan_batch(
+        preflight()
+    return plan_batch(
         images,
         find_stored(storage),
         prices=price_table(settings.prices),
         budget_usd=settings.budget_usd,
     )
-    return storage, plan

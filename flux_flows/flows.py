@@ -18,30 +18,30 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
 from flux_flows import layout
-from flux_flows.batch import plan_run
+from flux_flows.batch import BatchPlan, plan_run
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.dispatch import render_all
 from flux_flows.errors import BatchFailedError, StorageError
-from flux_flows.gallery import write_contact_sheets
+from flux_flows.gallery import write_run_sheet
+from flux_flows.manifests import ManifestSpool, PartWriter
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
-from flux_flows.records import build_records
+from flux_flows.records import finished_records, iter_records
 from flux_flows.render import RenderJob, RenderResult
 from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
     load_manifest,
-    manifest_bytes,
     publish_artifacts,
-    write_manifests,
+    summary_lines,
 )
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.startup import flux_flow
-from flux_flows.storage import Storage
+from flux_flows.storage import Storage, open_storage
 
 __all__ = [
     "AdaptiveWindow",
@@ -90,13 +90,14 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
+    storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
     spill = SpillFolder(options.destination, options.spill_dir)
-    storage, plan = plan_run(
+    plan = plan_run(
         rows,
         options,
-        options.destination,
+        storage,
         aws_credentials=options.aws_credentials,
-        preflight=lambda storage: _preflight(options, storage, spill),
+        preflight=lambda: _preflight(options, storage, spill),
     )
     logger.info(
         "%d images requested: %d distinct, %d already stored, %d to generate (est. $%.4f)%s",
@@ -110,73 +111,122 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     context = FlowRunContext.get()
     flow_run = context.flow_run if context else None
     flow_run_id = str(flow_run.id) if flow_run else None
+    run_id = layout.new_run_id(flow_run.name if flow_run else None)
+    parts = PartWriter(storage, run_id)
     results: dict[str, RenderResult] = {}
     if not options.dry_run:
-        progress = ProgressReporter(total=len(plan.to_generate))
-        make_job = functools.partial(
-            RenderJob,
-            storage=storage,
-            spill=spill,
-            credentials=options.credentials,
-            aws_credentials=options.aws_credentials,
-            flow_run_id=flow_run_id,
-            concurrency_limit=options.concurrency_limit,
-        )
-        requests = [plan.unique[key] for key in plan.to_generate]
-        results = render_all(requests, options, progress, make_job)
-        progress.finish()
-    records = build_records(plan, storage, results)
+        results = _render(plan, options, storage, spill, flow_run_id, parts)
+    spool = ManifestSpool()
+    try:
+        for record in iter_records(plan, storage, results):
+            spool.add(record)
+    finally:
+        spool.finish()
     report = BatchReport(
-        records=records,
-        counts=count_outcomes(records),
+        records=spool.kept,
+        counts=spool.all_counts(),
         api_calls=sum(r.api_calls for r in results.values()),
-        cache_hits=sum(1 for r in records if r.cached),
+        cache_hits=spool.cache_hits,
         manifest_uri=None,
         destination=storage.root_uri,
         spill_dir=str(spill.path),
-        estimated_cost_usd=plan.estimated_cost_usd
-        if options.dry_run
-        else sum(
-            r.estimated_cost_usd for r in records if r.finish_reason != FinishReason.SKIPPED_BUDGET
-        ),
+        estimated_cost_usd=plan.estimated_cost_usd if options.dry_run else spool.cost_usd,
         saved_usd=plan.saved_usd,
         dry_run=options.dry_run,
         flow_run_id=flow_run_id,
+        requested=spool.requested,
+        cached_successes=spool.cached_successes,
+        spilled=spool.spilled,
+        first_errors=spool.first_errors,
     )
-    manifest_problem: str | None = None
-    if not options.dry_run:
-        run_id = layout.new_run_id(flow_run.name if flow_run else None)
-        try:
-            report.manifest_uri = write_manifests(storage, run_id, records)
-        except StorageError as exc:
-            kept = spill.keep_manifest(run_id, manifest_bytes(records))
-            manifest_problem = f"manifest NOT stored ({exc}); a copy is kept at {kept}"
-            logger.error("could not store the manifest: %s; a copy is kept at %s", exc, kept)
-    report.wall_time_s = time.perf_counter() - started
-    if not options.dry_run:
-        try:
-            report.contact_sheet_uri = write_contact_sheets(storage, run_id, report)
-        except (StorageError, OSError) as exc:
-            logger.error("could not store the contact sheet: %s", exc)
-        publish_artifacts(report, storage=storage)
-    return _final_state(report, options.fail_on_error, manifest_problem)
+    try:
+        if not options.dry_run:
+            _record_run(report, storage, spill, run_id, spool, parts, logger)
+        report.wall_time_s = time.perf_counter() - started
+    finally:
+        spool.discard()
+    return _final_state(report, options.fail_on_error)
 
 
-def _final_state(
-    report: BatchReport, fail_on_error: bool, manifest_problem: str | None = None
-) -> State:
+def _render(
+    plan: BatchPlan,
+    options: BatchOptions,
+    storage: Storage,
+    spill: SpillFolder,
+    flow_run_id: str | None,
+    parts: PartWriter,
+) -> dict[str, RenderResult]:
+    """Render what the plan says, writing each finished batch of records as a manifest part."""
+    progress = ProgressReporter(total=len(plan.to_generate))
+    make_job = functools.partial(
+        RenderJob,
+        storage=storage,
+        spill=spill,
+        credentials=options.credentials,
+        aws_credentials=options.aws_credentials,
+        flow_run_id=flow_run_id,
+        concurrency_limit=options.concurrency_limit,
+    )
+
+    def write_part(finished: list[RenderResult]) -> None:
+        try:
+            parts.write(finished_records(plan, storage, finished))
+        except (StorageError, OSError) as exc:  # the images are stored; only the early copy is lost
+            get_run_logger().warning("could not write a manifest part: %s", exc)
+
+    requests = [plan.unique[key] for key in plan.to_generate]
+    results = render_all(requests, options, progress, make_job, on_results=write_part)
+    progress.finish()
+    return results
+
+
+def _record_run(
+    report: BatchReport,
+    storage: Storage,
+    spill: SpillFolder,
+    run_id: str,
+    spool: ManifestSpool,
+    parts: PartWriter,
+    logger: Any,
+) -> None:
+    """Manifest, contact sheet and artifacts; what could not be stored is said, never dropped."""
+    report.local_manifest = str(spool.path)
+    try:
+        report.manifest_uri = spool.store(storage, run_id)
+        parts.remove()
+    except StorageError as exc:
+        kept = spill.keep_manifest(run_id, spool.path)
+        problem = f"manifest NOT stored ({exc}); a copy is kept at {kept}"
+        report.problems.append(problem)
+        logger.error("could not store the manifest: %s; a copy is kept at %s", exc, kept)
+    try:
+        report.contact_sheet_uri = write_run_sheet(
+            storage,
+            run_id,
+            report.iter_records(),
+            report.counts,
+            summary=summary_lines(report),
+            destination=report.destination,
+        )
+    except (StorageError, OSError) as exc:
+        logger.error("could not store the contact sheet: %s", exc)
+    publish_artifacts(report, storage=storage)
+    report.local_manifest = None
+
+
+def _final_state(report: BatchReport, fail_on_error: bool) -> State:
     counts = report.counts
     message = (
-        f"{len(report.records)} images: {counts['SUCCESS']} succeeded, "
+        f"{report.requested} images: {counts['SUCCESS']} succeeded, "
         f"{counts['CONTENT_FILTERED']} filtered, {report.cache_hits} served from cache, "
         f"{counts['ERROR']} failed, {counts['SKIPPED_BUDGET']} skipped for budget; "
         f"{report.api_calls} API calls"
     )
     if report.spilled:
         message += f"; {report.spilled} kept locally in {report.spill_dir}"
-    if manifest_problem:
-        message += f"; {manifest_problem}"
-    if fail_on_error and (counts["ERROR"] or manifest_problem):
+    for problem in report.problems:
+        message += f"; {problem}"
+    if fail_on_error and (counts["ERROR"] or report.problems):
         return Failed(message=message, data=BatchFailedError(message, report=report))
     return Completed(message=message, data=report)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from flux_flows import layout
@@ -20,6 +20,7 @@ from flux_flows.storage import (
     ReadError,
     Storage,
     is_s3_uri,
+    iter_uri_lines,
     read_uri,
     split_s3_uri,
 )
@@ -55,15 +56,22 @@ def manifest_bytes(records: Sequence[ImageRecord]) -> bytes:
 
 
 def read_manifest(data: bytes, source: str) -> list[ImageRecord]:
-    records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    return list(parse_manifest_lines(data.splitlines(), source))
+
+
+def parse_manifest_lines(lines: Iterable[bytes], source: str) -> Iterator[ImageRecord]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(ImageRecord.model_validate_json(line))
+            yield ImageRecord.model_validate_json(line)
         except ValueError as exc:
             raise ValueError(f"{source} line {number} is not a manifest record: {exc}") from exc
-    return records
+
+
+def iter_manifest(uri: str, *, aws_credentials: Any = None) -> Iterator[ImageRecord]:
+    """A manifest's records, streamed: a 100,000-line manifest is never held whole."""
+    yield from parse_manifest_lines(iter_uri_lines(uri, aws_credentials=aws_credentials), uri)
 
 
 def write_manifests(storage: Storage, run_id: str, records: Sequence[ImageRecord]) -> str:
@@ -78,8 +86,8 @@ def summary_lines(report: BatchReport) -> list[tuple[str, str]]:
     """The figures every summary shows (CLI table, markdown artifact, contact sheet)."""
     counts = report.counts
     lines = [
-        ("images requested", str(len(report.records))),
-        ("generated (SUCCESS)", str(counts.get("SUCCESS", 0) - _cached_success(report))),
+        ("images requested", str(report.requested)),
+        ("generated (SUCCESS)", str(counts.get("SUCCESS", 0) - report.cached_successes)),
         ("already stored (cache hits)", str(report.cache_hits)),
         ("content filtered", str(counts.get("CONTENT_FILTERED", 0))),
         ("failed (ERROR)", str(counts.get("ERROR", 0))),
@@ -97,10 +105,6 @@ def summary_lines(report: BatchReport) -> list[tuple[str, str]]:
     return lines
 
 
-def _cached_success(report: BatchReport) -> int:
-    return sum(1 for r in report.records if r.cached and r.finish_reason is FinishReason.SUCCESS)
-
-
 def summary_markdown(
     report: BatchReport, *, title: str = "FLUX batch", storage: Storage | None = None
 ) -> str:
@@ -108,7 +112,7 @@ def summary_markdown(
     text = f"# {title}\n\nDestination: `{report.destination}`\n\n| | |\n|---|---|\n{rows}\n"
     if storage is not None:
         text += thumbnails_markdown(report, storage)
-    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR][:10]
+    errors = report.first_errors
     if errors:
         text += "\n## First errors\n" + "".join(
             f"- prompt {r.index} ({_short(r.prompt, 60)}): {_short(r.error or '', 300)}\n"
@@ -123,7 +127,7 @@ def thumbnails_markdown(report: BatchReport, storage: Storage) -> str:
     The Prefect UI runs in a browser that may be on another machine: it can show signed S3 links
     but not local files, so a local destination gets paths and an honest sentence instead.
     """
-    shown = _first_thumbnails(report.records, THUMBNAILS_IN_SUMMARY)
+    shown = _first_thumbnails(report.iter_records(), THUMBNAILS_IN_SUMMARY)
     if not shown and not report.contact_sheet_uri:
         return ""
     text = "\n## Thumbnails\n\n"
@@ -240,7 +244,7 @@ def publish_artifacts(
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    shown, left_out = problems_first(report.records, ARTIFACT_TABLE_ROWS)
+    shown, left_out = problems_first(report.iter_records(), ARTIFACT_TABLE_ROWS)
     link = _signed_link(report.manifest_uri, storage) if left_out else None
     note = left_out_markdown(len(shown), left_out, report.manifest_uri, link)
     create_table_artifact(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,11 @@ class SpillFolder:
                 f"upload fails are kept there; set {SPILL_ENV} or spill_dir= to a writable folder"
             ) from exc
 
-    def keep_manifest(self, run_id: str, data: bytes) -> Path:
-        """A run's manifest that could not be stored in the destination."""
+    def keep_manifest(self, run_id: str, manifest: Path) -> Path:
+        """A run's manifest that could not be stored in the destination (copied, not read whole)."""
         target = self.path / f"manifest-{run_id}.jsonl"
-        write_atomically(target, data)
+        self.path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest, target)
         return target
 
     def cache_keys(self) -> set[str]:

@@ -57,3 +57,48 @@ def test_a_bad_prompt_in_a_big_list_is_named_before_anything_is_written(
     with pytest.raises(ValueError, match=r"prompts\[4321\]: unknown field 'colour'"):
         generate_images(prompts, str(tmp_path), dry_run=True)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_big_run_streams_its_records_and_its_manifest(
+    tmp_path: Path, flow_env: Any, monkeypatch: Any
+) -> None:
+    """Past KEEP_IN_MEMORY the report holds counts, not records; `records` reads the manifest."""
+    from flux_flows import manifests
+
+    monkeypatch.setattr(manifests, "KEEP_IN_MEMORY", 5)
+    prompts = [f"a streamed gull {i}" for i in range(12)] + ["a streamed gull 3"]
+    report = generate_images(prompts, str(tmp_path), max_concurrency=4)
+    assert report.kept_records is None and report.requested == 13
+    assert report.counts[FinishReason.SUCCESS] == 13 and report.api_calls == 12
+    assert [r.index for r in report.records] == list(range(13))  # read back, in plan order
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(x)["prompt"] for x in lines] == prompts
+    assert not list((tmp_path / "runs").glob("*/parts/*"))  # parts folded into the manifest
+
+
+def test_parts_are_written_as_images_finish_and_kept_when_the_manifest_fails(
+    tmp_path: Path, flow_env: Any, monkeypatch: Any
+) -> None:
+    from flux_flows import dispatch, manifests
+    from flux_flows.errors import StorageError
+
+    original = dispatch.render_windowed
+
+    def small_flushes(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **{**kwargs, "flush_every": 2})
+
+    def refuse(self: Any, storage: Any, run_id: str) -> str:
+        raise StorageError("the disk is full (injected)")
+
+    monkeypatch.setattr(dispatch, "render_windowed", small_flushes)
+    monkeypatch.setattr(manifests.ManifestSpool, "store", refuse)
+    report = generate_images([f"a parted heron {i}" for i in range(5)], str(tmp_path))
+    assert report.manifest_uri is None and report.problems
+    assert "manifest NOT stored (the disk is full (injected))" in report.problems[0]
+    parts = sorted((tmp_path / "runs").glob("*/parts/part-*.jsonl"))
+    assert len(parts) == 3  # 2 + 2 + 1 finished images
+    recorded = [json.loads(x) for p in parts for x in p.read_text().splitlines()]
+    assert sorted(r["prompt"] for r in recorded) == [f"a parted heron {i}" for i in range(5)]
+    assert all(r["finish_reason"] == "SUCCESS" and r["uri"] for r in recorded)
+    kept = Path(report.problems[0].rsplit("a copy is kept at ", 1)[1])
+    assert len(kept.read_text().splitlines()) == 5

@@ -36,7 +36,6 @@ from flux_flows.cli._common import (
 )
 from flux_flows.cli._session import print_ui_page, run_flow
 from flux_flows.errors import FluxError, PromptSourceError
-from flux_flows.models import FinishReason
 from flux_flows.results import BatchReport
 from flux_flows.settings import BATCH_DEFAULTS as D
 from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
@@ -53,11 +52,12 @@ def print_summary(report: BatchReport, title: str) -> None:
     for name, value in summary_lines(report):
         table.add_row(name, value)
     out.print(table)
-    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
-    for record in errors[:5]:
+    for record in report.first_errors[:5]:
         console.print(f"[red]failed[/] prompt {record.index}: {record.error}", highlight=False)
-    if len(errors) > 5:
-        console.print(f"... and {len(errors) - 5} more failures: see the manifest")
+    if report.failed > 5:
+        console.print(f"... and {report.failed - 5} more failures: see the manifest")
+    for problem in report.problems:
+        console.print(f"[bold red]not recorded:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 def print_contact_sheet(report: BatchReport) -> None:
@@ -74,7 +74,8 @@ def print_contact_sheet(report: BatchReport) -> None:
 
 
 def finish(report: BatchReport) -> None:
-    if report.failed:
+    """Exit non-zero when an image failed or a record was lost (the summary said which)."""
+    if report.failed or report.problems:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
@@ -149,12 +150,14 @@ def plan(
 
     from flux_flows.batch import plan_run
     from flux_flows.prompts import normalize_prompts, read_prompts
+    from flux_flows.storage import open_storage
 
     check_prompt_source(prompts, prompt, edit, model)
     settings = _settings(locals(), drop=("prompts", "to", "prompt"))
     try:
         rows = normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
-        storage, the_plan = plan_run(rows, settings, to)
+        storage = open_storage(to)
+        the_plan = plan_run(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
     stored = sum(1 for key in the_plan.unique if key in the_plan.stored)

@@ -18,7 +18,7 @@ def write_contact_sheets(storage: Storage, run_id: str, report: BatchReport) -> 
     return write_run_sheet(
         storage,
         run_id,
-        report.records,
+        report.iter_records(),
         report.counts,
         summary=summary_lines(report),
         destination=report.destination,

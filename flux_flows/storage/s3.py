@@ -305,12 +305,19 @@ class S3Storage:
     def put_file(self, key: str, path: Path, *, content_type: str) -> str:
         """Upload a file of any size without reading it into memory (multipart when large)."""
         object_key = self._object_key(key)
+        from boto3.exceptions import S3UploadFailedError
+
         try:
             self.client.upload_file(
                 str(path), self.bucket, object_key, ExtraArgs={"ContentType": content_type}
             )
-        except (*_boto_errors(), OSError) as exc:
-            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
+        except (*_boto_errors(), S3UploadFailedError, OSError) as exc:
+            # The transfer manager wraps the service's error; explain the service's own.
+            cause = exc.__cause__ if isinstance(exc, S3UploadFailedError) else exc
+            error = cause if isinstance(cause, Exception) else exc
+            raise _storage_error(
+                error, bucket=self.bucket, key=object_key, action="upload"
+            ) from exc
         return f"s3://{self.bucket}/{object_key}"
 
     def get(self, key: str) -> bytes:
