@@ -91,7 +91,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     started = time.perf_counter()
     logger = get_run_logger()
     storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
-    spill = SpillFolder(options.destination, options.spill_dir)
+    spill = SpillFolder(storage.root_uri, options.spill_dir)
     plan = plan_run(
         rows,
         options,

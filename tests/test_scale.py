@@ -102,3 +102,48 @@ def test_parts_are_written_as_images_finish_and_kept_when_the_manifest_fails(
     assert all(r["finish_reason"] == "SUCCESS" and r["uri"] for r in recorded)
     kept = Path(report.problems[0].rsplit("a copy is kept at ", 1)[1])
     assert len(kept.read_text().splitlines()) == 5
+
+
+def test_spilled_images_are_found_whatever_the_destination_spelling(
+    tmp_path: Path, flow_env: Any, monkeypatch: Any
+) -> None:
+    """Issue 16: a re-run into `/x/`, `./x` or `/x/../x` uploads what a run into `/x` spilled."""
+    import os
+
+    from flux_flows.errors import StorageError
+    from flux_flows.storage import LocalStorage
+
+    prompts = [f"a spilled kite {i}" for i in range(3)]
+    original_put = LocalStorage.put
+
+    def refuse_images(self: Any, key: str, data: bytes, **kwargs: Any) -> str:
+        if key.startswith("images/"):
+            raise StorageError("read-only file system (injected)")
+        return original_put(self, key, data, **kwargs)
+
+    monkeypatch.setattr(LocalStorage, "put", refuse_images)
+    first = generate_images(prompts, str(tmp_path / "x"))
+    assert first.spilled == 3 and flow_env.stats.generations == 3
+    monkeypatch.setattr(LocalStorage, "put", original_put)
+
+    monkeypatch.chdir(tmp_path)
+    second = generate_images(prompts, "./x/../x/")
+    assert second.api_calls == 0 and flow_env.stats.generations == 3  # nothing paid twice
+    assert second.counts[FinishReason.SUCCESS] == 3 and second.spilled == 0
+    assert len(os.listdir(tmp_path / "x" / "images")) == 3
+
+
+def test_images_spilled_under_an_old_spelling_are_found(tmp_path: Path) -> None:
+    """Folders written by earlier versions were keyed by the destination as typed."""
+    from flux_flows.spill import SpillFolder
+
+    typed = f"{tmp_path}/dest/"
+    old = SpillFolder(typed, tmp_path / "spill")  # what an earlier version made
+    old.save("ab" * 16, b"jpeg bytes", object_key="images/a.jpg", content_type="image/jpeg")
+    canonical = SpillFolder(str(tmp_path / "dest"), tmp_path / "spill")
+    assert canonical.path != old.path
+    assert canonical.cache_keys() == {"ab" * 16}
+    data, meta = canonical.load("ab" * 16)  # type: ignore[misc]
+    assert data == b"jpeg bytes" and meta["object_key"] == "images/a.jpg"
+    canonical.remove("ab" * 16)
+    assert not old.cache_keys()

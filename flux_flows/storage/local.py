@@ -121,7 +121,8 @@ class LocalStorage:
     """Files under an absolute folder. Metadata is not kept: the manifest holds it."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().absolute()
+        # One spelling per folder ("a/../b/", "./b" and "b" alike): the spill folder is keyed on it.
+        self.root = Path(os.path.normpath(Path(root).expanduser().absolute()))
         self.root_uri = str(self.root)
 
     def __repr__(self) -> str:
