@@ -85,24 +85,27 @@ class BatchPlan:
 
 def _edit_pairs(
     rows: Sequence[PromptRow], input_images: Sequence[str] | None
-) -> list[tuple[int, str, dict[str, Any]]]:
-    """(prompt index, where, fields): one per prompt, or one per (prompt, image) in an edit batch.
+) -> list[tuple[int, int, str, dict[str, Any]]]:
+    """(prompt index, first variant, where, fields): one per prompt, or one per (prompt, image)
+    in an edit batch. A replayed record keeps its index and variant (its seed is explicit).
 
     A row that names its own `input_image` keeps it and is not crossed with the batch's images.
     """
-    pairs: list[tuple[int, str, dict[str, Any]]] = []
-    for index, row in enumerate(rows):
+    pairs: list[tuple[int, int, str, dict[str, Any]]] = []
+    for position, row in enumerate(rows):
+        index = position if row.index is None else row.index
+        variant = row.variant or 0
         if input_images and row.fields.get("input_image") is None:
             for ref in input_images:
                 where = f"{row.where} with input image {describe_reference(ref)}"
-                pairs.append((index, where, {**row.fields, "input_image": ref}))
+                pairs.append((index, variant, where, {**row.fields, "input_image": ref}))
         else:
-            pairs.append((index, row.where, dict(row.fields)))
+            pairs.append((index, variant, row.where, dict(row.fields)))
     return pairs
 
 
 def _fill_input_hashes(
-    pairs: list[tuple[int, str, dict[str, Any]]],
+    pairs: list[tuple[int, int, str, dict[str, Any]]],
     defaults: Mapping[str, Any],
     aws_credentials: Any,
 ) -> None:
@@ -113,7 +116,7 @@ def _fill_input_hashes(
     validation anyway, and reading a thousand photos to say so would waste minutes.
     """
     wanted: dict[str, str] = {}
-    for _, _, fields in pairs:
+    for *_, fields in pairs:
         ref = fields.get("input_image")
         model = fields.get("model") or defaults.get("model") or SCHNELL
         if not isinstance(ref, str) or fields.get("input_image_sha256") or not is_kontext(model):
@@ -123,7 +126,7 @@ def _fill_input_hashes(
         except ValueError:
             continue  # validation names the bad reference, with where it came from
     hashes = hash_input_images(dict.fromkeys(wanted.values()), aws_credentials)
-    for _, _, fields in pairs:
+    for *_, fields in pairs:
         ref = fields.get("input_image")
         if isinstance(ref, str) and ref in wanted and not fields.get("input_image_sha256"):
             fields["input_image_sha256"] = hashes[wanted[ref]]
@@ -149,7 +152,7 @@ def expand(
     _fill_input_hashes(pairs, defaults, aws_credentials)
     images: list[PlannedImage] = []
     problems: list[str] = []
-    for index, where, fields in pairs:
+    for index, first_variant, where, fields in pairs:
         item_id = fields.get("id")
         for variant in range(variants):
             try:
@@ -159,8 +162,9 @@ def expand(
             except ValidationError as exc:
                 problems.append(f"{where}: {describe_validation_error(exc)}")
                 break
+            label = variant + first_variant
             images.append(
-                PlannedImage(index, variant, request, None if item_id is None else str(item_id))
+                PlannedImage(index, label, request, None if item_id is None else str(item_id))
             )
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]

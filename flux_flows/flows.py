@@ -23,7 +23,7 @@ from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.dispatch import render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_run_sheet
-from flux_flows.manifests import ManifestSpool, PartWriter
+from flux_flows.manifests import ManifestSpool, PartWriter, merged_manifest
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
@@ -33,6 +33,7 @@ from flux_flows.render import RenderJob, RenderResult
 from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
+    iter_manifest,
     load_manifest,
     publish_artifacts,
     summary_lines,
@@ -141,7 +142,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     )
     try:
         if not options.dry_run:
-            _record_run(report, storage, spill, run_id, spool, parts, logger)
+            _record_run(report, options, storage, spill, run_id, spool, parts, logger)
         report.wall_time_s = time.perf_counter() - started
     finally:
         spool.discard()
@@ -182,6 +183,7 @@ def _render(
 
 def _record_run(
     report: BatchReport,
+    options: BatchOptions,
     storage: Storage,
     spill: SpillFolder,
     run_id: str,
@@ -191,8 +193,9 @@ def _record_run(
 ) -> None:
     """Manifest, contact sheet and artifacts; what could not be stored is said, never dropped."""
     report.local_manifest = str(spool.path)
+    latest = merged_manifest(options.merge_into, spool.path, options.aws_credentials)
     try:
-        report.manifest_uri = spool.store(storage, run_id)
+        report.manifest_uri = spool.store(storage, run_id, latest=latest.path if latest else None)
         parts.remove()
     except StorageError as exc:
         kept = spill.keep_manifest(run_id, spool.path)
@@ -207,9 +210,15 @@ def _record_run(
             report.counts,
             summary=summary_lines(report),
             destination=report.destination,
+            latest=None
+            if latest is None
+            else (iter_manifest(str(latest.path)), latest.all_counts()),
         )
     except (StorageError, OSError) as exc:
         logger.error("could not store the contact sheet: %s", exc)
+    finally:
+        if latest is not None:
+            latest.discard()
     publish_artifacts(report, storage=storage)
     report.local_manifest = None
 
@@ -364,7 +373,8 @@ def replay_rows(
             fields: dict[str, Any] = record.to_request().model_dump()
             if record.item_id is not None:
                 fields["id"] = record.item_id
-            rows.append(PromptRow(fields=fields, where=f"{manifest_uri} line {number}"))
+            where = f"{manifest_uri} line {number}"
+            rows.append(PromptRow(fields, where, index=record.index, variant=record.variant))
     return rows
 
 
@@ -410,5 +420,8 @@ def replay_failed(
         )
         return Completed(message="nothing to replay", data=empty)  # type: ignore[return-value]
     # The rows carry every request field of the original records; the batch defaults do not apply.
-    options = BatchOptions.from_params({**locals(), "destination": target})
+    # The destination's manifest stays the whole of the replayed one, with the new outcomes in.
+    options = BatchOptions.from_params(
+        {**locals(), "destination": target, "merge_into": manifest_uri}
+    )
     return run_batch(rows, options)  # type: ignore[return-value]

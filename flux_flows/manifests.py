@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from flux_flows import layout
 from flux_flows.errors import StorageError
@@ -94,11 +94,31 @@ class ManifestSpool:
     def all_counts(self) -> dict[str, int]:
         return {reason.value: self.counts.get(reason.value, 0) for reason in FinishReason}
 
-    def store(self, storage: Storage, run_id: str) -> str:
-        """The run's manifest and the destination's latest; returns the run's URI."""
+    def store(self, storage: Storage, run_id: str, *, latest: Path | None = None) -> str:
+        """The run's manifest and the destination's latest (this one, or `latest` for a replay
+        merged into its original); returns the run's URI."""
         uri = storage.put_file(layout.run_manifest_key(run_id), self.path, content_type=NDJSON)
-        storage.put_file(layout.MANIFEST, self.path, content_type=NDJSON)
+        storage.put_file(layout.MANIFEST, latest or self.path, content_type=NDJSON)
         return uri
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def merged_manifest(
+    base_uri: str | None, replayed: Path, aws_credentials: Any
+) -> ManifestSpool | None:
+    """The manifest at `base_uri` with each replayed record in place of the one it re-did
+    (matched by index and variant), streamed into a spool; None when there is no base."""
+    if not base_uri:
+        return None
+    from flux_flows.reporting import iter_manifest
+
+    redone = {(r.index, r.variant): r for r in iter_manifest(str(replayed))}
+    merged = ManifestSpool()
+    try:
+        for record in iter_manifest(base_uri, aws_credentials=aws_credentials):
+            merged.add(redone.get((record.index, record.variant), record))
+    finally:
+        merged.finish()
+    return merged

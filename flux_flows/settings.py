@@ -110,6 +110,9 @@ class BatchOptions(BatchSettings):
     destination: str = DEFAULT_DESTINATION
     credentials: Any = None
     aws_credentials: Any = None
+    # A replay: the manifest whose records this run re-does; the destination's manifest stays
+    # that whole manifest, with the new outcomes in place of the old.
+    merge_into: str | None = None
 
 
 REQUEST_FIELDS: tuple[str, ...] = tuple(RequestDefaults.model_fields)

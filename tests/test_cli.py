@@ -148,10 +148,11 @@ def test_run_with_failures_exits_1_and_replay_finishes_them(
     replayed = cli("replay", str(manifest), env=cli_env)
     assert replayed.returncode == 0, replayed.stderr
     assert flow_env.stats.requests == before + 1  # only the failed image, once
+    # The destination's manifest still lists both images, the replayed one in its place.
     latest = [json.loads(x) for x in manifest.read_text().splitlines()]
-    assert len(latest) == 1
-    assert latest[0]["finish_reason"] == "SUCCESS" and latest[0]["seed"] == failed["seed"]
-    assert latest[0]["item_id"] == "w-1" and Path(latest[0]["uri"]).exists()
+    assert [r["index"] for r in latest] == [0, 1]
+    assert latest[1]["finish_reason"] == "SUCCESS" and latest[1]["seed"] == failed["seed"]
+    assert latest[1]["item_id"] == "w-1" and Path(latest[1]["uri"]).exists()
 
 
 def test_run_missing_file_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:

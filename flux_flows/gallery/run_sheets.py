@@ -33,6 +33,7 @@ def write_run_sheet(
     *,
     summary: Sequence[tuple[str, str]],
     destination: str,
+    latest: tuple[Iterable[ImageRecord], Mapping[str, int]] | None = None,
 ) -> str:
     """The same from a stream of records and their counts by finish reason.
 
@@ -40,17 +41,30 @@ def write_run_sheet(
     served as a static site. The root copy of a paged sheet is an index whose links go into
     runs/<id>/contact-sheet/, so the latest run's pages are stored only once.
     """
-    written = write_sheet(
-        storage,
-        [layout.run_contact_sheet_key(run_id), layout.CONTACT_SHEET],
-        records,
-        counts,
-        href_for=relative_href,
-        text=SheetText(
-            title=f"flux-flows run {run_id}",
-            subtitle=destination,
-            summary=summary,
-            manifest_href=layout.MANIFEST,  # each index sits beside its manifest
-        ),
+    text = SheetText(
+        title=f"flux-flows run {run_id}",
+        subtitle=destination,
+        summary=summary,
+        manifest_href=layout.MANIFEST,  # each index sits beside its manifest
     )
+    keys = [layout.run_contact_sheet_key(run_id)]
+    if latest is None:  # the root copy shows this run
+        keys.append(layout.CONTACT_SHEET)
+    written = write_sheet(storage, keys, records, counts, href_for=relative_href, text=text)
+    if latest is not None:  # a replay: the root shows the whole merged manifest
+        merged, merged_counts = latest
+        root = SheetText(
+            title="flux-flows: latest images",
+            subtitle=destination,
+            summary=(),
+            manifest_href=layout.MANIFEST,
+        )
+        write_sheet(
+            storage,
+            [layout.CONTACT_SHEET],
+            merged,
+            merged_counts,
+            href_for=relative_href,
+            text=root,
+        )
     return written.uris[0]
