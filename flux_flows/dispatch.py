@@ -210,6 +210,9 @@ def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
     )
 
 
+INTERRUPTED = "not attempted: the run was interrupted (Ctrl-C)"
+
+
 def render_windowed(
     requests: Sequence[ImageRequest],
     job_for: Callable[[ImageRequest], RenderJob],
@@ -256,6 +259,17 @@ def render_windowed(
         try:
             future = done.get(timeout=max(wait, 0.005))
         except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            # Ctrl-C: stop submitting, let what is in flight (paid for) finish and be stored,
+            # so the manifest records it; a second Ctrl-C aborts at once.
+            if abort == INTERRUPTED:
+                raise
+            abort = INTERRUPTED
+            logger.warning(
+                "interrupted: no new images; waiting for %d in flight (Ctrl-C again to abort)",
+                in_flight,
+            )
             continue
         in_flight -= 1
         result = _result_of(future, keys_by_run.pop(future.task_run_id))

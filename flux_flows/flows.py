@@ -20,7 +20,7 @@ from prefect.states import Completed, Failed, State
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, plan_run
 from flux_flows.blocks import FireworksCredentials, shared_client
-from flux_flows.dispatch import render_all
+from flux_flows.dispatch import INTERRUPTED, render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_run_sheet
 from flux_flows.manifests import ManifestSpool, PartWriter, merged_manifest
@@ -139,6 +139,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
         cached_successes=spool.cached_successes,
         spilled=spool.spilled,
         first_errors=spool.first_errors,
+        interrupted=any(r.error == INTERRUPTED for r in results.values()),
     )
     try:
         if not options.dry_run:

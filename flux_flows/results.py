@@ -146,6 +146,7 @@ class BatchReport(BaseModel):
     problems: list[str] = Field(
         default_factory=list, description="what the run could not record (e.g. the manifest)"
     )
+    interrupted: bool = False  # stopped by Ctrl-C: some images were not attempted
     # The run's manifest on local disk while the run that wrote it finishes (sheet, artifacts).
     local_manifest: str | None = Field(default=None, exclude=True, repr=False)
 

@@ -191,3 +191,35 @@ def test_plan_an_edit_batch_with_inline_prompts(tmp_path: Path, cli_env: dict[st
     assert wrong.returncode == 2 and "Kontext" in wrong.stderr
     both = cli("plan", str(tmp_path / "p.txt"), "--prompt", "x", env=cli_env)
     assert both.returncode == 2 and "exactly one" in both.stderr
+
+
+def test_ctrl_c_stops_submitting_finishes_in_flight_and_writes_the_manifest(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """Issue 16: one Ctrl-C never loses a paid image or the record of what was not done."""
+    import signal
+    import time
+
+    flow_env.configure(latency_s=0.5)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "flux_flows.cli", "run", "--to", str(out), "-c", "2"]
+    for i in range(30):
+        argv += ["-p", f"an interrupted crane {i}"]
+    process = subprocess.Popen(
+        argv, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    records = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 30  # every requested image has its line
+    stored = [r for r in records if r["finish_reason"] == "SUCCESS"]
+    skipped = [r for r in records if "interrupted" in (r["error"] or "")]
+    assert stored and skipped and len(stored) + len(skipped) == 30
+    # Everything generated was stored and recorded: nothing paid for is lost.
+    assert flow_env.stats.generations == len(stored) == len(list((out / "images").iterdir()))

@@ -75,6 +75,16 @@ def print_contact_sheet(report: BatchReport) -> None:
 
 def finish(report: BatchReport) -> None:
     """Exit non-zero when an image failed or a record was lost (the summary said which)."""
+    if report.interrupted:
+        where = report.manifest_uri or "the spill folder (see above)"
+        console.print(
+            f"[bold yellow]interrupted:[/] what was in flight was stored; the images not "
+            f"attempted are ERROR records in {where}: run the same command again (or "
+            "`flux-flows replay` on that manifest) to finish them.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
     if report.failed or report.problems:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
