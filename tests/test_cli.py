@@ -223,3 +223,33 @@ def test_ctrl_c_stops_submitting_finishes_in_flight_and_writes_the_manifest(
     assert stored and skipped and len(stored) + len(skipped) == 30
     # Everything generated was stored and recorded: nothing paid for is lost.
     assert flow_env.stats.generations == len(stored) == len(list((out / "images").iterdir()))
+
+
+def test_overlapping_runs_into_one_destination_pay_once(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """Issue 16: a second run started while the first is generating waits for its images."""
+    import time
+
+    flow_env.configure(latency_s=0.5)  # the first run takes ~5 s: the second starts inside it
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"an overlapping egret {i}\n" for i in range(40)))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "flux_flows.cli", "run", str(prompts), "--to", str(out)]
+    first = subprocess.Popen([*argv, "-c", "4"], env=cli_env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "claims").is_dir() or not list((out / "claims").iterdir()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = cli("run", str(prompts), "--to", str(out), "-c", "4", env=cli_env)
+    _, first_err = first.communicate(timeout=180)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert flow_env.stats.generations == 40  # distinct images, each paid once
+    assert len(list((out / "images").iterdir())) == 40
+    runs = sorted((out / "runs").glob("*/manifest.jsonl"))
+    assert len(runs) == 2
+    for manifest in runs:
+        records = [json.loads(x) for x in manifest.read_text().splitlines()]
+        assert len(records) == 40 and all(r["finish_reason"] == "SUCCESS" for r in records)
+    assert not list((out / "claims").iterdir())  # both claims released
