@@ -140,14 +140,20 @@ def render_all(
     progress: ProgressReporter,
     make_job: JobFactory,
     on_results: Callable[[list[RenderResult]], None] = lambda results: None,
+    work_dir: str = "",
 ) -> dict[str, RenderResult]:
     """Every missing image, rendered where the flow's task runner says.
 
     Local threads (the default): one windowed loop, no task runs. `per_image_tasks`: a task run
-    per image. Any other runner (Dask, Ray): chunks, one task run each. `on_results` sees each
+    per image. Any other runner (Dask, Ray): chunks, one task run each. `chunk_deployment`:
+    chunks as flow runs on a work pool (see `pools`), staged under `work_dir`. `on_results` sees each
     batch of finished results (a chunk, or every few hundred images) so records can be written
     as the run goes.
     """
+    if options.chunk_deployment:
+        from flux_flows.pools import render_on_pool
+
+        return render_on_pool(requests, options, progress, make_job, on_results, work_dir)
     context = FlowRunContext.get()
     chosen = context.task_runner if context else None
     local = chosen is None or isinstance(chosen, ThreadPoolTaskRunner)

@@ -19,7 +19,7 @@ from prefect.states import Completed, Failed, State
 
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, await_other_runs, plan_run
-from flux_flows.blocks import FireworksCredentials, shared_client
+from flux_flows.blocks import FireworksCredentials
 from flux_flows.claims import ClaimBook
 from flux_flows.dispatch import INTERRUPTED, render_all
 from flux_flows.errors import BatchFailedError, StorageError
@@ -27,6 +27,7 @@ from flux_flows.gallery import write_run_sheet
 from flux_flows.manifests import ManifestSpool, PartWriter, merged_manifest
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
+from flux_flows.preflight import preflight
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
 from flux_flows.records import finished_records, iter_records
@@ -58,36 +59,6 @@ __all__ = [
 D = BATCH_DEFAULTS  # the signatures' defaults, written once in settings.py
 
 
-def _preflight(options: BatchOptions, storage: Storage, spill: SpillFolder) -> None:
-    """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
-    storage.check_writable()
-    if not options.dry_run:
-        # The fallback for a failed upload must work before an image is paid for.
-        spill.check_writable()
-        shared_client(options.credentials)
-        if options.concurrency_limit:
-            _check_concurrency_limit(options.concurrency_limit)
-
-
-def _check_concurrency_limit(name: str) -> None:
-    """A misspelt limit name would otherwise fail every image (or, unchecked, limit nothing)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            raise ValueError(
-                f"concurrency_limit={name!r}: no Prefect global concurrency limit has this name; "
-                f"create it with `prefect gcl create {name} --limit 8` (nothing was generated)"
-            ) from None
-    if not limit.active:
-        get_run_logger().warning(
-            "global concurrency limit %r is inactive: API calls are not limited by it", name
-        )
-
-
 def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
@@ -99,7 +70,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
         options,
         storage,
         aws_credentials=options.aws_credentials,
-        preflight=lambda: _preflight(options, storage, spill),
+        preflight=lambda: preflight(options, storage, spill),
     )
     logger.info(
         "%d images requested: %d distinct, %d already stored, %d to generate (est. $%.4f)%s",
@@ -194,12 +165,12 @@ def _render(
             len(deferred),
         )
     own = [plan.unique[key] for key in plan.to_generate if key not in deferred]
-    results = render_all(own, options, progress, make_job, on_results=write_part)
+    work_dir = f"{layout.RUNS}{claims.run_id}/chunks/"
+    results = render_all(own, options, progress, make_job, write_part, work_dir)
     if deferred:
         leftover = await_other_runs(plan, storage, claims, deferred)
-        results |= render_all(
-            [plan.unique[k] for k in leftover], options, progress, make_job, write_part
-        )
+        again = [plan.unique[k] for k in leftover]
+        results |= render_all(again, options, progress, make_job, write_part, work_dir + "again/")
     progress.finish()
     return results
 
@@ -288,6 +259,7 @@ def generate_images(
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
     chunk_size: int = D.chunk_size,
+    chunk_deployment: str | None = D.chunk_deployment,
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
@@ -359,6 +331,7 @@ def generate_images_from_file(
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
     chunk_size: int = D.chunk_size,
+    chunk_deployment: str | None = D.chunk_deployment,
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,

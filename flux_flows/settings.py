@@ -72,6 +72,8 @@ class BatchSettings(RequestDefaults):
     per_image_tasks: bool = False
     # Images per task run when a task runner other than local threads (Dask, Ray) runs the batch.
     chunk_size: int = 500
+    # "render-chunk/<deployment>": chunks run as flow runs of that deployment, on its work pool.
+    chunk_deployment: str | None = None
     # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
     input_images: list[str] | str | None = None
 
