@@ -113,8 +113,8 @@ def finish(report: BatchReport) -> None:
     )
     if refused is not None:
         fail(
-            f"the API refused the credentials; the batch stopped ({refused}). Check "
-            "FIREWORKS_API_KEY or the credentials block, then run the same command again.",
+            f"the API refused the credentials, so the batch stopped; the same command resumes "
+            f"it once they are fixed. {refused}",
             ExitCode.CREDENTIALS,
         )
     if report.failed:
