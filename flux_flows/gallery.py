@@ -228,9 +228,17 @@ _CSP = "; ".join(
 )
 
 
+_BIDI_CONTROLS = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _e(value: object) -> str:
-    """Escape for text and for double-quoted attribute values alike."""
-    return html.escape(str(value), quote=True)
+    """Escape for text and for double-quoted attribute values alike.
+
+    Bidi controls are shown as `<U+202E>`, not obeyed: a right-to-left override in a prompt would
+    otherwise make the page display text the prompt does not contain ("gpj.exe" as "exe.jpg").
+    """
+    text = _BIDI_CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(value))
+    return html.escape(text, quote=True)
 
 
 @dataclass(frozen=True)
