@@ -178,7 +178,13 @@ def _read_url(ref: str, allow_private_urls: bool | None) -> bytes:
             allow_private=allow_private_urls,
         )
     except UrlTooLarge as exc:
-        raise InputImageError(_too_big(ref, exc.size)) from exc
+        if exc.announced:
+            raise InputImageError(_too_big(ref, exc.size)) from exc
+        limit = MAX_INPUT_IMAGE_BYTES // (1024 * 1024)
+        raise InputImageError(
+            f"input image {describe_reference(ref)} is over the limit of {limit} MiB (the "
+            f"download was cut at {exc.size / 1024 / 1024:.1f} MiB)"
+        ) from exc
     except UrlRefused as exc:
         raise InputImageError(f"input image refused: {exc}") from exc
     except UrlFetchError as exc:

@@ -60,11 +60,13 @@ class UrlRefused(UrlFetchError):
 
 
 class UrlTooLarge(UrlFetchError):
-    """The body passed the caller's limit; `size` is how far it got (or what it announced)."""
+    """The body passed the caller's limit: `size` is its announced length when `announced`,
+    else how far the download got before it was cut."""
 
-    def __init__(self, message: str, *, size: int) -> None:
+    def __init__(self, message: str, *, size: int, announced: bool) -> None:
         super().__init__(message)
         self.size = size
+        self.announced = announced
 
 
 def private_urls_allowed(allow: bool | None = None) -> bool:
@@ -166,12 +168,16 @@ def _peer_check(url: httpx.URL) -> Any:
 def _read_body(response: httpx.Response, url: httpx.URL, max_bytes: int, deadline: float) -> bytes:
     announced = response.headers.get("content-length", "")
     if announced.isdigit() and int(announced) > max_bytes:
-        raise UrlTooLarge(f"{shown_url(url)} is {announced} bytes", size=int(announced))
+        raise UrlTooLarge(
+            f"{shown_url(url)} is {announced} bytes", size=int(announced), announced=True
+        )
     chunks, total = [], 0
     for chunk in response.iter_bytes():
         total += len(chunk)
         if total > max_bytes:
-            raise UrlTooLarge(f"{shown_url(url)} is over {max_bytes} bytes", size=total)
+            raise UrlTooLarge(
+                f"{shown_url(url)} is over {max_bytes} bytes", size=total, announced=False
+            )
         if time.monotonic() > deadline:
             raise UrlFetchError(f"{shown_url(url)} was still downloading at the deadline")
         chunks.append(chunk)
