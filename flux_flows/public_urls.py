@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -147,7 +148,7 @@ def _through_proxy(url: httpx.URL) -> bool:
     return not urllib.request.proxy_bypass_environment(_host_of(url), proxies)
 
 
-def _peer_check(url: httpx.URL) -> Any:
+def _peer_check(url: httpx.URL) -> Callable[[str, dict[str, Any]], None]:
     """An httpcore trace hook refusing a connection to a private peer before anything is sent."""
 
     def trace(event: str, info: dict[str, Any]) -> None:
