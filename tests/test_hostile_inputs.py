@@ -274,6 +274,9 @@ def test_public_redirects_are_followed_a_few_times_only(
     server.routes["/a"] = (301, {"Location": "/b"}, b"")
     server.routes["/b"] = (307, {"Location": server.url("/cat.png")}, b"")
     assert resolve_input_image(server.url("/a")) == (PNG, "image/png")
+    server.routes["/bad"] = (302, {"Location": "http://[::1"}, b"")
+    with pytest.raises(InputImageError, match="Invalid URL in location header"):
+        resolve_input_image(server.url("/bad"))
     server.routes["/loop"] = (302, {"Location": "/loop"}, b"")
     with pytest.raises(InputImageError, match="more than 5 redirects"):
         resolve_input_image(server.url("/loop"))
