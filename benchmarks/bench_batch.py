@@ -577,7 +577,8 @@ def run_components_child(argv: Sequence[str]) -> None:
 
     def job(request: ImageRequest, folder: str) -> RenderJob:
         destination = args.dest.rstrip("/") + folder
-        return RenderJob(request, open_storage(destination), SpillFolder(destination))
+        storage = open_storage(destination)
+        return RenderJob(request, storage, SpillFolder(storage.root_uri))
 
     jobs = [job(r, "/plain") for r in requests]
     out["render() on plain threads (all steps, no Prefect)"], _ = _cpu_per_call_ms(

@@ -40,7 +40,6 @@ from flux_flows.cli._common import (
 )
 from flux_flows.cli._session import print_ui_page, run_flow
 from flux_flows.errors import AuthenticationError, FluxError, PromptSourceError
-from flux_flows.models import FinishReason
 from flux_flows.results import BatchReport
 from flux_flows.settings import BATCH_DEFAULTS as D
 from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
@@ -76,11 +75,12 @@ def print_summary(report: BatchReport, title: str) -> None:
     for name, value in summary_lines(report):
         table.add_row(name, value)
     out.print(table)
-    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
-    for record in errors[:5]:
+    for record in report.first_errors[:5]:
         console.print(f"[red]failed[/] prompt {record.index}: {record.error}", highlight=False)
-    if len(errors) > 5:
-        console.print(f"... and {len(errors) - 5} more failures: see the manifest")
+    if report.failed > 5:
+        console.print(f"... and {report.failed - 5} more failures: see the manifest")
+    for problem in report.problems:
+        console.print(f"[bold red]not recorded:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 def print_contact_sheet(report: BatchReport) -> None:
@@ -97,27 +97,35 @@ def print_contact_sheet(report: BatchReport) -> None:
 
 
 def finish(report: BatchReport) -> None:
-    """Exit as `generate` would: a batch the API stopped for its credentials is a key problem.
+    """Exit non-zero when an image failed or a record was lost (the summary said which).
 
-    The flow stops submitting at the first AuthenticationError and records the rest as not
-    attempted; "1: some images failed" would send the user hunting through prompts.
+    A batch the API stopped for its credentials exits 3, as `generate` does: the flow stops
+    submitting at the first AuthenticationError and records the rest as "not attempted: an
+    earlier request failed with AuthenticationError ...", and "1: some images failed" would send
+    the user hunting through prompts. The first errors (kept in the report, however big the run)
+    are enough to tell.
     """
-    refused = next(
-        (
-            record.error
-            for record in report.records
-            if record.finish_reason is FinishReason.ERROR
-            and (record.error or "").startswith(AuthenticationError.__name__)
-        ),
-        None,
-    )
-    if refused is not None:
+    if report.interrupted:
+        where = report.manifest_uri or "the spill folder (see above)"
+        console.print(
+            f"[bold yellow]interrupted:[/] what was in flight was stored; the images not "
+            f"attempted are ERROR records in {where}: run the same command again (or "
+            "`flux-flows replay` on that manifest) to finish them.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
+    refused = AuthenticationError.__name__
+    if any(
+        (record.error or "").startswith(refused) or f"failed with {refused}" in (record.error or "")
+        for record in report.first_errors
+    ):
         fail(
-            f"the API refused the credentials, so the batch stopped; the same command resumes "
-            f"it once they are fixed. {refused}",
+            "the API refused the credentials, so the batch stopped: check FIREWORKS_API_KEY "
+            "or the credentials block; the same command then finishes the batch",
             ExitCode.CREDENTIALS,
         )
-    if report.failed:
+    if report.failed or report.problems:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
@@ -157,12 +165,14 @@ def confirm_large_batch(
     read-only one `plan` prints, so what is shown is what will run.
     """
     from flux_flows.batch import plan_run
+    from flux_flows.storage import open_storage
 
     try:
         rows = _read_rows(prompts, prompt)
         if settings.input_images is None and len(rows) * settings.variants <= PLAN_FIRST_ABOVE:
             return
-        storage, the_plan = plan_run(rows, settings, to)
+        storage = open_storage(to)
+        the_plan = plan_run(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
     count, cost = len(the_plan.to_generate), the_plan.estimated_cost_usd
@@ -250,13 +260,15 @@ def plan(
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
     from flux_flows.batch import plan_run
+    from flux_flows.storage import open_storage
 
     check_prompt_source(prompts, prompt, edit, model)
     check_destination(to)
     settings = _settings(locals(), drop=("prompts", "to", "prompt"))
     try:
         rows = _read_rows(prompts, prompt)
-        storage, the_plan = plan_run(rows, settings, to)
+        storage = open_storage(to)
+        the_plan = plan_run(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
     print_plan(f"plan: {prompts or f'{len(rows)} prompt(s)'} -> {storage.root_uri}", the_plan)
