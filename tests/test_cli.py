@@ -94,6 +94,27 @@ def test_generate_credentials_errors(tmp_path: Path, cli_env: dict[str, str]) ->
     no_traceback(done)
 
 
+def test_run_with_a_refused_key_exits_3_like_generate(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    wrong = "fw-wrong-key-111111111111"
+    done = cli(
+        "run",
+        "--prompt",
+        "a fox",
+        "--prompt",
+        "a cat",
+        "--to",
+        str(tmp_path / "out"),
+        env={**cli_env, "FIREWORKS_API_KEY": wrong},
+    )
+    assert done.returncode == 3, done.stderr
+    assert "refused the credentials" in done.stderr
+    assert wrong not in done.stderr + done.stdout
+    no_traceback(done)
+    assert flow_env.stats.generations == 0
+
+
 def test_generate_filtered_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
     target = tmp_path / "x.jpg"
     done = cli("generate", "nsfw thing", "-o", str(target), "--safety-check", env=cli_env)

@@ -408,6 +408,30 @@ def test_page_escapes_every_field_even_without_a_run() -> None:
     assert "<b>boom</b>" in page.cards[1].text and "<u>value</u>" in page.text
 
 
+BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+
+
+def test_bidi_controls_in_prompts_are_shown_not_obeyed() -> None:
+    """A right-to-left override would display "invoice_exe.jpg" for a prompt that says gpj."""
+    spoof = "invoice_\u202egpj.exe\u202c, " + BIDI
+    request = ImageRequest(prompt=spoof, seed=5)
+    record = ImageRecord.for_request(
+        request, index=0, variant=0, finish_reason=FinishReason.ERROR, error=spoof
+    )
+    source = contact_sheet_html(
+        [record],
+        href=relative_href("runs/r/contact-sheet.html"),
+        summary=[(spoof, spoof)],
+        title=spoof,
+        notes=[spoof],
+    )
+    assert not set(BIDI) & set(source)
+    shown = "invoice_<U+202E>gpj.exe<U+202C>, " + "".join(f"<U+{ord(c):04X}>" for c in BIDI)
+    (card,) = Page(source).cards
+    assert card.prompt == shown
+    assert "invoice_&lt;U+202E&gt;gpj.exe" in source
+
+
 def test_object_keys_come_only_from_the_layout() -> None:
     assert object_key_of("/data/out/images/fox-abc.jpg") == "images/fox-abc.jpg"
     assert object_key_of("s3://b/p/thumbs/abc.jpg") == "thumbs/abc.jpg"

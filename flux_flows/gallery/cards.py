@@ -8,6 +8,7 @@ images so a page of 1,000 cards loads fast.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 from flux_flows.gallery.links import Href, object_key_of
@@ -23,9 +24,17 @@ PLACEHOLDER_LABELS = {
 }
 
 
+_BIDI_CONTROLS = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def esc(value: object) -> str:
-    """Escape for text and for double-quoted attribute values alike."""
-    return html.escape(str(value), quote=True)
+    """Escape for text and for double-quoted attribute values alike.
+
+    Bidi controls are shown as `<U+202E>`, not obeyed: a right-to-left override in a prompt would
+    otherwise make the page display text the prompt does not contain ("gpj.exe" as "exe.jpg").
+    """
+    text = _BIDI_CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(value))
+    return html.escape(text, quote=True)
 
 
 @dataclass(frozen=True)
