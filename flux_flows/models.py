@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping
 from enum import StrEnum
@@ -37,6 +36,7 @@ from flux_flows.images_in import (
     resolve_input_image,
     sha256_hex,
 )
+from flux_flows.seeds import MAX_SEED, derive_seed
 
 SCHNELL = "flux-1-schnell-fp8"
 DEV = "flux-1-dev-fp8"
@@ -82,8 +82,6 @@ MAX_STEPS: dict[str, int] = {SCHNELL: 12, DEV: 50}
 MIN_GUIDANCE_EXCLUSIVE = 0.0
 MAX_GUIDANCE = 20.0
 # Seed 0 asks the API for a random seed; every seed we send is in 1..MAX_SEED so it is reproducible.
-MAX_SEED = 2**32 - 1
-_DERIVED_SEED_SPAN = 2**31 - 1
 # Bumped only when the meaning of a cache key changes, so old keys never alias new images.
 CACHE_KEY_VERSION = 1
 DEFAULT_GUIDANCE = 3.5
@@ -106,41 +104,6 @@ class FinishReason(StrEnum):
     ERROR = "ERROR"
     SKIPPED_BUDGET = "SKIPPED_BUDGET"
     PLANNED = "PLANNED"  # dry runs only: would be generated
-
-
-def derive_seed(base_seed: int | None, prompt: str, variant: int = 0) -> int:
-    """A seed that depends only on its inputs, so a re-run sends exactly the same requests.
-
-    Guaranteed: the variants of one (base_seed, prompt) never share a seed, whatever their
-    number (up to 2^32 - 1), and every seed is in 1..2^32-1 (never 0, which the API reads as
-    "pick one at random"). Across prompts there is no guarantee, only the odds of the range:
-    about n^2 / 2^33 shared seeds among n images (harmless for caching, since the prompt is
-    part of the cache key, but images that share a seed look alike).
-
-    Variant 0 is a hash of (base_seed, prompt, 0) folded into 1..2^31-1, exactly as it always
-    was, so the cache keys of images already stored stay found. Variant v steps from it by v
-    times a stride drawn from the same hash and coprime with 2^32 - 1: a step through the whole
-    32-bit range that cannot come back to a seed already used before 2^32 - 1 steps. Hashing
-    each variant independently (as variants >= 1 once were) made 6 of 200,000 seeds collide.
-    A per-prompt stride, rather than one shared stride, keeps two prompts whose series
-    happen to meet from overlapping for all their later variants too.
-    """
-    payload = json.dumps([base_seed, prompt, 0], ensure_ascii=True, separators=(",", ":"))
-    digest = hashlib.sha256(payload.encode("ascii")).digest()
-    first = int.from_bytes(digest[:8], "big") % _DERIVED_SEED_SPAN + 1
-    if variant == 0:
-        return first
-    stride = _coprime_stride(int.from_bytes(digest[8:16], "big") % MAX_SEED)
-    return (first - 1 + variant * stride) % MAX_SEED + 1
-
-
-def _coprime_stride(start: int) -> int:
-    """The first stride from `start` coprime with 2^32 - 1 (= 3*5*17*257*65537): about one
-    number in two is, so this loops a couple of times."""
-    stride = max(start, 1)
-    while math.gcd(stride, MAX_SEED) != 1:
-        stride = stride % (MAX_SEED - 1) + 1
-    return stride
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -457,9 +420,8 @@ def request_for(
     own_seed = prompt.get("seed") if not isinstance(prompt, str) else None
     if isinstance(text, str):
         text = text.strip()
-        if own_seed is not None and variant == 0:
-            fields["seed"] = own_seed
+        if own_seed is not None:  # variants step from the row's own seed, never back onto it
+            fields["seed"] = derive_seed(int(own_seed), text, variant, first=int(own_seed))
         else:
-            seed_base = int(own_seed) if own_seed is not None else base_seed
-            fields["seed"] = derive_seed(seed_base, text, variant)
+            fields["seed"] = derive_seed(base_seed, text, variant)
     return ImageRequest.model_validate(fields)

@@ -221,3 +221,10 @@ def test_record_round_trips_to_the_same_request() -> None:
     assert record.cache_key == request.cache_key
     assert record.to_request() == request
     assert ImageRecord.model_validate_json(record.model_dump_json()) == record
+
+
+def test_variants_of_a_row_with_its_own_seed_step_from_it() -> None:
+    from flux_flows.models import request_for
+
+    seeds = [request_for({"prompt": "a fox", "seed": 7}, variant=v).seed for v in range(1000)]
+    assert seeds[0] == 7 and len(set(seeds)) == 1000
