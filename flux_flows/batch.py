@@ -6,8 +6,9 @@ real run: the plan a user sees is the plan that runs.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,28 @@ def find_stored(storage: Storage) -> dict[str, StoredImage]:
     return stored
 
 
+class BudgetGate:
+    """The budget rule, one distinct missing image at a time, in plan order: generate while the
+    estimate stays within budget; after the first image that would pass it, skip the rest, so a
+    re-run with a bigger budget carries on where this one stopped."""
+
+    def __init__(self, budget_usd: float | None) -> None:
+        if budget_usd is not None and budget_usd < 0:
+            raise ValueError(f"budget_usd must not be negative, got {budget_usd}")
+        self.budget_usd = budget_usd
+        self.spent = 0.0
+        self.closed = False
+
+    def admit(self, cost: float) -> bool:
+        if self.budget_usd is None or (
+            not self.closed and self.spent + cost <= self.budget_usd + 1e-12
+        ):
+            self.spent += cost
+            return True
+        self.closed = True
+        return False
+
+
 def plan_batch(
     images: list[PlannedImage],
     stored: Mapping[str, StoredImage],
@@ -206,18 +229,11 @@ def plan_batch(
     for planned in images:
         unique.setdefault(planned.request.cache_key, planned.request)
     cost = {key: estimate_cost(request, prices) for key, request in unique.items()}
-    missing = [key for key in unique if key not in stored]
-    to_generate, skipped = missing, []
-    if budget_usd is not None:
-        if budget_usd < 0:
-            raise ValueError(f"budget_usd must not be negative, got {budget_usd}")
-        spent, to_generate = 0.0, []
-        for key in missing:
-            if not skipped and spent + cost[key] <= budget_usd + 1e-12:
-                spent += cost[key]
-                to_generate.append(key)
-            else:
-                skipped.append(key)
+    gate = BudgetGate(budget_usd)
+    to_generate: list[str] = []
+    skipped: list[str] = []
+    for key in (key for key in unique if key not in stored):
+        (to_generate if gate.admit(cost[key]) else skipped).append(key)
     return BatchPlan(
         images=images,
         unique=unique,
@@ -225,6 +241,22 @@ def plan_batch(
         to_generate=to_generate,
         skipped_for_budget=skipped,
         cost_by_key=cost,
+    )
+
+
+def plan_images(
+    rows: Sequence[PromptRow], settings: BatchSettings, aws_credentials: Any = None
+) -> list[PlannedImage]:
+    """`expand` with a batch's settings: request defaults, seed, variants, input images."""
+    return expand(
+        rows,
+        defaults=settings.defaults,
+        base_seed=settings.seed,
+        variants=settings.variants,
+        input_images=None
+        if settings.input_images is None
+        else list_input_images(settings.input_images, aws_credentials=aws_credentials),
+        aws_credentials=aws_credentials,
     )
 
 
@@ -241,16 +273,7 @@ def plan_run(
     Prompts are validated first (bad input costs nothing to find); `preflight` runs on the
     opened destination before its listing, for the checks only a real run needs.
     """
-    images = expand(
-        rows,
-        defaults=settings.defaults,
-        base_seed=settings.seed,
-        variants=settings.variants,
-        input_images=None
-        if settings.input_images is None
-        else list_input_images(settings.input_images, aws_credentials=aws_credentials),
-        aws_credentials=aws_credentials,
-    )
+    images = plan_images(rows, settings, aws_credentials)
     if preflight is not None:
         preflight()
     return plan_batch(
@@ -287,3 +310,58 @@ def await_other_runs(
             break  # their run ended without them (failed, or killed): make them here
         pause.wait(poll_s)
     return [key for key in plan.to_generate if key in remaining]
+
+
+@dataclass
+class PlanSummary:
+    """What `flux-flows plan` shows: the figures of `plan_run`, without holding the plan."""
+
+    requested: int = 0
+    distinct: int = 0
+    stored: int = 0
+    to_generate: int = 0
+    skipped_for_budget: int = 0
+    estimated_cost_usd: float = 0.0
+    saved_usd: float = 0.0
+
+
+def summarize_plan(
+    rows: Iterable[PromptRow],
+    settings: BatchSettings,
+    storage: Storage,
+    *,
+    aws_credentials: Any = None,
+    batch_rows: int = 10_000,
+) -> PlanSummary:
+    """The plan of a prompt file of any length, in slices of `batch_rows`: each slice is
+    expanded (validated, seeded) as a run would, folded into the figures and let go, so a
+    million rows need the memory of their distinct keys, not of a million requests."""
+    if isinstance(settings.input_images, str):  # a folder or prefix: list it once, not per slice
+        listed = list_input_images(settings.input_images, aws_credentials=aws_credentials)
+        settings = settings.model_copy(update={"input_images": listed})
+    stored = find_stored(storage)
+    prices = price_table(settings.prices)
+    gate = BudgetGate(settings.budget_usd)
+    summary, seen, list_price = PlanSummary(), set[str](), 0.0
+    remaining = iter(rows)
+    while chunk := list(itertools.islice(remaining, batch_rows)):
+        for planned in plan_images(chunk, settings, aws_credentials):
+            key, cost = planned.request.cache_key, estimate_cost(planned.request, prices)
+            summary.requested += 1
+            list_price += cost
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in stored:
+                summary.stored += 1
+            elif gate.admit(cost):
+                summary.to_generate += 1
+            else:
+                summary.skipped_for_budget += 1
+                list_price -= cost  # not generated, so not saved either
+    if not summary.requested:
+        raise ValueError("no prompts to generate: the prompt list is empty")
+    summary.distinct = len(seen)
+    summary.estimated_cost_usd = gate.spent
+    summary.saved_usd = list_price - gate.spent
+    return summary

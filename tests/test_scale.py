@@ -87,7 +87,7 @@ def test_parts_are_written_as_images_finish_and_kept_when_the_manifest_fails(
     def small_flushes(*args: Any, **kwargs: Any) -> Any:
         return original(*args, **{**kwargs, "flush_every": 2})
 
-    def refuse(self: Any, storage: Any, run_id: str) -> str:
+    def refuse(self: Any, storage: Any, run_id: str, **kwargs: Any) -> str:
         raise StorageError("the disk is full (injected)")
 
     monkeypatch.setattr(dispatch, "render_windowed", small_flushes)
@@ -147,3 +147,27 @@ def test_images_spilled_under_an_old_spelling_are_found(tmp_path: Path) -> None:
     assert data == b"jpeg bytes" and meta["object_key"] == "images/a.jpg"
     canonical.remove("ab" * 16)
     assert not old.cache_keys()
+
+
+def test_the_streamed_plan_summary_agrees_with_the_plan_a_run_makes(
+    tmp_path: Path, flow_env: Any
+) -> None:
+    """`plan` folds slices of rows; its figures must be the ones the run's own plan has."""
+    from flux_flows.batch import plan_run, summarize_plan
+    from flux_flows.prompts import normalize_prompts
+    from flux_flows.settings import BatchSettings
+    from flux_flows.storage import open_storage
+
+    generate_images(["a planned owl 1", "a planned owl 4"], str(tmp_path))  # two stored
+    prompts = [f"a planned owl {i % 7}" for i in range(20)]  # duplicates across slices
+    rows = normalize_prompts(prompts)
+    settings = BatchSettings(variants=2, budget_usd=0.0099)
+    storage = open_storage(str(tmp_path))
+    plan = plan_run(rows, settings, storage)
+    summary = summarize_plan(rows, settings, storage, batch_rows=3)
+    assert (summary.requested, summary.distinct) == (len(plan.images), len(plan.unique))
+    assert summary.stored == sum(1 for k in plan.unique if k in plan.stored) == 2
+    assert summary.to_generate == len(plan.to_generate) and summary.to_generate > 0
+    assert summary.skipped_for_budget == len(plan.skipped_for_budget) > 0
+    assert abs(summary.estimated_cost_usd - plan.estimated_cost_usd) < 1e-9
+    assert abs(summary.saved_usd - plan.saved_usd) < 1e-9

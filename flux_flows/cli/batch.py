@@ -45,7 +45,7 @@ from flux_flows.settings import BATCH_DEFAULTS as D
 from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
 
 if TYPE_CHECKING:
-    from flux_flows.batch import BatchPlan
+    from flux_flows.batch import PlanSummary
     from flux_flows.prompts import PromptRow
 
 # On a terminal, `run` shows the plan and asks before a batch this big or this dear; batches of
@@ -129,19 +129,18 @@ def finish(report: BatchReport) -> None:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
-def print_plan(title: str, the_plan: BatchPlan) -> None:
+def print_plan(title: str, the_plan: PlanSummary) -> None:
     from rich.table import Table
 
-    stored = sum(1 for key in the_plan.unique if key in the_plan.stored)
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for name, value in (
-        ("images requested", len(the_plan.images)),
-        ("distinct images", len(the_plan.unique)),
-        ("already stored (cache hits)", stored),
-        ("to generate", len(the_plan.to_generate)),
-        ("skipped for budget", len(the_plan.skipped_for_budget)),
+        ("images requested", the_plan.requested),
+        ("distinct images", the_plan.distinct),
+        ("already stored (cache hits)", the_plan.stored),
+        ("to generate", the_plan.to_generate),
+        ("skipped for budget", the_plan.skipped_for_budget),
         ("estimated cost", f"${the_plan.estimated_cost_usd:.4f}"),
         ("saved by the cache", f"${the_plan.saved_usd:.4f}"),
     ):
@@ -164,7 +163,7 @@ def confirm_large_batch(
     (scripts and schedulers have no TTY on stdin, and `--yes` skips it); the plan is the same
     read-only one `plan` prints, so what is shown is what will run.
     """
-    from flux_flows.batch import plan_run
+    from flux_flows.batch import summarize_plan
     from flux_flows.storage import open_storage
 
     try:
@@ -172,10 +171,10 @@ def confirm_large_batch(
         if settings.input_images is None and len(rows) * settings.variants <= PLAN_FIRST_ABOVE:
             return
         storage = open_storage(to)
-        the_plan = plan_run(rows, settings, storage)
+        the_plan = summarize_plan(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
-    count, cost = len(the_plan.to_generate), the_plan.estimated_cost_usd
+    count, cost = the_plan.to_generate, the_plan.estimated_cost_usd
     if count <= CONFIRM_ABOVE_IMAGES and cost <= CONFIRM_ABOVE_USD:
         return
     print_plan(f"run: {prompts or f'{len(rows)} prompt(s)'} -> {storage.root_uri}", the_plan)
@@ -259,7 +258,7 @@ def plan(
     budget: BudgetOpt = D.budget_usd,
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
-    from flux_flows.batch import plan_run
+    from flux_flows.batch import summarize_plan
     from flux_flows.storage import open_storage
 
     check_prompt_source(prompts, prompt, edit, model)
@@ -268,7 +267,7 @@ def plan(
     try:
         rows = _read_rows(prompts, prompt)
         storage = open_storage(to)
-        the_plan = plan_run(rows, settings, storage)
+        the_plan = summarize_plan(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
     print_plan(f"plan: {prompts or f'{len(rows)} prompt(s)'} -> {storage.root_uri}", the_plan)
