@@ -23,7 +23,7 @@ from flux_flows.blocks import FireworksCredentials
 from flux_flows.claims import ClaimBook
 from flux_flows.dispatch import INTERRUPTED, render_all
 from flux_flows.errors import BatchFailedError, StorageError
-from flux_flows.gallery import write_run_sheet
+from flux_flows.gallery import write_contact_sheets
 from flux_flows.manifests import ManifestSpool, PartWriter, merged_manifest
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
@@ -38,7 +38,6 @@ from flux_flows.reporting import (
     iter_manifest,
     load_manifest,
     publish_artifacts,
-    summary_lines,
 )
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
@@ -197,17 +196,8 @@ def _record_run(
         report.problems.append(problem)
         logger.error("could not store the manifest: %s; a copy is kept at %s", exc, kept)
     try:
-        report.contact_sheet_uri = write_run_sheet(
-            storage,
-            run_id,
-            report.iter_records(),
-            report.counts,
-            summary=summary_lines(report),
-            destination=report.destination,
-            latest=None
-            if latest is None
-            else (iter_manifest(str(latest.path)), latest.all_counts()),
-        )
+        merged = None if latest is None else (iter_manifest(str(latest.path)), latest.all_counts())
+        report.contact_sheet_uri = write_contact_sheets(storage, run_id, report, merged)
     except (StorageError, OSError) as exc:
         logger.error("could not store the contact sheet: %s", exc)
     finally:

@@ -13,8 +13,14 @@ from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import Storage
 
 
-def write_contact_sheets(storage: Storage, run_id: str, report: BatchReport) -> str:
-    """The run's sheet under runs/<id>/ and the latest-run index at the root; returns the first."""
+def write_contact_sheets(
+    storage: Storage,
+    run_id: str,
+    report: BatchReport,
+    latest: tuple[Iterable[ImageRecord], Mapping[str, int]] | None = None,
+) -> str:
+    """The run's sheet under runs/<id>/ and the latest-run index at the root (for a replay,
+    `latest` is the merged manifest the root shows); returns the run's."""
     return write_run_sheet(
         storage,
         run_id,
@@ -22,6 +28,7 @@ def write_contact_sheets(storage: Storage, run_id: str, report: BatchReport) -> 
         report.counts,
         summary=summary_lines(report),
         destination=report.destination,
+        latest=latest,
     )
 
 
