@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import queue
+import signal
+import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -219,6 +221,28 @@ def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
 INTERRUPTED = "not attempted: the run was interrupted (Ctrl-C)"
 
 
+@contextlib.contextmanager
+def _first_ctrl_c_stops_submitting() -> Iterator[threading.Event]:
+    """While images are submitted from the main thread, the first Ctrl-C only sets an event the
+    loop reads (a KeyboardInterrupt could land inside a Prefect API call that swallows it); the
+    second raises KeyboardInterrupt as usual."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def render_windowed(
     requests: Sequence[ImageRequest],
     job_for: Callable[[ImageRequest], RenderJob],
@@ -241,55 +265,58 @@ def render_windowed(
     window = AdaptiveWindow(max_concurrency)
     abort: str | None = None
     in_flight = 0
-    while pending or in_flight:
-        while pending and abort is None and in_flight < window.limit:
-            if pacer.wait_s() > 0:
-                break
-            request = pending.popleft()
-            future = runner.submit(render_image, {"job": job_for(request)})
-            keys_by_run[future.task_run_id] = request.cache_key
-            future.add_done_callback(done.put)
-            in_flight += 1
-            pacer.take()
-        if abort is not None and pending:
-            for request in pending:
-                result = RenderResult(
-                    cache_key=request.cache_key, finish_reason=FinishReason.ERROR, error=abort
+    with _first_ctrl_c_stops_submitting() as pressed:
+        while pending or in_flight:
+            if pressed.is_set() and abort != INTERRUPTED:
+                # Ctrl-C: stop submitting, let what is in flight (paid for) finish and be
+                # stored, so the manifest records it; a second Ctrl-C aborts at once.
+                abort = INTERRUPTED
+                logger.warning(
+                    "interrupted: no new images; waiting for %d in flight (Ctrl-C again to abort)",
+                    in_flight,
                 )
-                results[request.cache_key] = result
-                unflushed.append(result)
-            pending.clear()
-        if not in_flight:
-            continue
-        wait = pacer.wait_s() if pending and in_flight < window.limit else 1.0
-        try:
-            future = done.get(timeout=max(wait, 0.005))
-        except queue.Empty:
-            continue
-        except KeyboardInterrupt:
-            # Ctrl-C: stop submitting, let what is in flight (paid for) finish and be stored,
-            # so the manifest records it; a second Ctrl-C aborts at once.
-            if abort == INTERRUPTED:
-                raise
-            abort = INTERRUPTED
-            logger.warning(
-                "interrupted: no new images; waiting for %d in flight (Ctrl-C again to abort)",
-                in_flight,
-            )
-            continue
-        in_flight -= 1
-        result = _result_of(future, keys_by_run.pop(future.task_run_id))
-        results[result.cache_key] = result
-        unflushed.append(result)
-        window.observe(result.throttled)
-        if abort is None and result.error and result.error.startswith(AuthenticationError.__name__):
-            abort = f"not attempted: an earlier request failed with {result.error}"
-            logger.error("stopping: the API refused the credentials (%s)", result.error)
-        if len(unflushed) >= flush_every:
-            on_results(unflushed)
-            unflushed = []
-        if progress is not None:
-            progress.update(len(results))
+            while pending and abort is None and in_flight < window.limit:
+                if pacer.wait_s() > 0:
+                    break
+                request = pending.popleft()
+                future = runner.submit(render_image, {"job": job_for(request)})
+                keys_by_run[future.task_run_id] = request.cache_key
+                future.add_done_callback(done.put)
+                in_flight += 1
+                pacer.take()
+            if abort is not None and pending:
+                for request in pending:
+                    result = RenderResult(
+                        cache_key=request.cache_key, finish_reason=FinishReason.ERROR, error=abort
+                    )
+                    results[request.cache_key] = result
+                    unflushed.append(result)
+                pending.clear()
+            if not in_flight:
+                continue
+            wait = pacer.wait_s() if pending and in_flight < window.limit else 1.0
+            try:
+                future = done.get(timeout=max(wait, 0.005))
+            except queue.Empty:
+                continue
+
+            in_flight -= 1
+            result = _result_of(future, keys_by_run.pop(future.task_run_id))
+            results[result.cache_key] = result
+            unflushed.append(result)
+            window.observe(result.throttled)
+            if (
+                abort is None
+                and result.error
+                and result.error.startswith(AuthenticationError.__name__)
+            ):
+                abort = f"not attempted: an earlier request failed with {result.error}"
+                logger.error("stopping: the API refused the credentials (%s)", result.error)
+            if len(unflushed) >= flush_every:
+                on_results(unflushed)
+                unflushed = []
+            if progress is not None:
+                progress.update(len(results))
     if unflushed:
         on_results(unflushed)
     if window.decreases:

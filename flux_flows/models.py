@@ -420,7 +420,9 @@ def request_for(
     own_seed = prompt.get("seed") if not isinstance(prompt, str) else None
     if isinstance(text, str):
         text = text.strip()
-        if own_seed is not None:  # variants step from the row's own seed, never back onto it
+        if own_seed is not None and variant == 0:
+            fields["seed"] = own_seed  # validated as given: a bad seed is named, not crashed on
+        elif own_seed is not None:  # variants step from the row's own seed, never back onto it
             fields["seed"] = derive_seed(int(own_seed), text, variant, first=int(own_seed))
         else:
             fields["seed"] = derive_seed(base_seed, text, variant)
