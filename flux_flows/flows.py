@@ -92,7 +92,7 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
             results = _render(plan, options, storage, spill, flow_run_id, parts, claims)
         finally:
             claims.release()
-    spool = ManifestSpool()
+    spool = ManifestSpool(keep_all=options.dry_run)
     try:
         for record in iter_records(plan, storage, results):
             spool.add(record)

@@ -56,7 +56,8 @@ class PartWriter:
 class ManifestSpool:
     """The whole manifest on local disk, line by line, and what the report needs from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_all: bool = False) -> None:
+        self.keep_all = keep_all  # a dry run stores no manifest: its report must hold them
         self._file: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
             prefix="flux-flows-manifest-", suffix=".jsonl", delete=False
         )
@@ -85,7 +86,7 @@ class ManifestSpool:
             self.first_errors.append(record)
         if self.kept is not None:
             self.kept.append(record)
-            if len(self.kept) > KEEP_IN_MEMORY:
+            if len(self.kept) > KEEP_IN_MEMORY and not self.keep_all:
                 self.kept = None
 
     def finish(self) -> None:

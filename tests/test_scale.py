@@ -22,6 +22,7 @@ def test_a_list_too_big_for_a_flow_parameter_is_staged_and_runs(
     state = generate_images(prompts, str(tmp_path), dry_run=True, return_state=True)
     report = state.result()
     assert report.counts[FinishReason.PLANNED] == 20_000 and flow_env.stats.requests == 0
+    assert len(report.records) == 20_000  # a dry run stores no manifest: it keeps its records
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
     staged = run.parameters["staged_prompts"]
