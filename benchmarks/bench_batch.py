@@ -352,6 +352,104 @@ def serve_emulator(argv: Sequence[str]) -> None:
 
 
 # ============================================================================================
+# Child role 1b: a stand-in API that costs ~nothing, so only the client can be the limit
+# ============================================================================================
+
+
+class _StandInProtocol(asyncio.Protocol):
+    """Minimal HTTP/1.1 keep-alive server: every POST gets the same precomputed JPEG.
+
+    Written on raw asyncio rather than an ASGI framework so its own CPU per answer stays in
+    the tens of microseconds (parsing a header block and one `json.loads` for the seed); the
+    300 KB body is one `writelines` of bytes prepared at start-up. The emulator renders each
+    image (8-15 ms of CPU): on a 2-core machine it, not the client, would set the rate.
+    """
+
+    def __init__(self, image: bytes, latency_s: float, counter: list[int]) -> None:
+        self.image = image
+        self.latency_s = latency_s
+        self.counter = counter
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buffer[:end]).split(b"\r\n")
+            length = 0
+            for line in head[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return  # the body is still arriving
+            body = bytes(self.buffer[end + 4 : total])
+            del self.buffer[:total]
+            method, path, *_ = head[0].split(b" ")
+            reply = self._reply(method, path, body)
+            if self.latency_s and method == b"POST":
+                asyncio.get_running_loop().call_later(self.latency_s, self._write, reply)
+            else:
+                self._write(reply)
+
+    def _reply(self, method: bytes, path: bytes, body: bytes) -> list[bytes]:
+        if method == b"POST" and path.endswith(b"/text_to_image"):
+            self.counter[0] += 1
+            try:
+                seed = int(json.loads(body).get("seed") or 1)
+            except (ValueError, AttributeError):
+                seed = 1
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(self.image)}\r\nSeed: {seed}\r\n"
+                "Finish-Reason: SUCCESS\r\n\r\n"
+            )
+            return [head.encode(), self.image]
+        text = json.dumps({"requests": self.counter[0]}).encode()
+        status = "200 OK" if path == b"/_standin/stats" else "404 Not Found"
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(text)}\r\n\r\n"
+        )
+        return [head.encode(), text]
+
+    def _write(self, reply: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(reply)
+
+
+def serve_standin(argv: Sequence[str]) -> None:
+    """The zero-cost stand-in on 127.0.0.1: `--image-file` bytes for every generation."""
+    parser = argparse.ArgumentParser(prog="bench_batch.py _standin")
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--latency", type=float, required=True)
+    parser.add_argument("--port-file", required=True)
+    args = parser.parse_args(argv)
+    image = Path(args.image_file).read_bytes()
+    counter = [0]
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _StandInProtocol(image, args.latency, counter),
+            host="127.0.0.1",
+            port=0,
+            backlog=1024,
+        )
+        port = int(server.sockets[0].getsockname()[1])
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(args.port_file)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+# ============================================================================================
 # Child role 2: one flux-flows measurement in a fresh process
 # ============================================================================================
 
@@ -560,10 +658,26 @@ def run_components_child(argv: Sequence[str]) -> None:
     out["API call + parse (FluxClient.generate)"], _ = _cpu_per_call_ms(
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
+    with contextlib.suppress(ImportError):  # older trees: no header reader to time
+        from flux_flows.client._wire import image_size, sniff_image
+
+        out["verify the answer (sniff + size from the header)"], _ = _cpu_per_call_ms(
+            calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))
+        )
+    out["S3 metadata of the image (image_metadata)"], _ = _cpu_per_call_ms(
+        calls * 20, lambda i: image_metadata(image)
+    )
     out["S3 put of the image + metadata"], _ = _cpu_per_call_ms(
         calls,
         lambda i: storage.put(
             f"c/{i}.jpg", image.data, content_type="image/jpeg", metadata=metadata
+        ),
+    )
+    raw_s3 = s3_client(4)  # the raw loop's client: boto3 defaults
+    out["S3 put of the image, boto3 defaults (as the raw loop)"], _ = _cpu_per_call_ms(
+        calls,
+        lambda i: raw_s3.put_object(
+            Bucket=BUCKET, Key=f"components/r/{i}.jpg", Body=image.data, ContentType="image/jpeg"
         ),
     )
     with contextlib.suppress(ImportError):
@@ -851,6 +965,7 @@ def flow_child(
     dest: str,
     rerun: bool = False,
     profile_out: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     result_file = workdir / f"{name}.json"
     command = [sys.executable, str(HERE), "_flow", "--n", str(n)]
@@ -868,7 +983,7 @@ def flow_child(
         command.append("--rerun")
     if profile_out:
         command += ["--profile-out", profile_out]
-    proc = procs.spawn(name, command, svc.env)
+    proc = procs.spawn(name, command, {**svc.env, **(env or {})})
     try:
         code = proc.wait(CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -893,6 +1008,73 @@ def components_child(
             f"components child failed (exit {code}):\n{procs.log_tail('components')}"
         )
     return dict(json.loads(result_file.read_text()))
+
+
+def fetch_emulator_jpeg(svc: Services, path: Path) -> int:
+    """One JPEG from the emulator (the same kind of bytes as the main run), saved to `path`."""
+    request = urllib.request.Request(
+        svc.base_url + GENERATION_PATH,
+        data=json.dumps(api_body({"prompt": "stand-in image", "seed": 1})).encode(),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {API_KEY}",
+            "Accept": "image/jpeg",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        data = response.read()
+    path.write_bytes(data)
+    return len(data)
+
+
+def measure_standin(
+    args: argparse.Namespace, svc: Services, procs: Processes, workdir: Path
+) -> dict[str, Any]:
+    """A fresh flux-flows child against the zero-cost stand-in: the rate one process sustains.
+
+    The stand-in answers every generation with the same precomputed JPEG after
+    `--standin-latency`, with `--standin-concurrency` in flight, so neither the API's latency
+    nor an emulator's rendering is the limit; the destination is a local folder (default) or
+    moto. The stand-in's and moto's CPU are reported so the claim "~0 CPU" can be checked.
+    """
+    image_file, port_file = workdir / "standin.jpg", workdir / "standin.port"
+    size = fetch_emulator_jpeg(svc, image_file)
+    command = [sys.executable, str(HERE), "_standin", "--image-file", str(image_file)]
+    command += ["--latency", str(args.standin_latency), "--port-file", str(port_file)]
+    proc = procs.spawn("standin", command, svc.env)
+    try:
+        wait_until(port_file.exists, "the stand-in API", proc)
+        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        dest = (
+            str(workdir / "standin-out")
+            if args.standin_dest == "local"
+            else f"s3://{BUCKET}/standin"
+        )
+        pids = {"stand-in": proc.pid, "moto": svc.pids["moto"]}
+        cpu0 = {name: process_tree_cpu_s(pid) for name, pid in pids.items()}
+        busy0, wall0 = machine_busy_s(), time.perf_counter()
+        result = flow_child(
+            procs,
+            svc,
+            workdir,
+            name="flow-standin",
+            n=args.standin_n,
+            concurrency=args.standin_concurrency,
+            rpm=None,
+            dest=dest,
+            env={"FIREWORKS_BASE_URL": url + "/inference/v1"},
+        )
+        busy1, wall1 = machine_busy_s(), time.perf_counter()
+        cpu1 = {name: process_tree_cpu_s(pid) for name, pid in pids.items()}
+        result["served"] = http_json(url + "/_standin/stats")["requests"]
+    finally:
+        procs.stop(proc)
+    result["server_cpu_s"] = {name: cpu1[name] - cpu0[name] for name in pids}
+    result["machine_cores"] = (busy1 - busy0) / max(wall1 - wall0, 1e-9)
+    result["image_bytes"] = size
+    result["dest"] = "local folder" if args.standin_dest == "local" else "moto S3"
+    return result
 
 
 def emulator_log(svc: Services, *, clear: bool = False) -> list[tuple[float, int]]:
@@ -1082,6 +1264,10 @@ class Measurements:
     rerun_requests: int = 0
     rates: dict[str, dict[str, float]] = field(default_factory=dict)
     components: dict[str, float] = field(default_factory=dict)
+    # Seconds from the flow's start to the first API request, and from the last answer to the
+    # flow's end: the fixed part of the flow's wall time that a raw loop does not have.
+    edges_s: tuple[float, float] = (math.nan, math.nan)
+    standin: dict[str, Any] | None = None  # the flux-flows child against the stand-in API
 
 
 def measure(
@@ -1131,7 +1317,16 @@ def measure(
     out.rerun_requests = sum(1 for t, _ in log if t > first_run[1])
     if args.rpm:
         out.rates["flux-flows"] = rate_figures(measured, args.rpm)
+    if measured:
+        arrivals = sorted(t for t, _ in measured)
+        out.edges_s = (
+            arrivals[0] - first_run[0],
+            first_run[1] - (arrivals[-1] + args.latency),
+        )
     print("  flux-flows first run and cached re-run done", flush=True)
+    if args.standin_n:
+        out.standin = measure_standin(args, svc, procs, workdir)
+        print("  flux-flows against the zero-cost stand-in done", flush=True)
     if args.profile:
         out.components = components_child(procs, svc, workdir, conc)
     return out
@@ -1168,9 +1363,15 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         "speedup_vs_seed": seed.wall_s / flow.wall_s if seed else math.nan,
         "cached_rerun_ratio": rerun.wall_s / flow.wall_s,
         "cpu_ms_per_image": 1000 * flow.cpu_s / n,
+        # Same images, same servers, same run: the CPU the library adds to a hand-written loop.
+        "cpu_vs_raw": flow.cpu_s / raw.cpu_s if raw.cpu_s > 0 else math.nan,
         "rss_kb_per_image": rss_per_image,
         "image_kb": main["bytes"] / max(n - flow.failed, 1) / 1024,
     }
+    if m.standin is not None:
+        stand = m.standin
+        figures["standin_images_per_s"] = stand["n"] / stand["first_wall_s"]
+        figures["standin_cpu_ms_per_image"] = 1000 * stand["first_cpu_s"] / stand["n"]
     if args.rpm:
         rate = m.rates["flux-flows"]
         figures["rpm"] = args.rpm
@@ -1249,6 +1450,15 @@ def print_report(
         )
     if args.rpm:
         print(f"  flux-flows end to end: {60 * n / main['first_wall_s']:.0f} images/min")
+    raw = rows[0]
+    print(
+        f"  client CPU, flux-flows over raw: {_fmt(figures['cpu_vs_raw'])} "
+        f"({1000 * main['first_cpu_s'] / n:.1f} / {1000 * raw.cpu_s / raw.images:.1f} ms/img); "
+        f"flow start to first API request {_fmt(m.edges_s[0])} s, last answer to flow end "
+        f"{_fmt(m.edges_s[1])} s (fixed costs the raw loop does not have)"
+    )
+    if m.standin is not None:
+        _print_standin(args, m.standin)
     if m.components:
         print()
         print("  CPU per image of each step alone (process CPU time, 64 calls each):")
@@ -1257,6 +1467,36 @@ def print_report(
     if args.profile and Path(args.profile).exists():
         print()
         print("\n".join(summarize_profile(Path(args.profile), n, figures["cpu_ms_per_image"])))
+
+
+def _print_standin(args: argparse.Namespace, stand: dict[str, Any]) -> None:
+    n, wall = stand["n"], stand["first_wall_s"]
+    ideal = n * args.standin_latency / args.standin_concurrency
+    servers = ", ".join(
+        f"{name} {1000 * cpu / n:.2f}" for name, cpu in stand["server_cpu_s"].items()
+    )
+    print()
+    print(
+        f"  zero-cost stand-in API (one precomputed {stand['image_bytes'] / 1024:.0f} KB JPEG, "
+        f"latency {args.standin_latency:g} s, {args.standin_concurrency} in flight, "
+        f"destination: {stand['dest']}), N={n}:"
+    )
+    print(
+        f"    flux-flows generate_images: {wall:.2f} s, {n / wall:.0f} images/s "
+        f"(the API allows {n / ideal:.0f}/s), failed {n - stand['first_counts'].get('SUCCESS', 0)}"
+        f", client CPU {1000 * stand['first_cpu_s'] / n:.1f} ms/img = "
+        f"{stand['first_cpu_s'] / wall:.2f} cores"
+    )
+    threads = sorted(stand.get("thread_cpu_s", {}).items(), key=lambda kv: -kv[1])
+    print(
+        "    client CPU ms/img by thread: "
+        + ", ".join(f"{name} {1000 * cpu / n:.1f}" for name, cpu in threads)
+    )
+    print(
+        f"    server CPU ms/img (warm-up included): {servers}; the machine was "
+        f"{stand['machine_cores']:.2f} cores busy in all; the stand-in answered "
+        f"{stand['served']} generations"
+    )
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -1319,6 +1559,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rss-small", type=int, default=0, help="small N for RSS growth (default N/10, <= 100)"
     )
     parser.add_argument(
+        "--standin-n",
+        type=int,
+        default=None,
+        help="images for the zero-cost stand-in run (default 2 x N; 0 skips it)",
+    )
+    parser.add_argument("--standin-latency", type=float, default=0.1)
+    parser.add_argument("--standin-concurrency", type=int, default=64)
+    parser.add_argument("--standin-dest", choices=("local", "s3"), default="local")
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         default=None,
@@ -1328,6 +1577,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.n < 1 or args.concurrency < 1 or args.latency < 0:
         parser.error("--n and --concurrency must be >= 1 and --latency >= 0")
     args.seed_sample = min(args.seed_sample, args.n)
+    if args.standin_n is None:
+        args.standin_n = 2 * args.n
     return args
 
 
@@ -1345,6 +1596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_emulator"]:
         serve_emulator(argv[1:])
+        return 0
+    if argv[:1] == ["_standin"]:
+        serve_standin(argv[1:])
         return 0
     if argv[:1] == ["_components"]:
         _terminate_on_sigterm()

@@ -21,7 +21,10 @@ from flux_flows.client import (
     FluxClient,
     RetryPolicy,
     api_error_message,
+    image_size,
+    parse_response,
     parse_retry_after,
+    sniff_image,
 )
 from flux_flows.client._protocol import Sleep, generation_flow
 from flux_flows.errors import (
@@ -376,3 +379,88 @@ def test_flow_never_retries_a_client_error(status: int) -> None:
             flow.send(answer)  # raised at once: no Sleep, no second request
     assert info.value.status_code == status and info.value.attempts == 1
     assert "bad aspect" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# image_size: dimensions from the header, checked, without Pillow
+# --------------------------------------------------------------------------------------------
+
+
+def _encoded(size: tuple[int, int], fmt: str, mode: str = "RGB", **options: Any) -> bytes:
+    picture = Image.new(mode, size)
+    for x in range(0, size[0], 7):  # some detail, so the encoders write real entropy data
+        picture.putpixel((x, x % size[1]), 255 if mode in ("L", "P") else (255, x % 256, 0))
+    out = io.BytesIO()
+    picture.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _overwrite(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new) :]
+
+
+SIZES = [(1, 1), (17, 9), (9, 17), (1024, 1024), (1344, 768), (640, 1536), (2048, 1)]
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("JPEG", "RGB", {"quality": 90}),
+    ("JPEG", "RGB", {"quality": 75, "progressive": True}),
+    ("JPEG", "L", {}),
+    ("JPEG", "CMYK", {}),
+    ("JPEG", "RGB", {"exif": b"Exif\x00\x00" + b"\x00" * 5000, "icc_profile": b"\x01" * 3000}),
+    ("PNG", "RGB", {}),
+    ("PNG", "RGBA", {"compress_level": 1}),
+    ("PNG", "P", {}),
+    ("PNG", "L", {"optimize": True}),
+]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(("fmt", "mode", "options"), VARIANTS)
+def test_image_size_matches_pillow(
+    size: tuple[int, int], fmt: str, mode: str, options: dict[str, Any]
+) -> None:
+    data = _encoded(size, fmt, mode, **options)
+    with Image.open(io.BytesIO(data)) as picture:
+        assert image_size(data) == picture.size == size
+    assert sniff_image(data) == f"image/{fmt.lower()}"
+
+
+def test_image_size_skips_fill_bytes_between_jpeg_segments() -> None:
+    data = _encoded((33, 21), "JPEG")
+    padded = data[:2] + b"\xff\xff\xff" + data[2:]  # T.81 allows 0xFF fill before a marker
+    assert image_size(padded) == (33, 21)
+
+
+@pytest.mark.parametrize(
+    ("mangle", "words"),
+    [
+        (lambda d: d[:40], "truncated"),  # cut inside the header segments
+        (lambda d: _overwrite(d, 4 + int.from_bytes(d[4:6], "big"), b"\x00"), "no marker"),
+        (lambda d: d[:2] + b"\xff\xda\x00\x08" + d[2:], "no frame header"),  # a scan first
+        (lambda d: b"\x89PNG\r\n\x1a\n" + d[8:], "IHDR"),
+    ],
+)
+def test_image_size_rejects_broken_jpeg_headers(mangle: Any, words: str) -> None:
+    with pytest.raises(ResponseError, match=words):
+        image_size(mangle(_encoded((64, 48), "JPEG")))
+
+
+def test_image_size_rejects_broken_png_headers() -> None:
+    data = bytearray(_encoded((64, 48), "PNG"))
+    data[20] ^= 0x01  # a bit of the IHDR width: the chunk's CRC no longer matches
+    with pytest.raises(ResponseError, match="CRC"):
+        image_size(bytes(data))
+    with pytest.raises(ResponseError, match="IHDR"):
+        image_size(bytes(data[:20]))
+    with pytest.raises(ResponseError, match="not a JPEG or PNG"):
+        image_size(b"GIF89a" + bytes(data))
+
+
+def test_truncated_answer_is_refused_before_it_is_stored() -> None:
+    """A cut answer fails the trailer check even when its header (and size) is intact."""
+    data = _encoded((256, 256), "JPEG", quality=95)
+    request = ImageRequest(prompt="x")
+    response = httpx.Response(200, headers={"content-type": "image/jpeg"}, content=data[:-500])
+    with pytest.raises(ResponseError, match="truncated"):
+        parse_response(request, response, 0.1, 1)
+    whole = httpx.Response(200, headers={"content-type": "image/jpeg"}, content=data)
+    assert parse_response(request, whole, 0.1, 1).width == 256

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import pickle
+import random
 import socket
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from flux_flows.storage import (
     open_storage,
     s3_metadata,
 )
+from flux_flows.storage.s3 import EXPECT_CONTINUE_MIN_BYTES
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes\xff\xd9"
 LONG_PROMPT = "A photorealistic product shot of a ceramic mug on oak, soft window light. " * 80
@@ -260,6 +264,69 @@ def test_client_has_standard_retries_and_a_large_pool(s3_server: str) -> None:
     assert config.max_pool_connections == 64
 
 
+def _sent_puts(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> list[Any]:
+    """PutObject requests as botocore would send them to `endpoint`, answered in-process."""
+    from botocore.awsrequest import AWSResponse
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    sent: list[Any] = []
+
+    class EmptyBody:
+        def stream(self, **_: Any) -> Any:
+            return iter([b""])
+
+    def answer(request: Any, **_: Any) -> AWSResponse:
+        sent.append(request)
+        return AWSResponse(request.url, 200, {}, EmptyBody())  # never leaves the process
+
+    get_s3_client().meta.events.register("before-send.s3.PutObject", answer)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "payload_hash"),
+    [("https://s3.example.invalid", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"), ("http://x", None)],
+)
+def test_puts_carry_a_crc32_and_hash_the_body_only_over_plain_http(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch, endpoint: str, payload_hash: str | None
+) -> None:
+    """Pins the settings issue 17 measured: S3 checks every body against a CRC32 (a trailer
+    over HTTPS, a signed header over HTTP); over HTTPS botocore then skips the SHA-256 of the
+    payload, which `request_checksum_calculation="when_required"` would bring back."""
+    sent = _sent_puts(monkeypatch, endpoint)
+    body = JPEG * 50
+    S3Storage("b", "p").put("a.jpg", body, content_type="image/jpeg", metadata={"seed": "1"})
+    headers = sent[0].headers
+    if payload_hash is None:  # plain HTTP: header checksum, signed, and the body hashed
+        crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        assert headers["x-amz-checksum-crc32"] == crc.encode()
+        assert b"x-amz-checksum-crc32" in headers["Authorization"]
+        assert headers["X-Amz-Content-SHA256"] == hashlib.sha256(body).hexdigest().encode()
+    else:
+        assert headers["X-Amz-Trailer"] == b"x-amz-checksum-crc32"
+        assert headers["X-Amz-Content-SHA256"] == payload_hash.encode()
+
+
+@pytest.mark.parametrize("endpoint", ["https://s3.example.invalid", "http://s3.example.invalid"])
+def test_expect_continue_only_for_bodies_of_2_mb_and_more(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
+    """Small puts skip the 100-continue round trip; big ones still ask before sending."""
+    sent = _sent_puts(monkeypatch, endpoint)
+    storage = S3Storage("b", "p")
+    storage.put("small.jpg", b"x" * (EXPECT_CONTINUE_MIN_BYTES - 1), content_type="image/jpeg")
+    storage.put("big.jpg", b"x" * EXPECT_CONTINUE_MIN_BYTES, content_type="image/jpeg")
+    assert [r.headers.get("Expect") for r in sent] == [None, b"100-continue"]
+
+
+def test_small_puts_without_expect_continue_still_round_trip(s3_bucket: str) -> None:
+    storage = S3Storage(s3_bucket, "expect")
+    for size in (0, 1, 300_000):
+        data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        storage.put(f"{size}.jpg", data, content_type="image/jpeg")
+        assert storage.get(f"{size}.jpg") == data
+
+
 def test_client_is_shared_across_threads(s3_server: str) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         clients = set(pool.map(lambda _: id(get_s3_client()), range(32)))
@@ -481,6 +548,27 @@ def test_metadata_budget_goes_to_other_fields_first_but_caps_them() -> None:
     assert meta["seed"] == "1"
     assert meta["note"].endswith(TRUNCATION_MARKER) and len(meta["note"]) == FIELD_VALUE_MAX
     assert len(meta["prompt"]) > 1_500
+
+
+def test_metadata_plain_ascii_shortcut_encodes_exactly_as_per_character_quoting() -> None:
+    """The fast path for printable ASCII must give the same bytes as quoting each character."""
+    from urllib.parse import quote
+
+    from flux_flows.storage.metadata import _SAFE_CHARS
+
+    def reference(text: str) -> str:
+        chunks = [quote(ch, safe=_SAFE_CHARS) for ch in text]
+        for index in (0, len(chunks) - 1):
+            if chunks and chunks[index] == " ":
+                chunks[index] = "%20"
+        return "".join(chunks)
+
+    rng = random.Random(17)
+    alphabet = [chr(c) for c in range(0x80)] + ["é", "東", "🌸"]
+    texts = ["", " ", "  ", "plain prompt", " lead", "trail ", "100%", "~!#$&'()*+,/:;=?@[]"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    for text in texts:
+        assert s3_metadata({"prompt": text})["prompt"] == reference(text), repr(text)
 
 
 def test_metadata_rejects_colliding_keys() -> None:

@@ -7,6 +7,7 @@ if need be, truncated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -33,9 +34,12 @@ FIELD_VALUE_MAX = 256
 # Printable ASCII stays readable; '%' is escaped (so `unquote` reverses exactly), as are control
 # characters and everything non-ASCII.
 _SAFE_CHARS = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_PLAIN_TEXT = re.compile(r"[\x20-\x24\x26-\x7e]*")  # exactly the characters in _SAFE_CHARS
 
 
+@functools.lru_cache(maxsize=256)
 def _metadata_key(name: str) -> str:
+    """Field names come from a short fixed list, so each is normalised once per process."""
     key = re.sub(r"[^a-z0-9-]+", "-", str(name).lower()).strip("-")
     if not key:
         raise ValueError(f"metadata field name {name!r} has no usable characters [a-z0-9-]")
@@ -54,7 +58,12 @@ def _encode_chars(text: str) -> list[str]:
     Leading/trailing spaces are escaped too: HTTP trims them from header values, which would
     make the value irreversible.
     """
-    chunks = [quote(ch, safe=_SAFE_CHARS) for ch in text]
+    # Nearly every prompt is plain printable ASCII, where each character encodes to itself:
+    # one regex check instead of a `quote` call per character (~50 us of an image's CPU).
+    if _PLAIN_TEXT.fullmatch(text):
+        chunks = list(text)
+    else:
+        chunks = [quote(ch, safe=_SAFE_CHARS) for ch in text]
     for index in (0, len(chunks) - 1):
         if chunks and chunks[index] == " ":
             chunks[index] = "%20"

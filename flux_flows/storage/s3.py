@@ -19,6 +19,7 @@ from flux_flows.storage.base import Metadata, ReadError, TooLargeError, check_ke
 from flux_flows.storage.s3_client import (
     _CLIENT_SECRET_ENV_VARS,
     DEFAULT_MAX_ATTEMPTS,
+    EXPECT_CONTINUE_MIN_BYTES,
     MAX_POOL_CONNECTIONS,
     clear_s3_client_cache,
     get_s3_client,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
+    "EXPECT_CONTINUE_MIN_BYTES",
     "MAX_POOL_CONNECTIONS",
     "S3Storage",
     "clear_s3_client_cache",
