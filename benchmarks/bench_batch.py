@@ -659,7 +659,7 @@ def run_components_child(argv: Sequence[str]) -> None:
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
     with contextlib.suppress(ImportError):  # older trees: no header reader to time
-        from flux_flows.client._wire import image_size, sniff_image
+        from flux_flows.client._images import image_size, sniff_image
 
         out["verify the answer (sniff + size from the header)"], _ = _cpu_per_call_ms(
             calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))
