@@ -1155,29 +1155,67 @@ def _frame_key(frame: str) -> str:
     return head + ")" if tail.endswith(")") and tail[:-1].isdigit() else frame
 
 
-def summarize_profile(path: Path, n: int, cpu_ms_per_image: float, top: int = 25) -> list[str]:
+def _sample_weights(
+    samples: dict[str, int], thread_cpu_s: dict[str, float] | None, total_ms: float, n: int
+) -> dict[str, float]:
+    """ms of CPU per image that one sample of each thread family stands for.
+
+    With the per-thread CPU times the child measured (/proc), each family's samples share that
+    family's own CPU time: a thread that py-spy sees as busy while it only waits (for the GIL,
+    for a core on a loaded machine, or in a C call such as a queue's get) then cannot claim
+    another thread's CPU. Families that ended before the measurement (the render pool) share
+    what no surviving thread accounts for. Without those times, every sample weighs the same.
+    """
+    all_samples = sum(samples.values())
+    if not thread_cpu_s or not all_samples:
+        return {group: total_ms / max(all_samples, 1) for group in samples}
+    known = {g: thread_cpu_s[g] for g in samples if g in thread_cpu_s}
+    rest_s = max(0.0, sum(thread_cpu_s.values()) - sum(known.values()))
+    rest_samples = sum(c for g, c in samples.items() if g not in known)
+    return {
+        group: 1000
+        * (known[group] if group in known else rest_s * count / rest_samples)
+        / n
+        / count
+        for group, count in samples.items()
+    }
+
+
+def summarize_profile(
+    path: Path,
+    n: int,
+    cpu_ms_per_image: float,
+    top: int = 25,
+    thread_cpu_s: dict[str, float] | None = None,
+) -> list[str]:
     """Per-image CPU by step and the heaviest functions, from py-spy's collapsed stacks.
 
-    Shares come from the samples; absolute figures are those shares of the CPU time the child
-    measured, because on an oversubscribed machine a runnable thread that is waiting for a core
-    is sampled as busy, which inflates sample counts but not (much) their proportions.
+    Sample counts say where a thread spends its time; how much CPU that is comes from the
+    child's own per-thread CPU times (see `_sample_weights`), because on an oversubscribed
+    machine a thread that is runnable but waiting for a core, or blocked in a C call, is still
+    sampled as busy.
     """
-    buckets: dict[str, int] = {}
-    threads: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
+    stacks: list[tuple[str, list[str], int]] = []
+    samples: dict[str, int] = {}
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
         frames = stack.split(";")
         if frames[-1].rpartition(" (")[0].strip() in IDLE_LEAVES:
             continue
-        total += count
-        thread_name = frames[0].partition(": ")[2] or frames[0]
-        group = thread_name.rstrip("0123456789_-")
-        threads[group] = threads.get(group, 0) + count
+        group = (frames[0].partition(": ")[2] or frames[0]).rstrip("0123456789_-")
+        stacks.append((group, frames, int(count_text)))
+        samples[group] = samples.get(group, 0) + int(count_text)
+    weight = _sample_weights(samples, thread_cpu_s, cpu_ms_per_image, n)
+
+    buckets: dict[str, float] = {}
+    threads: dict[str, float] = {}
+    inclusive: dict[str, float] = {}
+    for group, frames, count in stacks:
+        ms_here = weight[group] * count
+        threads[group] = threads.get(group, 0.0) + ms_here
+        stack = ";".join(frames)
         bucket = next((name for name, mark in PROFILE_BUCKETS if mark in stack), None)
         if bucket is None:
             bucket = (
@@ -1185,23 +1223,27 @@ def summarize_profile(path: Path, n: int, cpu_ms_per_image: float, top: int = 25
                 if group.startswith("MainThread")
                 else f"other threads ({group})"
             )
-        buckets[bucket] = buckets.get(bucket, 0) + count
+        buckets[bucket] = buckets.get(bucket, 0.0) + ms_here
         for key in {_frame_key(f) for f in frames[1:]}:
-            inclusive[key] = inclusive.get(key, 0) + count
+            inclusive[key] = inclusive.get(key, 0.0) + ms_here
+    total_ms = sum(threads.values())
 
-    def ms(samples: int) -> str:
-        share = samples / max(total, 1)
-        return f"{share * cpu_ms_per_image:7.2f} ms/img {100 * share:5.1f}%"
+    def ms(value: float) -> str:
+        return f"{value:7.2f} ms/img {100 * value / max(total_ms, 1e-9):5.1f}%"
 
+    how = (
+        "each thread's samples weighted by its own CPU time"
+        if thread_cpu_s
+        else f"shares of the measured {cpu_ms_per_image:.1f} ms CPU per image"
+    )
     lines = [
-        f"py-spy: {total} busy samples over N={n} (wait frames dropped); shares of the "
-        f"measured {cpu_ms_per_image:.1f} ms CPU per image"
+        f"py-spy: {sum(samples.values())} busy samples over N={n} (wait frames dropped); {how}"
     ]
     lines += ["  by step:"] + [
-        f"    {ms(c)}  {name}" for name, c in sorted(buckets.items(), key=lambda kv: -kv[1])
+        f"    {ms(v)}  {name}" for name, v in sorted(buckets.items(), key=lambda kv: -kv[1])
     ]
     lines += ["  by thread:"] + [
-        f"    {ms(c)}  {name}" for name, c in sorted(threads.items(), key=lambda kv: -kv[1])
+        f"    {ms(v)}  {name}" for name, v in sorted(threads.items(), key=lambda kv: -kv[1])
     ]
     boring = ("threading.py", "concurrent/futures/thread.py", "<module>", "asyncio/")
     ranked = [
@@ -1210,7 +1252,7 @@ def summarize_profile(path: Path, n: int, cpu_ms_per_image: float, top: int = 25
         if not any(b in kv[0] for b in boring)
     ]
     lines += ["  heaviest functions (inclusive):"] + [
-        f"    {ms(c)}  {name}" for name, c in ranked[:top]
+        f"    {ms(v)}  {name}" for name, v in ranked[:top]
     ]
     return lines
 
@@ -1461,12 +1503,21 @@ def print_report(
         _print_standin(args, m.standin)
     if m.components:
         print()
-        print("  CPU per image of each step alone (process CPU time, 64 calls each):")
+        print(
+            "  CPU per image of each step alone (process CPU time, 64 calls each, 1,280 for "
+            "the sub-millisecond ones):"
+        )
         for name, value in m.components.items():
             print(f"    {value:7.2f} ms  {name}")
     if args.profile and Path(args.profile).exists():
         print()
-        print("\n".join(summarize_profile(Path(args.profile), n, figures["cpu_ms_per_image"])))
+        summary = summarize_profile(
+            Path(args.profile),
+            n,
+            figures["cpu_ms_per_image"],
+            thread_cpu_s=main.get("thread_cpu_s"),
+        )
+        print("\n".join(summary))
 
 
 def _print_standin(args: argparse.Namespace, stand: dict[str, Any]) -> None:

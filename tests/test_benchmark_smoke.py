@@ -19,8 +19,11 @@ EXPECTED = (
     "speedup_vs_seed",
     "cached_rerun_ratio",
     "cpu_ms_per_image",
+    "cpu_vs_raw",
     "rss_kb_per_image",
     "image_kb",
+    "standin_images_per_s",
+    "standin_cpu_ms_per_image",
 )
 
 
@@ -47,6 +50,10 @@ def test_benchmark_runs_and_prints_a_parsable_result(tmp_path: Path) -> None:
         assert math.isfinite(result[key]), (key, lines[-1])
     assert result["flow_vs_raw"] > 0 and result["cpu_ms_per_image"] > 0
     assert result["image_kb"] > 0
+    assert result["cpu_vs_raw"] > 0 and result["standin_images_per_s"] > 0
+    # The stand-in run (2 x N images by default) answered every generation and failed none.
+    assert "the stand-in answered 14 generations" in done.stdout  # 12 + the 2-image warm-up
+    assert "failed 0, client CPU" in done.stdout
     assert result["rpm"] == 1200 and result["failed"] == 0
     assert 0 < result["sustained_rate_pct"] <= 110
     # The cached re-run must not have called the API or uploaded again.
