@@ -31,7 +31,7 @@ What runs where, each in its own process on 127.0.0.1, all stopped on exit, erro
   task runs from events that arrive after the client is done.
 
 Usage:
-    python benchmarks/bench_scale.py                        # defaults: N=20000, ~12 min
+    python benchmarks/bench_scale.py                        # defaults: N=20000, ~9 min
     python benchmarks/bench_scale.py --n-large 100000 --plan-rows 1000000
     python benchmarks/bench_scale.py --n 200 --rss-small 50 --tasks-n 50 --s3-n 50  # quick
 
@@ -79,7 +79,6 @@ from bench_batch import (  # noqa: E402  (the sibling script: servers in process
     git_state,
     http_json,
     machine_busy_s,
-    process_tree_cpu_s,
     uptime_text,
     wait_until,
 )
@@ -225,21 +224,63 @@ def standin_requests(url: str) -> int:
 # ============================================================================================
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User+system seconds of a process and its descendants, those that ended included.
+
+    `bench_batch.process_tree_cpu_s` sums the live processes only; a work-pool worker's flow-run
+    processes (or a restarted Dask worker) end during the run, and their CPU then shows up only
+    in their parent's `children_*` times, which this adds.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def _tree_cpu(pids: Sequence[int]) -> float:
-    return sum(process_tree_cpu_s(pid) for pid in pids)
+    return sum(tree_cpu_s(pid) for pid in pids)
 
 
 def _settle(pid: int, quiet_cpu_per_s: float = 0.05, step: float = 1.0) -> float:
     """Wait until a server's process tree uses < `quiet_cpu_per_s` cores; seconds waited."""
     started = time.perf_counter()
-    last = process_tree_cpu_s(pid)
+    last = tree_cpu_s(pid)
     while time.perf_counter() - started < SETTLE_MAX_S:
         time.sleep(step)
-        now = process_tree_cpu_s(pid)
+        now = tree_cpu_s(pid)
         if now - last < quiet_cpu_per_s * step:
             break
         last = now
     return time.perf_counter() - started
+
+
+def contact_sheet_figures(dest: str) -> dict[str, float]:
+    """Pages of the run's contact sheet in a local destination (the issue's "before": one page
+    of 17.5 MB at 20,000 images)."""
+    if dest.startswith("s3://"):
+        return {}
+    sheets = sorted(
+        Path(dest, "runs").glob("*/contact-sheet.html"), key=lambda p: p.stat().st_mtime
+    )
+    if not sheets:
+        return {}
+    index = sheets[-1].stat().st_size
+    # Up to a page's worth of images the index is the sheet; past it, it links to the pages.
+    pages = [p.stat().st_size for p in (sheets[-1].parent / "contact-sheet").glob("*.html")]
+    return {
+        "sheet_index_kb": index / 1024,
+        "sheet_pages": len(pages) or 1,
+        "sheet_max_page_kb": max(pages or [index]) / 1024,
+    }
 
 
 def work_pool_support() -> str | None:
@@ -331,10 +372,10 @@ def run_contender(argv: Sequence[str]) -> None:
         _settle(args.server_pid)
         out["rss_before_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         server0, standin0 = (
-            process_tree_cpu_s(args.server_pid),
-            process_tree_cpu_s(args.standin_pid),
+            tree_cpu_s(args.server_pid),
+            tree_cpu_s(args.standin_pid),
         )
-        store0 = process_tree_cpu_s(args.store_pid) if args.store_pid else 0.0
+        store0 = tree_cpu_s(args.store_pid) if args.store_pid else 0.0
         requests0, busy0 = standin_requests(args.standin_url), machine_busy_s()
         cpu0 = _tree_cpu([me, *extra])
         wall0 = time.perf_counter()
@@ -342,17 +383,18 @@ def run_contender(argv: Sequence[str]) -> None:
         out["wall_s"] = time.perf_counter() - wall0
         out["cpu_s"] = _tree_cpu([me, *extra]) - cpu0
         out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        standin1, busy1 = process_tree_cpu_s(args.standin_pid), machine_busy_s()
-        server_at_end = process_tree_cpu_s(args.server_pid)
-        store1 = process_tree_cpu_s(args.store_pid) if args.store_pid else 0.0
+        standin1, busy1 = tree_cpu_s(args.standin_pid), machine_busy_s()
+        server_at_end = tree_cpu_s(args.server_pid)
+        store1 = tree_cpu_s(args.store_pid) if args.store_pid else 0.0
         out["store_cpu_s"] = store1 - store0
         out["requests"] = standin_requests(args.standin_url) - requests0
         out["counts"] = {str(k): v for k, v in report.counts.items() if v}
         out["api_calls"] = report.api_calls
+        out.update(contact_sheet_figures(args.dest))
         out["cache_hits"] = report.cache_hits
         del report
         out["settle_s"] = _settle(args.server_pid)
-        out["server_cpu_s"] = process_tree_cpu_s(args.server_pid) - server0
+        out["server_cpu_s"] = tree_cpu_s(args.server_pid) - server0
         out["standin_cpu_s"] = standin1 - standin0
         ours = out["cpu_s"] + server_at_end - server0 + out["standin_cpu_s"] + out["store_cpu_s"]
         out["foreign_cores"] = max(0.0, (busy1 - busy0 - ours) / out["wall_s"])
@@ -718,6 +760,9 @@ def figures_of(args: argparse.Namespace, rows: list[Row]) -> dict[str, Any]:
         out["rss_small_mb"] = small["max_rss_kb"] / 1024
         out["rss_n_mb"] = a["max_rss_kb"] / 1024
         out["rss_kb_per_image"] = (a["max_rss_kb"] - small["max_rss_kb"]) / (a["n"] - small["n"])
+    if "sheet_pages" in a:
+        out["sheet_pages"] = a["sheet_pages"]
+        out["sheet_max_page_kb"] = a["sheet_max_page_kb"]
     s3a, s3b = _get(rows, "s3-threads"), _get(rows, "s3-dask")
     if s3a and s3b:
         out["s3_n"] = s3a["n"]
@@ -811,6 +856,13 @@ def print_report(args: argparse.Namespace, rows: list[Row], figures: dict[str, A
             f"{figures['rss_n_mb']:.0f} MB at N={args.n}: "
             f"{figures['rss_kb_per_image']:.2f} KB per extra image"
         )
+    for row in rows:
+        x = row.data
+        if x and "sheet_pages" in x and x["name"] in ("a-threads", "b-dask", "large"):
+            print(
+                f"  contact sheet of {row.label} (N={x['n']}): {x['sheet_pages']} pages, index "
+                f"{x['sheet_index_kb']:.0f} KB, largest page {x['sheet_max_page_kb']:.0f} KB"
+            )
 
 
 def _fmt_result(value: Any) -> str:
@@ -881,9 +933,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.05, help="stand-in seconds per image")
     parser.add_argument("--concurrency", type=int, default=32, help="images in flight")
     parser.add_argument("--rss-small", type=int, default=2_000, help="small N for RSS growth")
-    parser.add_argument(
-        "--tasks-n", type=int, default=None, help="images for (c) (default min(N, 2000))"
-    )
+    parser.add_argument("--tasks-n", type=int, default=None, help="images for (c) (default N)")
     parser.add_argument(
         "--s3-n", type=int, default=2_000, help="images for (a), (b) into moto S3 (0: skip)"
     )
@@ -892,7 +942,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args(argv)
     if args.tasks_n is None:
-        args.tasks_n = min(args.n, 2_000)
+        args.tasks_n = args.n
     if args.n < 1 or args.concurrency < 1 or args.latency < 0:
         parser.error("--n and --concurrency must be >= 1 and --latency >= 0")
     if args.rss_small >= args.n:
