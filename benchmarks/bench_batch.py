@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -65,6 +66,7 @@ HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 BUCKET = "flux-bench"
 API_KEY = "bench-key"  # the emulator accepts any key; this one only has to be non-empty
+EMULATOR_TOKEN_ENV = "FLUX_FLOWS_EMULATOR_TOKEN"  # the emulator child's control token
 MODEL = "flux-1-schnell-fp8"
 GENERATION_PATH = f"/workflows/accounts/fireworks/models/{MODEL}/text_to_image"
 STARTUP_TIMEOUT_S = 120.0
@@ -121,8 +123,12 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def http_json(url: str, method: str = "GET", timeout: float = 10.0) -> Any:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def http_json(
+    url: str, method: str = "GET", timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> Any:
+    request = urllib.request.Request(
+        url, method=method, data=b"" if method == "POST" else None, headers=headers or {}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
@@ -279,7 +285,8 @@ def serve_emulator(argv: Sequence[str]) -> None:
     from flux_flows.emulator import EmulatorConfig, EmulatorStats, create_app
 
     config = EmulatorConfig(latency_s=args.latency, image_kb=args.image_kb, rpm_limit=args.rpm)
-    app = create_app(config, EmulatorStats())
+    # The parent resets the emulator between contenders: a change needs the control token.
+    app = create_app(config, EmulatorStats(), control_token=os.environ[EMULATOR_TOKEN_ENV])
     arrivals: list[tuple[float, int]] = []
 
     async def logged(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -652,7 +659,7 @@ def run_components_child(argv: Sequence[str]) -> None:
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
     with contextlib.suppress(ImportError):  # older trees: no header reader to time
-        from flux_flows.client._wire import image_size, sniff_image
+        from flux_flows.client._images import image_size, sniff_image
 
         out["verify the answer (sniff + size from the header)"], _ = _cpu_per_call_ms(
             calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))
@@ -684,7 +691,8 @@ def run_components_child(argv: Sequence[str]) -> None:
 
     def job(request: ImageRequest, folder: str) -> RenderJob:
         destination = args.dest.rstrip("/") + folder
-        return RenderJob(request, open_storage(destination), SpillFolder(destination))
+        storage = open_storage(destination)
+        return RenderJob(request, storage, SpillFolder(storage.root_uri))
 
     jobs = [job(r, "/plain") for r in requests]
     out["render() on plain threads (all steps, no Prefect)"], _ = _cpu_per_call_ms(
@@ -864,6 +872,7 @@ def run_seed_loop(base_url: str, jobs: Sequence[dict[str, Any]], n: int) -> Phas
 @dataclass
 class Services:
     emulator_url: str  # origin, e.g. http://127.0.0.1:1234
+    control_token: str  # for the emulator's /_emulator/reset
     base_url: str  # FIREWORKS_BASE_URL
     s3_endpoint: str
     prefect_api: str
@@ -910,7 +919,8 @@ def services(args: argparse.Namespace, workdir: Path, procs: Processes) -> Itera
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
         env,
     )
-    emulator = procs.spawn("emulator", emulator_cmd, env)
+    control_token = secrets.token_urlsafe(24)
+    emulator = procs.spawn("emulator", emulator_cmd, {**env, EMULATOR_TOKEN_ENV: control_token})
     wait_until(port_file.exists, "the emulator", emulator)
     emulator_url = f"http://127.0.0.1:{int(port_file.read_text())}"
     wait_until(lambda: _http_ok(s3_endpoint), "moto_server", moto)
@@ -934,6 +944,7 @@ def services(args: argparse.Namespace, workdir: Path, procs: Processes) -> Itera
     }
     yield Services(
         emulator_url=emulator_url,
+        control_token=control_token,
         base_url=emulator_url + "/inference/v1",
         s3_endpoint=s3_endpoint,
         prefect_api=prefect_api,
@@ -1075,7 +1086,11 @@ def emulator_log(svc: Services, *, clear: bool = False) -> list[tuple[float, int
 
 def reset_emulator(svc: Services) -> None:
     """Fresh counters and rate window between contenders, so one does not pay for another."""
-    http_json(svc.emulator_url + "/_emulator/reset", "POST")
+    http_json(
+        svc.emulator_url + "/_emulator/reset",
+        "POST",
+        headers={"X-Emulator-Token": svc.control_token},
+    )
     emulator_log(svc, clear=True)
 
 

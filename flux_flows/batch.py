@@ -6,13 +6,16 @@ real run: the plan a user sees is the plan that runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from flux_flows import layout
+from flux_flows.claims import ClaimBook
 from flux_flows.images_in import (
     describe_reference,
     hash_input_images,
@@ -30,7 +33,7 @@ from flux_flows.models import (
 from flux_flows.pricing import estimate_cost, price_table
 from flux_flows.prompts import PromptRow
 from flux_flows.settings import BatchSettings
-from flux_flows.storage import Storage, open_storage
+from flux_flows.storage import Storage
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -61,6 +64,15 @@ class BatchPlan:
     to_generate: list[str]
     skipped_for_budget: list[str] = field(default_factory=list)
     cost_by_key: dict[str, float] = field(default_factory=dict)
+    _first: dict[str, PlannedImage] | None = field(default=None, repr=False)
+
+    def first_planned(self) -> dict[str, PlannedImage]:
+        """Each distinct request's first planned image (computed once, then kept)."""
+        if self._first is None:
+            self._first = {}
+            for planned in self.images:
+                self._first.setdefault(planned.request.cache_key, planned)
+        return self._first
 
     @property
     def estimated_cost_usd(self) -> float:
@@ -76,24 +88,27 @@ class BatchPlan:
 
 def _edit_pairs(
     rows: Sequence[PromptRow], input_images: Sequence[str] | None
-) -> list[tuple[int, str, dict[str, Any]]]:
-    """(prompt index, where, fields): one per prompt, or one per (prompt, image) in an edit batch.
+) -> list[tuple[int, int, str, dict[str, Any]]]:
+    """(prompt index, first variant, where, fields): one per prompt, or one per (prompt, image)
+    in an edit batch. A replayed record keeps its index and variant (its seed is explicit).
 
     A row that names its own `input_image` keeps it and is not crossed with the batch's images.
     """
-    pairs: list[tuple[int, str, dict[str, Any]]] = []
-    for index, row in enumerate(rows):
+    pairs: list[tuple[int, int, str, dict[str, Any]]] = []
+    for position, row in enumerate(rows):
+        index = position if row.index is None else row.index
+        variant = row.variant or 0
         if input_images and row.fields.get("input_image") is None:
             for ref in input_images:
                 where = f"{row.where} with input image {describe_reference(ref)}"
-                pairs.append((index, where, {**row.fields, "input_image": ref}))
+                pairs.append((index, variant, where, {**row.fields, "input_image": ref}))
         else:
-            pairs.append((index, row.where, dict(row.fields)))
+            pairs.append((index, variant, row.where, dict(row.fields)))
     return pairs
 
 
 def _fill_input_hashes(
-    pairs: list[tuple[int, str, dict[str, Any]]],
+    pairs: list[tuple[int, int, str, dict[str, Any]]],
     defaults: Mapping[str, Any],
     aws_credentials: Any,
 ) -> None:
@@ -104,7 +119,7 @@ def _fill_input_hashes(
     validation anyway, and reading a thousand photos to say so would waste minutes.
     """
     wanted: dict[str, str] = {}
-    for _, _, fields in pairs:
+    for *_, fields in pairs:
         ref = fields.get("input_image")
         model = fields.get("model") or defaults.get("model") or SCHNELL
         if not isinstance(ref, str) or fields.get("input_image_sha256") or not is_kontext(model):
@@ -114,7 +129,7 @@ def _fill_input_hashes(
         except ValueError:
             continue  # validation names the bad reference, with where it came from
     hashes = hash_input_images(dict.fromkeys(wanted.values()), aws_credentials)
-    for _, _, fields in pairs:
+    for *_, fields in pairs:
         ref = fields.get("input_image")
         if isinstance(ref, str) and ref in wanted and not fields.get("input_image_sha256"):
             fields["input_image_sha256"] = hashes[wanted[ref]]
@@ -140,7 +155,7 @@ def expand(
     _fill_input_hashes(pairs, defaults, aws_credentials)
     images: list[PlannedImage] = []
     problems: list[str] = []
-    for index, where, fields in pairs:
+    for index, first_variant, where, fields in pairs:
         item_id = fields.get("id")
         for variant in range(variants):
             try:
@@ -150,8 +165,9 @@ def expand(
             except ValidationError as exc:
                 problems.append(f"{where}: {describe_validation_error(exc)}")
                 break
+            label = variant + first_variant
             images.append(
-                PlannedImage(index, variant, request, None if item_id is None else str(item_id))
+                PlannedImage(index, label, request, None if item_id is None else str(item_id))
             )
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
@@ -179,6 +195,28 @@ def find_stored(storage: Storage) -> dict[str, StoredImage]:
     return stored
 
 
+class BudgetGate:
+    """The budget rule, one distinct missing image at a time, in plan order: generate while the
+    estimate stays within budget; after the first image that would pass it, skip the rest, so a
+    re-run with a bigger budget carries on where this one stopped."""
+
+    def __init__(self, budget_usd: float | None) -> None:
+        if budget_usd is not None and budget_usd < 0:
+            raise ValueError(f"budget_usd must not be negative, got {budget_usd}")
+        self.budget_usd = budget_usd
+        self.spent = 0.0
+        self.closed = False
+
+    def admit(self, cost: float) -> bool:
+        if self.budget_usd is None or (
+            not self.closed and self.spent + cost <= self.budget_usd + 1e-12
+        ):
+            self.spent += cost
+            return True
+        self.closed = True
+        return False
+
+
 def plan_batch(
     images: list[PlannedImage],
     stored: Mapping[str, StoredImage],
@@ -191,18 +229,11 @@ def plan_batch(
     for planned in images:
         unique.setdefault(planned.request.cache_key, planned.request)
     cost = {key: estimate_cost(request, prices) for key, request in unique.items()}
-    missing = [key for key in unique if key not in stored]
-    to_generate, skipped = missing, []
-    if budget_usd is not None:
-        if budget_usd < 0:
-            raise ValueError(f"budget_usd must not be negative, got {budget_usd}")
-        spent, to_generate = 0.0, []
-        for key in missing:
-            if not skipped and spent + cost[key] <= budget_usd + 1e-12:
-                spent += cost[key]
-                to_generate.append(key)
-            else:
-                skipped.append(key)
+    gate = BudgetGate(budget_usd)
+    to_generate: list[str] = []
+    skipped: list[str] = []
+    for key in (key for key in unique if key not in stored):
+        (to_generate if gate.admit(cost[key]) else skipped).append(key)
     return BatchPlan(
         images=images,
         unique=unique,
@@ -213,20 +244,11 @@ def plan_batch(
     )
 
 
-def plan_run(
-    rows: Sequence[PromptRow],
-    settings: BatchSettings,
-    destination: str,
-    *,
-    aws_credentials: Any = None,
-    preflight: Callable[[Storage], None] | None = None,
-) -> tuple[Storage, BatchPlan]:
-    """The plan a run makes and `flux-flows plan` shows: the same function, so they agree.
-
-    Prompts are validated first (bad input costs nothing to find); `preflight` runs on the
-    opened destination before its listing, for the checks only a real run needs.
-    """
-    images = expand(
+def plan_images(
+    rows: Sequence[PromptRow], settings: BatchSettings, aws_credentials: Any = None
+) -> list[PlannedImage]:
+    """`expand` with a batch's settings: request defaults, seed, variants, input images."""
+    return expand(
         rows,
         defaults=settings.defaults,
         base_seed=settings.seed,
@@ -236,13 +258,110 @@ def plan_run(
         else list_input_images(settings.input_images, aws_credentials=aws_credentials),
         aws_credentials=aws_credentials,
     )
-    storage = open_storage(destination, aws_credentials=aws_credentials)
+
+
+def plan_run(
+    rows: Sequence[PromptRow],
+    settings: BatchSettings,
+    storage: Storage,
+    *,
+    aws_credentials: Any = None,
+    preflight: Callable[[], None] | None = None,
+) -> BatchPlan:
+    """The plan a run makes and `flux-flows plan` shows: the same function, so they agree.
+
+    Prompts are validated first (bad input costs nothing to find); `preflight` runs on the
+    opened destination before its listing, for the checks only a real run needs.
+    """
+    images = plan_images(rows, settings, aws_credentials)
     if preflight is not None:
-        preflight(storage)
-    plan = plan_batch(
+        preflight()
+    return plan_batch(
         images,
         find_stored(storage),
         prices=price_table(settings.prices),
         budget_usd=settings.budget_usd,
     )
-    return storage, plan
+
+
+def await_other_runs(
+    plan: BatchPlan,
+    storage: Storage,
+    claims: ClaimBook,
+    waiting_for: set[str],
+    *,
+    poll_s: float = 2.0,
+) -> list[str]:
+    """Wait for the images other live runs claimed; return those nobody is making any more.
+
+    Each image that appears is added to the plan as stored, so its record says "cached" and
+    this run pays nothing for it.
+    """
+    remaining = set(waiting_for)
+    pause = threading.Event()
+    while remaining:
+        stored = find_stored(storage)
+        for key in remaining & stored.keys():
+            plan.stored[key] = stored[key]
+        remaining -= stored.keys()
+        if not remaining:
+            break
+        if not claims.claimed_by_others(remaining):
+            break  # their run ended without them (failed, or killed): make them here
+        pause.wait(poll_s)
+    return [key for key in plan.to_generate if key in remaining]
+
+
+@dataclass
+class PlanSummary:
+    """What `flux-flows plan` shows: the figures of `plan_run`, without holding the plan."""
+
+    requested: int = 0
+    distinct: int = 0
+    stored: int = 0
+    to_generate: int = 0
+    skipped_for_budget: int = 0
+    estimated_cost_usd: float = 0.0
+    saved_usd: float = 0.0
+
+
+def summarize_plan(
+    rows: Iterable[PromptRow],
+    settings: BatchSettings,
+    storage: Storage,
+    *,
+    aws_credentials: Any = None,
+    batch_rows: int = 10_000,
+) -> PlanSummary:
+    """The plan of a prompt file of any length, in slices of `batch_rows`: each slice is
+    expanded (validated, seeded) as a run would, folded into the figures and let go, so a
+    million rows need the memory of their distinct keys, not of a million requests."""
+    if isinstance(settings.input_images, str):  # a folder or prefix: list it once, not per slice
+        listed = list_input_images(settings.input_images, aws_credentials=aws_credentials)
+        settings = settings.model_copy(update={"input_images": listed})
+    stored = find_stored(storage)
+    prices = price_table(settings.prices)
+    gate = BudgetGate(settings.budget_usd)
+    summary, seen, list_price = PlanSummary(), set[str](), 0.0
+    remaining = iter(rows)
+    while chunk := list(itertools.islice(remaining, batch_rows)):
+        for planned in plan_images(chunk, settings, aws_credentials):
+            key, cost = planned.request.cache_key, estimate_cost(planned.request, prices)
+            summary.requested += 1
+            list_price += cost
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in stored:
+                summary.stored += 1
+            elif gate.admit(cost):
+                summary.to_generate += 1
+            else:
+                summary.skipped_for_budget += 1
+                list_price -= cost  # not generated, so not saved either
+    if not summary.requested:
+        raise ValueError("no prompts to generate: the prompt list is empty")
+    summary.distinct = len(seen)
+    summary.estimated_cost_usd = gate.spent
+    summary.saved_usd = list_price - gate.spent
+    return summary

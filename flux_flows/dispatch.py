@@ -6,19 +6,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import queue
+import signal
+import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flux_flows.batch import BatchPlan
 from flux_flows.errors import AuthenticationError
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
@@ -26,7 +29,12 @@ from flux_flows.progress import ProgressReporter
 from flux_flows.render import RenderJob, RenderResult, render_image
 
 if TYPE_CHECKING:
+    import functools
+
     from flux_flows.settings import BatchOptions
+
+    # RenderJob with everything but the request bound: picklable, so chunks can cross to workers.
+    JobFactory = functools.partial[RenderJob]
 
 
 class _PlainFuture:
@@ -70,28 +78,132 @@ class _PlainRunner:
         self._pool.shutdown(wait=True)
 
 
-@contextlib.contextmanager
-def _runner(max_concurrency: int, per_image_tasks: bool = False) -> Iterator[Any]:
-    """A thread pool sized to the concurrency asked for, unless the user chose another runner.
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of the plan for one worker: hundreds of images, one Prefect task run.
 
-    Prefect's default pool is unbounded; a DaskTaskRunner (or any other) is used as given, with
-    the in-flight window below still bounding how much is submitted at once. Without
-    `per_image_tasks`, local threads run the images without a Prefect task run each.
+    A task run per image costs more than the image's own work once it crosses to a Dask worker
+    (~360 ms of cluster CPU each, measured in benchmarks/RESULTS.md); a chunk pays that once
+    and renders its images on threads there, through the same windowed loop as one process.
+    Its share of the batch's window and pace keeps the whole batch inside the limits as long
+    as at most `parallel` chunks run at once.
     """
+
+    number: int
+    requests: tuple[ImageRequest, ...]
+    make_job: JobFactory
+    max_concurrency: int
+    requests_per_minute: float | None
+
+    def job_for(self, request: ImageRequest) -> RenderJob:
+        return self.make_job(request=request)
+
+
+@task(name="render-chunk", retries=0, cache_policy=NO_CACHE, persist_result=False)
+def render_chunk(chunk: Chunk) -> list[RenderResult]:
+    """Render a chunk's images on threads in this worker; never raises for one image's failure."""
+    results = render_windowed(
+        chunk.requests,
+        chunk.job_for,
+        max_concurrency=chunk.max_concurrency,
+        requests_per_minute=chunk.requests_per_minute,
+        runner=_PlainRunner(chunk.max_concurrency),
+    )
+    return list(results.values())
+
+
+def _parallel_slots(runner: Any, chunks: int) -> int:
+    """How many chunks can run at once: a Dask cluster's threads, else every chunk (the safe
+    bound: each then gets the smallest share of the limits)."""
+    client = getattr(runner, "client", None)
+    nthreads = getattr(client, "nthreads", None)
+    if callable(nthreads):
+        with contextlib.suppress(Exception):
+            return max(1, min(chunks, sum(nthreads().values())))
+    return max(1, chunks)
+
+
+def chunks_of(
+    requests: Sequence[ImageRequest], options: BatchOptions, make_job: JobFactory, parallel: int
+) -> list[Chunk]:
+    """Cut the plan into at most `chunk_size` images a chunk, and at least one chunk a slot."""
+    size = max(1, min(options.chunk_size, -(-len(requests) // parallel)))
+    share = max(1, options.max_concurrency // parallel)
+    rpm = options.requests_per_minute / parallel if options.requests_per_minute else None
+    return [
+        Chunk(n, tuple(requests[start : start + size]), make_job, share, rpm)
+        for n, start in enumerate(range(0, len(requests), size), start=1)
+    ]
+
+
+def render_all(
+    requests: Sequence[ImageRequest],
+    options: BatchOptions,
+    progress: ProgressReporter,
+    make_job: JobFactory,
+    on_results: Callable[[list[RenderResult]], None] = lambda results: None,
+    work_dir: str = "",
+) -> dict[str, RenderResult]:
+    """Every missing image, rendered where the flow's task runner says.
+
+    Local threads (the default): one windowed loop, no task runs. `per_image_tasks`: a task run
+    per image. Any other runner (Dask, Ray): chunks, one task run each. `chunk_deployment`:
+    chunks as flow runs on a work pool (see `pools`), staged under `work_dir`. `on_results` sees each
+    batch of finished results (a chunk, or every few hundred images) so records can be written
+    as the run goes.
+    """
+    if options.chunk_deployment:
+        from flux_flows.pools import render_on_pool
+
+        return render_on_pool(requests, options, progress, make_job, on_results, work_dir)
     context = FlowRunContext.get()
     chosen = context.task_runner if context else None
-    if chosen is None or isinstance(chosen, ThreadPoolTaskRunner):
-        if not per_image_tasks:
-            plain = _PlainRunner(max_concurrency)
-            try:
-                yield plain
-            finally:
-                plain.shutdown()
-            return
-        with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner:
-            yield runner
-    else:
-        yield chosen
+    local = chosen is None or isinstance(chosen, ThreadPoolTaskRunner)
+    if options.per_image_tasks or local:
+        with contextlib.ExitStack() as stack:
+            if not local:
+                runner: Any = chosen
+            elif options.per_image_tasks:
+                runner = stack.enter_context(ThreadPoolTaskRunner(options.max_concurrency))
+            else:
+                runner = _PlainRunner(options.max_concurrency)
+                stack.callback(runner.shutdown)
+            return render_windowed(
+                requests,
+                lambda request: make_job(request=request),
+                max_concurrency=options.max_concurrency,
+                requests_per_minute=options.requests_per_minute,
+                runner=runner,
+                progress=progress,
+                on_results=on_results,
+            )
+    chunks = chunks_of(requests, options, make_job, _parallel_slots(chosen, len(requests)))
+    return _render_chunks(chunks, chosen, progress, on_results)
+
+
+def _render_chunks(
+    chunks: list[Chunk],
+    runner: Any,
+    progress: ProgressReporter,
+    on_results: Callable[[list[RenderResult]], None],
+) -> dict[str, RenderResult]:
+    futures = {runner.submit(render_chunk, {"chunk": chunk}): chunk for chunk in chunks}
+    results: dict[str, RenderResult] = {}
+    for future in as_completed(list(futures)):
+        chunk = futures[future]
+        value = future.result(raise_on_failure=False)
+        if isinstance(value, list):
+            finished = value
+        else:  # the worker died or the task crashed: its images are unknown, record them failed
+            error = f"the chunk's worker failed: {value}"
+            finished = [
+                RenderResult(cache_key=r.cache_key, finish_reason=FinishReason.ERROR, error=error)
+                for r in chunk.requests
+            ]
+        results.update((r.cache_key, r) for r in finished)
+        on_results(finished)
+        progress.update(len(results))
+    return results
 
 
 def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
@@ -106,39 +218,79 @@ def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
     )
 
 
-def render_all(
-    plan: BatchPlan,
-    options: BatchOptions,
-    progress: ProgressReporter,
+INTERRUPTED = "not attempted: the run was interrupted (Ctrl-C)"
+
+
+@contextlib.contextmanager
+def _first_ctrl_c_stops_submitting() -> Iterator[threading.Event]:
+    """While images are submitted from the main thread, the first Ctrl-C only sets an event the
+    loop reads (a KeyboardInterrupt could land inside a Prefect API call that swallows it); the
+    second raises KeyboardInterrupt as usual."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def render_windowed(
+    requests: Sequence[ImageRequest],
     job_for: Callable[[ImageRequest], RenderJob],
+    *,
+    max_concurrency: int,
+    requests_per_minute: float | None,
+    runner: Any,
+    progress: ProgressReporter | None = None,
+    on_results: Callable[[list[RenderResult]], None] = lambda results: None,
+    flush_every: int = 200,
 ) -> dict[str, RenderResult]:
-    """Submit the missing images with a bounded window; collect results as they complete."""
+    """Submit images with a bounded, adaptive window and an even pace; collect as they finish."""
     logger = get_run_logger()
     results: dict[str, RenderResult] = {}
-    pending = deque(plan.to_generate)
+    unflushed: list[RenderResult] = []
+    pending = deque(requests)
     done: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
     keys_by_run: dict[Any, str] = {}
-    pacer = Pacer(options.requests_per_minute)
-    window = AdaptiveWindow(options.max_concurrency)
+    pacer = Pacer(requests_per_minute)
+    window = AdaptiveWindow(max_concurrency)
     abort: str | None = None
     in_flight = 0
-    with _runner(options.max_concurrency, options.per_image_tasks) as runner:
+    with _first_ctrl_c_stops_submitting() as pressed:
         while pending or in_flight:
+            if pressed.is_set() and abort != INTERRUPTED:
+                # Ctrl-C: stop submitting, let what is in flight (paid for) finish and be
+                # stored, so the manifest records it; a second Ctrl-C aborts at once.
+                abort = INTERRUPTED
+                logger.warning(
+                    "interrupted: no new images; waiting for %d in flight (Ctrl-C again to abort)",
+                    in_flight,
+                )
             while pending and abort is None and in_flight < window.limit:
                 if pacer.wait_s() > 0:
                     break
-                key = pending.popleft()
-                job = job_for(plan.unique[key])
-                future = runner.submit(render_image, {"job": job})
-                keys_by_run[future.task_run_id] = key
+                request = pending.popleft()
+                future = runner.submit(render_image, {"job": job_for(request)})
+                keys_by_run[future.task_run_id] = request.cache_key
                 future.add_done_callback(done.put)
                 in_flight += 1
                 pacer.take()
             if abort is not None and pending:
-                for key in pending:
-                    results[key] = RenderResult(
-                        cache_key=key, finish_reason=FinishReason.ERROR, error=abort
+                for request in pending:
+                    result = RenderResult(
+                        cache_key=request.cache_key, finish_reason=FinishReason.ERROR, error=abort
                     )
+                    results[request.cache_key] = result
+                    unflushed.append(result)
                 pending.clear()
             if not in_flight:
                 continue
@@ -147,9 +299,11 @@ def render_all(
                 future = done.get(timeout=max(wait, 0.005))
             except queue.Empty:
                 continue
+
             in_flight -= 1
             result = _result_of(future, keys_by_run.pop(future.task_run_id))
             results[result.cache_key] = result
+            unflushed.append(result)
             window.observe(result.throttled)
             if (
                 abort is None
@@ -158,7 +312,13 @@ def render_all(
             ):
                 abort = f"not attempted: an earlier request failed with {result.error}"
                 logger.error("stopping: the API refused the credentials (%s)", result.error)
-            progress.update(len(results))
+            if len(unflushed) >= flush_every:
+                on_results(unflushed)
+                unflushed = []
+            if progress is not None:
+                progress.update(len(results))
+    if unflushed:
+        on_results(unflushed)
     if window.decreases:
         logger.warning(
             "the API answered 429: in-flight requests were cut %d time(s), to %d at the end",

@@ -18,30 +18,32 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
 from flux_flows import layout
-from flux_flows.batch import plan_run
-from flux_flows.blocks import FireworksCredentials, shared_client
-from flux_flows.dispatch import render_all
+from flux_flows.batch import BatchPlan, await_other_runs, plan_run
+from flux_flows.blocks import FireworksCredentials
+from flux_flows.claims import ClaimBook
+from flux_flows.dispatch import INTERRUPTED, render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
+from flux_flows.manifests import ManifestSpool, PartWriter, merged_manifest
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
+from flux_flows.preflight import preflight
 from flux_flows.progress import ProgressReporter
 from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
-from flux_flows.records import build_records
+from flux_flows.records import finished_records, iter_records
 from flux_flows.render import RenderJob, RenderResult
 from flux_flows.reporting import (
     count_outcomes,
     destination_of_manifest,
+    iter_manifest,
     load_manifest,
-    manifest_bytes,
     publish_artifacts,
-    write_manifests,
 )
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.startup import flux_flow
-from flux_flows.storage import Storage
+from flux_flows.storage import Storage, open_storage
 
 __all__ = [
     "AdaptiveWindow",
@@ -56,47 +58,18 @@ __all__ = [
 D = BATCH_DEFAULTS  # the signatures' defaults, written once in settings.py
 
 
-def _preflight(options: BatchOptions, storage: Storage, spill: SpillFolder) -> None:
-    """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
-    storage.check_writable()
-    if not options.dry_run:
-        # The fallback for a failed upload must work before an image is paid for.
-        spill.check_writable()
-        shared_client(options.credentials)
-        if options.concurrency_limit:
-            _check_concurrency_limit(options.concurrency_limit)
-
-
-def _check_concurrency_limit(name: str) -> None:
-    """A misspelt limit name would otherwise fail every image (or, unchecked, limit nothing)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            raise ValueError(
-                f"concurrency_limit={name!r}: no Prefect global concurrency limit has this name; "
-                f"create it with `prefect gcl create {name} --limit 8` (nothing was generated)"
-            ) from None
-    if not limit.active:
-        get_run_logger().warning(
-            "global concurrency limit %r is inactive: API calls are not limited by it", name
-        )
-
-
 def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
-    spill = SpillFolder(options.destination, options.spill_dir)
-    storage, plan = plan_run(
+    storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
+    spill = SpillFolder(storage.root_uri, options.spill_dir)
+    plan = plan_run(
         rows,
         options,
-        options.destination,
+        storage,
         aws_credentials=options.aws_credentials,
-        preflight=lambda storage: _preflight(options, storage, spill),
+        preflight=lambda: preflight(options, storage, spill),
     )
     logger.info(
         "%d images requested: %d distinct, %d already stored, %d to generate (est. $%.4f)%s",
@@ -110,72 +83,143 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
     context = FlowRunContext.get()
     flow_run = context.flow_run if context else None
     flow_run_id = str(flow_run.id) if flow_run else None
+    run_id = layout.new_run_id(flow_run.name if flow_run else None)
+    parts = PartWriter(storage, run_id)
     results: dict[str, RenderResult] = {}
     if not options.dry_run:
-        progress = ProgressReporter(total=len(plan.to_generate))
-        job_for = functools.partial(
-            RenderJob,
-            storage=storage,
-            spill=spill,
-            credentials=options.credentials,
-            aws_credentials=options.aws_credentials,
-            flow_run_id=flow_run_id,
-            concurrency_limit=options.concurrency_limit,
-        )
-        results = render_all(plan, options, progress, lambda request: job_for(request=request))
-        progress.finish()
-    records = build_records(plan, storage, results)
+        claims = ClaimBook(storage, run_id)
+        try:
+            results = _render(plan, options, storage, spill, flow_run_id, parts, claims)
+        finally:
+            claims.release()
+    spool = ManifestSpool(keep_all=options.dry_run)
+    try:
+        for record in iter_records(plan, storage, results):
+            spool.add(record)
+    finally:
+        spool.finish()
     report = BatchReport(
-        records=records,
-        counts=count_outcomes(records),
+        records=spool.kept,
+        counts=spool.all_counts(),
         api_calls=sum(r.api_calls for r in results.values()),
-        cache_hits=sum(1 for r in records if r.cached),
+        cache_hits=spool.cache_hits,
         manifest_uri=None,
         destination=storage.root_uri,
         spill_dir=str(spill.path),
-        estimated_cost_usd=plan.estimated_cost_usd
-        if options.dry_run
-        else sum(
-            r.estimated_cost_usd for r in records if r.finish_reason != FinishReason.SKIPPED_BUDGET
-        ),
+        estimated_cost_usd=plan.estimated_cost_usd if options.dry_run else spool.cost_usd,
         saved_usd=plan.saved_usd,
         dry_run=options.dry_run,
         flow_run_id=flow_run_id,
+        requested=spool.requested,
+        cached_successes=spool.cached_successes,
+        spilled=spool.spilled,
+        first_errors=spool.first_errors,
+        interrupted=any(r.error == INTERRUPTED for r in results.values()),
     )
-    manifest_problem: str | None = None
-    if not options.dry_run:
-        run_id = layout.new_run_id(flow_run.name if flow_run else None)
-        try:
-            report.manifest_uri = write_manifests(storage, run_id, records)
-        except StorageError as exc:
-            kept = spill.keep_manifest(run_id, manifest_bytes(records))
-            manifest_problem = f"manifest NOT stored ({exc}); a copy is kept at {kept}"
-            logger.error("could not store the manifest: %s; a copy is kept at %s", exc, kept)
-    report.wall_time_s = time.perf_counter() - started
-    if not options.dry_run:
-        try:
-            report.contact_sheet_uri = write_contact_sheets(storage, run_id, report)
-        except (StorageError, OSError) as exc:
-            logger.error("could not store the contact sheet: %s", exc)
-        publish_artifacts(report, storage=storage)
-    return _final_state(report, options.fail_on_error, manifest_problem)
+    try:
+        if not options.dry_run:
+            _record_run(report, options, storage, spill, run_id, spool, parts, logger)
+        report.wall_time_s = time.perf_counter() - started
+    finally:
+        spool.discard()
+    return _final_state(report, options.fail_on_error)
 
 
-def _final_state(
-    report: BatchReport, fail_on_error: bool, manifest_problem: str | None = None
-) -> State:
+def _render(
+    plan: BatchPlan,
+    options: BatchOptions,
+    storage: Storage,
+    spill: SpillFolder,
+    flow_run_id: str | None,
+    parts: PartWriter,
+    claims: ClaimBook,
+) -> dict[str, RenderResult]:
+    """Render what the plan says, writing each finished batch of records as a manifest part.
+
+    Images another live run into this destination is already making are waited for, not paid
+    for again (see `claims`); any that run leaves undone are made here after all.
+    """
+    progress = ProgressReporter(total=len(plan.to_generate))
+    make_job = functools.partial(
+        RenderJob,
+        storage=storage,
+        spill=spill,
+        credentials=options.credentials,
+        aws_credentials=options.aws_credentials,
+        flow_run_id=flow_run_id,
+        concurrency_limit=options.concurrency_limit,
+    )
+
+    def write_part(finished: list[RenderResult]) -> None:
+        try:
+            parts.write(finished_records(plan, storage, finished))
+        except (StorageError, OSError) as exc:  # the images are stored; only the early copy is lost
+            get_run_logger().warning("could not write a manifest part: %s", exc)
+
+    deferred = claims.stake(plan.to_generate)
+    if deferred:
+        get_run_logger().info(
+            "%d images are being generated by another run into this destination: waiting for "
+            "them instead of paying again",
+            len(deferred),
+        )
+    own = [plan.unique[key] for key in plan.to_generate if key not in deferred]
+    work_dir = f"{layout.RUNS}{claims.run_id}/chunks/"
+    results = render_all(own, options, progress, make_job, write_part, work_dir)
+    if deferred:
+        leftover = await_other_runs(plan, storage, claims, deferred)
+        again = [plan.unique[k] for k in leftover]
+        results |= render_all(again, options, progress, make_job, write_part, work_dir + "again/")
+    progress.finish()
+    return results
+
+
+def _record_run(
+    report: BatchReport,
+    options: BatchOptions,
+    storage: Storage,
+    spill: SpillFolder,
+    run_id: str,
+    spool: ManifestSpool,
+    parts: PartWriter,
+    logger: Any,
+) -> None:
+    """Manifest, contact sheet and artifacts; what could not be stored is said, never dropped."""
+    report.local_manifest = str(spool.path)
+    latest = merged_manifest(options.merge_into, spool.path, options.aws_credentials)
+    try:
+        report.manifest_uri = spool.store(storage, run_id, latest=latest.path if latest else None)
+        parts.remove()
+    except StorageError as exc:
+        kept = spill.keep_manifest(run_id, spool.path)
+        problem = f"manifest NOT stored ({exc}); a copy is kept at {kept}"
+        report.problems.append(problem)
+        logger.error("could not store the manifest: %s; a copy is kept at %s", exc, kept)
+    try:
+        merged = None if latest is None else (iter_manifest(str(latest.path)), latest.all_counts())
+        report.contact_sheet_uri = write_contact_sheets(storage, run_id, report, merged)
+    except (StorageError, OSError) as exc:
+        logger.error("could not store the contact sheet: %s", exc)
+    finally:
+        if latest is not None:
+            latest.discard()
+    publish_artifacts(report, storage=storage)
+    report.local_manifest = None
+
+
+def _final_state(report: BatchReport, fail_on_error: bool) -> State:
     counts = report.counts
     message = (
-        f"{len(report.records)} images: {counts['SUCCESS']} succeeded, "
+        f"{report.requested} images: {counts['SUCCESS']} succeeded, "
         f"{counts['CONTENT_FILTERED']} filtered, {report.cache_hits} served from cache, "
         f"{counts['ERROR']} failed, {counts['SKIPPED_BUDGET']} skipped for budget; "
         f"{report.api_calls} API calls"
     )
     if report.spilled:
         message += f"; {report.spilled} kept locally in {report.spill_dir}"
-    if manifest_problem:
-        message += f"; {manifest_problem}"
-    if fail_on_error and (counts["ERROR"] or manifest_problem):
+    for problem in report.problems:
+        message += f"; {problem}"
+    if fail_on_error and (counts["ERROR"] or report.problems):
         return Failed(message=message, data=BatchFailedError(message, report=report))
     return Completed(message=message, data=report)
 
@@ -204,9 +248,12 @@ def generate_images(
     concurrency_limit: str | None = D.concurrency_limit,
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
+    chunk_size: int = D.chunk_size,
+    chunk_deployment: str | None = D.chunk_deployment,
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
+    staged_prompts: str | None = None,
 ) -> BatchReport:
     """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
 
@@ -214,12 +261,16 @@ def generate_images(
     field, plus an "id" carried into the manifest). `destination` is `s3://bucket/prefix` or a
     local folder. Images already in the destination are not generated again; identical requests
     in the batch are generated once. Returns a BatchReport; the run's state message says how many
-    failed (set `fail_on_error=True` to make failures fail the run).
+    failed (set `fail_on_error=True` to make failures fail the run). A list too big for a Prefect
+    parameter (over ~256 KB of JSON) is written to `<destination>/runs/<stamp>-staged-<id>/
+    prompts.jsonl` before the run starts, and the run reads it from `staged_prompts`.
 
     Images run on local threads, recorded in the manifest and artifacts rather than as one
     Prefect task run each (a task run costs ~5 ms here and ~30 ms on the Prefect server, see
-    benchmarks/RESULTS.md); `per_image_tasks=True` makes one task run per image, and any other
-    task runner (such as a DaskTaskRunner) always does.
+    benchmarks/RESULTS.md). Under any other task runner (`with_options(task_runner=
+    DaskTaskRunner(...))`) the plan is cut into chunks of up to `chunk_size` images, one task run
+    each, rendered on threads in the worker with a share of the batch's limits.
+    `per_image_tasks=True` makes one task run per image instead (visible in the UI, slower).
 
     FLUX Kontext (`model="flux-kontext-pro"` or `"flux-kontext-max"`, batch-wide or per prompt)
     takes `safety_tolerance` (0 strict .. 6 permissive) and `prompt_upsampling`. `input_images`
@@ -237,7 +288,12 @@ def generate_images(
         ```
     """
     options = BatchOptions.from_params(locals())
-    return run_batch(normalize_prompts(prompts), options)  # type: ignore[return-value]
+    if staged_prompts:  # a list too big for a flow-run parameter, written there by the caller
+        get_run_logger().info("reading the prompt list staged at %s", staged_prompts)
+        rows = read_prompts(staged_prompts, aws_credentials=aws_credentials)
+    else:
+        rows = normalize_prompts(prompts)
+    return run_batch(rows, options)  # type: ignore[return-value]
 
 
 @flux_flow(name="generate-images-from-file", persist_result=False, log_prints=True)
@@ -264,6 +320,8 @@ def generate_images_from_file(
     concurrency_limit: str | None = D.concurrency_limit,
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
+    chunk_size: int = D.chunk_size,
+    chunk_deployment: str | None = D.chunk_deployment,
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
@@ -301,7 +359,8 @@ def replay_rows(
             fields: dict[str, Any] = record.to_request().model_dump()
             if record.item_id is not None:
                 fields["id"] = record.item_id
-            rows.append(PromptRow(fields=fields, where=f"{manifest_uri} line {number}"))
+            where = f"{manifest_uri} line {number}"
+            rows.append(PromptRow(fields, where, index=record.index, variant=record.variant))
     return rows
 
 
@@ -347,5 +406,8 @@ def replay_failed(
         )
         return Completed(message="nothing to replay", data=empty)  # type: ignore[return-value]
     # The rows carry every request field of the original records; the batch defaults do not apply.
-    options = BatchOptions.from_params({**locals(), "destination": target})
+    # The destination's manifest stays the whole of the replayed one, with the new outcomes in.
+    options = BatchOptions.from_params(
+        {**locals(), "destination": target, "merge_into": manifest_uri}
+    )
     return run_batch(rows, options)  # type: ignore[return-value]

@@ -7,6 +7,17 @@ name is generated again. Bytes are read, hashed and dropped: the request carries
 reference and the hash, and the client reads the bytes again at send time, so a batch of
 thousands of edits never holds thousands of images in memory.
 
+A prompt file may be someone else's, so a reference is treated as hostile: a local path is read
+only if it is a regular file (not /dev/zero, a FIFO or a link to one) and under
+`MAX_INPUT_IMAGE_BYTES`; a URL only over http(s), to public addresses, redirects checked hop by
+hop, its body capped as it streams (`public_urls`; FLUX_FLOWS_ALLOW_PRIVATE_URLS=1 lifts the
+address check for a user's own intranet or a local test server); other schemes are refused.
+
+The cache key of a URL input is the SHA-256 of the bytes the URL serves, as for any other
+reference, so planning (the batch, and `flux-flows plan`, which needs no key) downloads each
+distinct URL once: without the content it cannot tell a stored image from a changed one. The
+client downloads it again at send time and refuses to send if the bytes changed in between.
+
 This module imports neither the client nor Prefect at import time: `models` uses it from a validator.
 """
 
@@ -15,10 +26,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from flux_flows.public_urls import (
+    UrlFetchError,
+    UrlRefused,
+    UrlTooLarge,
+    fetch_public_url,
+    shown_url,
+)
 from flux_flows.storage import (
     IsAFolderError,
     NotFoundError,
@@ -48,6 +67,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 # Kontext's own limit is not published; 20 MiB keeps the JSON body (base64: x4/3) under ~27 MB.
 MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
 URL_TIMEOUT_S = 30.0
+URL_DEADLINE_S = 120.0
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class InputImageError(ValueError):
@@ -75,7 +96,7 @@ def describe_reference(ref: str, limit: int = 80) -> str:
     if input_image_kind(ref) == "data":
         return ref.split(",", 1)[0] + ",... (" + f"{len(ref)} characters)"
     if input_image_kind(ref) == "url":
-        ref = ref.split("?", 1)[0]
+        ref = shown_url(ref)
     return ref if len(ref) <= limit else ref[: limit - 3] + "..."
 
 
@@ -84,6 +105,12 @@ def normalize_reference(ref: str) -> str:
     ref = ref.strip()
     if not ref:
         raise InputImageError("the input image reference is empty")
+    scheme = _SCHEME_RE.match(ref)
+    if scheme and input_image_kind(ref) == "path":
+        raise InputImageError(
+            f"{describe_reference(ref)}: input images are local paths, s3://, http(s):// or "
+            f"data: URIs, not {scheme.group(0)}"
+        )
     if input_image_kind(ref) == "s3":
         bucket, key = split_s3_uri(ref)
         if not bucket or not key or key.endswith("/"):
@@ -98,7 +125,7 @@ def sniff_image_type(data: bytes) -> str | None:
     """The image type the bytes really are (JPEG, PNG or WebP), or None."""
     # The client's sniffer, so the magic bytes live in one place. Imported here, not at the
     # top: `models` imports this module, and the client imports `models`.
-    from flux_flows.client._wire import image_type
+    from flux_flows.client._images import image_type
 
     return image_type(data)
 
@@ -140,27 +167,28 @@ def _unreadable(ref: str, exc: ReadError) -> InputImageError:
     return InputImageError(f"cannot read input image {ref}: {exc.reason}")
 
 
-def _read_url(ref: str) -> bytes:
-    """A plain GET, no credentials: an input URL is the user's, never the API's."""
-    import httpx
-
+def _read_url(ref: str, allow_private_urls: bool | None) -> bytes:
+    """A plain GET, no credentials, public addresses only: see `public_urls` for the guards."""
     try:
-        with httpx.stream("GET", ref, timeout=URL_TIMEOUT_S, follow_redirects=True) as response:
-            if not response.is_success:
-                raise InputImageError(
-                    f"cannot download input image {describe_reference(ref)}: HTTP {response.status_code}"
-                )
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > MAX_INPUT_IMAGE_BYTES:
-                    raise InputImageError(_too_big(describe_reference(ref), total))
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
+        return fetch_public_url(
+            ref,
+            max_bytes=MAX_INPUT_IMAGE_BYTES,
+            timeout_s=URL_TIMEOUT_S,
+            deadline_s=URL_DEADLINE_S,
+            allow_private=allow_private_urls,
+        )
+    except UrlTooLarge as exc:
+        if exc.announced:
+            raise InputImageError(_too_big(ref, exc.size)) from exc
+        limit = MAX_INPUT_IMAGE_BYTES // (1024 * 1024)
         raise InputImageError(
-            f"cannot download input image {describe_reference(ref)}: {type(exc).__name__}: {exc}"
+            f"input image {describe_reference(ref)} is over the limit of {limit} MiB (the "
+            f"download was cut at {exc.size / 1024 / 1024:.1f} MiB)"
         ) from exc
+    except UrlRefused as exc:
+        raise InputImageError(f"input image refused: {exc}") from exc
+    except UrlFetchError as exc:
+        raise InputImageError(f"cannot download input image {exc}") from exc
 
 
 def _too_big(ref: str, size: int) -> str:
@@ -168,17 +196,21 @@ def _too_big(ref: str, size: int) -> str:
     return f"input image {describe_reference(ref)} is {size / 1024 / 1024:.1f} MiB; the limit is {limit} MiB"
 
 
-def resolve_input_image(ref: str, aws_credentials: Any = None) -> tuple[bytes, str]:
+def resolve_input_image(
+    ref: str, aws_credentials: Any = None, *, allow_private_urls: bool | None = None
+) -> tuple[bytes, str]:
     """The bytes of one input image and their real MIME type (sniffed, not guessed from a name).
 
     `aws_credentials` (a prefect-aws `AwsCredentials` block) is used for `s3://` references;
-    without it the standard AWS configuration applies. Raises InputImageError.
+    without it the standard AWS configuration applies. URLs on private addresses are refused
+    unless `allow_private_urls` (default: the FLUX_FLOWS_ALLOW_PRIVATE_URLS environment variable)
+    says otherwise. Raises InputImageError.
     """
     kind = input_image_kind(ref)
     if kind == "data":
         data = _decode_data_uri(ref)
     elif kind == "url":
-        data = _read_url(ref)
+        data = _read_url(ref, allow_private_urls)
     else:
         data = _read_stored(normalize_reference(ref) if kind == "s3" else ref, aws_credentials)
     if len(data) > MAX_INPUT_IMAGE_BYTES:
@@ -217,16 +249,20 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def hash_input_images(refs: Iterable[str], aws_credentials: Any = None) -> dict[str, str]:
+def hash_input_images(
+    refs: Iterable[str], aws_credentials: Any = None, *, allow_private_urls: bool | None = None
+) -> dict[str, str]:
     """SHA-256 of each distinct reference's bytes, each read once; every failure reported at once.
 
-    Raises ValueError naming each unreadable reference, before anything is generated.
+    Raises ValueError naming each unreadable (or refused) reference, before anything is generated.
     """
     hashes: dict[str, str] = {}
     problems: list[str] = []
     for ref in dict.fromkeys(refs):
         try:
-            data, _ = resolve_input_image(ref, aws_credentials)
+            data, _ = resolve_input_image(
+                ref, aws_credentials, allow_private_urls=allow_private_urls
+            )
         except InputImageError as exc:
             problems.append(str(exc))
             continue

@@ -36,6 +36,7 @@ from flux_flows.images_in import (
     resolve_input_image,
     sha256_hex,
 )
+from flux_flows.seeds import MAX_SEED, derive_seed
 
 SCHNELL = "flux-1-schnell-fp8"
 DEV = "flux-1-dev-fp8"
@@ -81,8 +82,6 @@ MAX_STEPS: dict[str, int] = {SCHNELL: 12, DEV: 50}
 MIN_GUIDANCE_EXCLUSIVE = 0.0
 MAX_GUIDANCE = 20.0
 # Seed 0 asks the API for a random seed; every seed we send is in 1..MAX_SEED so it is reproducible.
-MAX_SEED = 2**32 - 1
-_DERIVED_SEED_SPAN = 2**31 - 1
 # Bumped only when the meaning of a cache key changes, so old keys never alias new images.
 CACHE_KEY_VERSION = 1
 DEFAULT_GUIDANCE = 3.5
@@ -105,17 +104,6 @@ class FinishReason(StrEnum):
     ERROR = "ERROR"
     SKIPPED_BUDGET = "SKIPPED_BUDGET"
     PLANNED = "PLANNED"  # dry runs only: would be generated
-
-
-def derive_seed(base_seed: int | None, prompt: str, variant: int = 0) -> int:
-    """A seed that depends only on its inputs, so a re-run sends exactly the same requests.
-
-    Hashing (rather than `base_seed + variant`) keeps variants of neighbouring base seeds from
-    overlapping. The result is never 0, which the API would read as "pick one at random".
-    """
-    payload = json.dumps([base_seed, prompt, variant], ensure_ascii=True, separators=(",", ":"))
-    digest = hashlib.sha256(payload.encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "big") % _DERIVED_SEED_SPAN + 1
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -433,8 +421,9 @@ def request_for(
     if isinstance(text, str):
         text = text.strip()
         if own_seed is not None and variant == 0:
-            fields["seed"] = own_seed
+            fields["seed"] = own_seed  # validated as given: a bad seed is named, not crashed on
+        elif own_seed is not None:  # variants step from the row's own seed, never back onto it
+            fields["seed"] = derive_seed(int(own_seed), text, variant, first=int(own_seed))
         else:
-            seed_base = int(own_seed) if own_seed is not None else base_seed
-            fields["seed"] = derive_seed(seed_base, text, variant)
+            fields["seed"] = derive_seed(base_seed, text, variant)
     return ImageRequest.model_validate(fields)

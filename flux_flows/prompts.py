@@ -50,10 +50,16 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".jsonl", ".ndjson")
 
 
 class PromptRow(NamedTuple):
-    """One prompt with its overrides, and where it came from for error messages."""
+    """One prompt with its overrides, and where it came from for error messages.
+
+    `index` and `variant` are set only for a replayed record, which keeps its place in the
+    manifest it came from.
+    """
 
     fields: dict[str, Any]
     where: str
+    index: int | None = None
+    variant: int | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ distinct request carries its API calls and cost, so the manifest's totals are wh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, PlannedImage
@@ -16,7 +16,7 @@ from flux_flows.results import ImageRecord
 from flux_flows.storage import Storage
 
 
-def _record(
+def record_of(
     planned: PlannedImage,
     plan: BatchPlan,
     storage: Storage,
@@ -84,16 +84,26 @@ def _record(
     )
 
 
-def build_records(
+def iter_records(
     plan: BatchPlan, storage: Storage, results: Mapping[str, RenderResult]
-) -> list[ImageRecord]:
+) -> Iterator[ImageRecord]:
+    """Every planned image's record, in plan order, made one at a time (they are streamed)."""
     seen: set[str] = set()
     skipped = set(plan.skipped_for_budget)
-    records = []
     for planned in plan.images:
         key = planned.request.cache_key
-        records.append(
-            _record(planned, plan, storage, results, first=key not in seen, skipped=skipped)
-        )
+        yield record_of(planned, plan, storage, results, first=key not in seen, skipped=skipped)
         seen.add(key)
-    return records
+
+
+def finished_records(
+    plan: BatchPlan, storage: Storage, finished: Iterable[RenderResult]
+) -> Iterator[ImageRecord]:
+    """The records of images just rendered, for the run's manifest parts: one per distinct
+    image, as its first request in the plan will have it."""
+    first = plan.first_planned()
+    for result in finished:
+        planned = first[result.cache_key]
+        yield record_of(
+            planned, plan, storage, {result.cache_key: result}, first=True, skipped=set()
+        )

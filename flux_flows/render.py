@@ -60,7 +60,9 @@ class RenderJob:
     credentials: FireworksCredentials | None = None
     aws_credentials: Any = None  # reads a Kontext edit's s3:// input image at send time
     flow_run_id: str | None = None
-    concurrency_limit: str | None = None
+    concurrency_limit: str | None = None  # a Prefect global concurrency limit, a slot per call
+    rate_limit: str | None = None  # one with a slot decay: the batch's pace across workers
+    account_limit: str | None = None  # the user's own limit, when the batch has its own too
 
 
 class RenderResult(BaseModel):
@@ -86,19 +88,27 @@ class RenderResult(BaseModel):
 
 
 @contextlib.contextmanager
-def _api_slot(limit_name: str | None) -> Iterator[None]:
-    """Hold one slot of a Prefect global concurrency limit around the API call, if one is named.
+def _api_slot(job: RenderJob) -> Iterator[None]:
+    """Hold a slot of each Prefect global concurrency limit the job names around the API call,
+    after a slot of its pace limit, if any.
 
-    This is how several flow runs, on any number of machines, share one account's budget.
+    This is how several flow runs, on any number of machines, share one account's budget, and
+    how a batch spread over a work pool keeps its own limits.
     """
-    if not limit_name:
+    names = [name for name in (job.concurrency_limit, job.account_limit) if name]
+    if not names and not job.rate_limit:
         yield
         return
-    from prefect.concurrency.sync import concurrency
+    from prefect.concurrency.sync import concurrency, rate_limit
 
     # strict: a limit that does not exist must not silently mean "no limit" (Prefect's default
     # only logs a warning and lets every call through).
-    with concurrency(limit_name, occupy=1, strict=True):
+    if job.rate_limit:
+        rate_limit(job.rate_limit, occupy=1, strict=True)
+    if not names:
+        yield
+        return
+    with concurrency(names, occupy=1, strict=True):
         yield
 
 
@@ -244,7 +254,7 @@ def render(job: RenderJob) -> RenderResult:
     if recovered is not None:
         return recovered
     client = shared_client(job.credentials)
-    with _api_slot(job.concurrency_limit):
+    with _api_slot(job):
         # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
         image = client.generate(job.request, aws_credentials=job.aws_credentials)
     result = RenderResult(

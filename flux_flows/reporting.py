@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from flux_flows import layout
@@ -20,16 +20,29 @@ from flux_flows.storage import (
     ReadError,
     Storage,
     is_s3_uri,
+    iter_uri_lines,
     read_uri,
     split_s3_uri,
 )
 
-ARTIFACT_ROWS_PER_TABLE = 2_000  # well under Prefect Cloud's 5 MiB artifact body limit
+# A table a person reads in the Prefect UI, not a copy of the manifest: the manifest has them all.
+ARTIFACT_TABLE_ROWS = 500
 PROMPT_CHARS_IN_TABLE = 200
 THUMBNAILS_IN_SUMMARY = 12
 # Artifacts outlive any link; 7 days is the longest S3 signs for.
 ARTIFACT_LINK_EXPIRES_S = 7 * 24 * 3600
 _NOT_ALT_TEXT = re.compile(r"[^\w ,.'-]+")
+
+
+# What a person looking for problems wants first: the table artifact and the contact sheet's
+# pages list records in this order.
+OUTCOME_ORDER: tuple[FinishReason, ...] = (
+    FinishReason.ERROR,
+    FinishReason.CONTENT_FILTERED,
+    FinishReason.SKIPPED_BUDGET,
+    FinishReason.PLANNED,
+    FinishReason.SUCCESS,
+)
 
 
 def count_outcomes(records: Iterable[ImageRecord]) -> dict[str, int]:
@@ -43,15 +56,22 @@ def manifest_bytes(records: Sequence[ImageRecord]) -> bytes:
 
 
 def read_manifest(data: bytes, source: str) -> list[ImageRecord]:
-    records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    return list(parse_manifest_lines(data.splitlines(), source))
+
+
+def parse_manifest_lines(lines: Iterable[bytes], source: str) -> Iterator[ImageRecord]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(ImageRecord.model_validate_json(line))
+            yield ImageRecord.model_validate_json(line)
         except ValueError as exc:
             raise ValueError(f"{source} line {number} is not a manifest record: {exc}") from exc
-    return records
+
+
+def iter_manifest(uri: str, *, aws_credentials: Any = None) -> Iterator[ImageRecord]:
+    """A manifest's records, streamed: a 100,000-line manifest is never held whole."""
+    yield from parse_manifest_lines(iter_uri_lines(uri, aws_credentials=aws_credentials), uri)
 
 
 def write_manifests(storage: Storage, run_id: str, records: Sequence[ImageRecord]) -> str:
@@ -66,8 +86,8 @@ def summary_lines(report: BatchReport) -> list[tuple[str, str]]:
     """The figures every summary shows (CLI table, markdown artifact, contact sheet)."""
     counts = report.counts
     lines = [
-        ("images requested", str(len(report.records))),
-        ("generated (SUCCESS)", str(counts.get("SUCCESS", 0) - _cached_success(report))),
+        ("images requested", str(report.requested)),
+        ("generated (SUCCESS)", str(counts.get("SUCCESS", 0) - report.cached_successes)),
         ("already stored (cache hits)", str(report.cache_hits)),
         ("content filtered", str(counts.get("CONTENT_FILTERED", 0))),
         ("failed (ERROR)", str(counts.get("ERROR", 0))),
@@ -85,10 +105,6 @@ def summary_lines(report: BatchReport) -> list[tuple[str, str]]:
     return lines
 
 
-def _cached_success(report: BatchReport) -> int:
-    return sum(1 for r in report.records if r.cached and r.finish_reason is FinishReason.SUCCESS)
-
-
 def summary_markdown(
     report: BatchReport, *, title: str = "FLUX batch", storage: Storage | None = None
 ) -> str:
@@ -96,7 +112,7 @@ def summary_markdown(
     text = f"# {title}\n\nDestination: `{report.destination}`\n\n| | |\n|---|---|\n{rows}\n"
     if storage is not None:
         text += thumbnails_markdown(report, storage)
-    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR][:10]
+    errors = report.first_errors
     if errors:
         text += "\n## First errors\n" + "".join(
             f"- prompt {r.index} ({_short(r.prompt, 60)}): {_short(r.error or '', 300)}\n"
@@ -111,7 +127,7 @@ def thumbnails_markdown(report: BatchReport, storage: Storage) -> str:
     The Prefect UI runs in a browser that may be on another machine: it can show signed S3 links
     but not local files, so a local destination gets paths and an honest sentence instead.
     """
-    shown = _first_thumbnails(report.records, THUMBNAILS_IN_SUMMARY)
+    shown = _first_thumbnails(report.iter_records(), THUMBNAILS_IN_SUMMARY)
     if not shown and not report.contact_sheet_uri:
         return ""
     text = "\n## Thumbnails\n\n"
@@ -187,30 +203,73 @@ def table_rows(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
     ]
 
 
+def problems_first(records: Iterable[ImageRecord], limit: int) -> tuple[list[ImageRecord], int]:
+    """At most `limit` records in `OUTCOME_ORDER` (manifest order within a finish reason), and
+    how many were left out; holds at most `limit` records per finish reason, so it can stream."""
+    kept: dict[FinishReason, list[ImageRecord]] = {reason: [] for reason in OUTCOME_ORDER}
+    total = 0
+    for record in records:
+        total += 1
+        bucket = kept.setdefault(record.finish_reason, [])
+        if len(bucket) < limit:
+            bucket.append(record)
+    chosen = [record for bucket in kept.values() for record in bucket][:limit]
+    return chosen, total - len(chosen)
+
+
+def left_out_markdown(
+    shown: int, left_out: int, manifest_uri: str | None, link: str | None = None
+) -> str:
+    """What the capped table does not show, and where it is (with a signed `link` on S3)."""
+    if not left_out:
+        return ""
+    where = f" `{_code(manifest_uri)}`" if manifest_uri else " (not stored: see the run's logs)"
+    if manifest_uri and link:
+        where += f" ([download]({link}), valid for up to 7 days)"
+    return (
+        f"The images table shows {shown:,} of {shown + left_out:,} records, failures first; "
+        f"{left_out:,} more are left out. Every record is in the manifest{where}.\n"
+    )
+
+
 def publish_artifacts(
     report: BatchReport, *, key_prefix: str = "flux-flows", storage: Storage | None = None
 ) -> None:
-    """Table (split into parts for big runs) and markdown summary on the current flow run.
+    """A table of the records (failures first, capped) and a markdown summary on the flow run.
 
+    The table is capped at `ARTIFACT_TABLE_ROWS`: Prefect stores it as one row of its database
+    and the UI renders it whole, and a person scanning it wants the failures, not 20,000 rows.
+    Both artifacts say how many records were left out and where the manifest is.
     With the run's `storage`, the summary also shows the first thumbnails (signed links on S3).
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = table_rows(report.records)
-    parts = max(1, -(-len(rows) // ARTIFACT_ROWS_PER_TABLE))
-    for part in range(parts):
-        chunk = rows[part * ARTIFACT_ROWS_PER_TABLE : (part + 1) * ARTIFACT_ROWS_PER_TABLE]
-        suffix = "" if parts == 1 else f"-part-{part + 1}"
-        create_table_artifact(
-            table=chunk,
-            key=f"{key_prefix}-images{suffix}",
-            description=f"Images of this run ({part + 1}/{parts})" if parts > 1 else "Images",
-        )
+    shown, left_out = problems_first(report.iter_records(), ARTIFACT_TABLE_ROWS)
+    link = _signed_link(report.manifest_uri, storage) if left_out else None
+    note = left_out_markdown(len(shown), left_out, report.manifest_uri, link)
+    create_table_artifact(
+        table=table_rows(shown),
+        key=f"{key_prefix}-images",
+        description=f"Images, failures first. {note}" if note else "Images, failures first",
+    )
+    markdown = summary_markdown(report, storage=storage)
+    if note:
+        markdown += f"\n## Images table\n\n{note}"
     create_markdown_artifact(
-        markdown=summary_markdown(report, storage=storage),
+        markdown=markdown,
         key=f"{key_prefix}-summary",
         description="Counts, API calls, cache hits and cost of this run",
     )
+
+
+def _signed_link(uri: str | None, storage: Storage | None) -> str | None:
+    """A signed link to an object of `storage` given by its URI; None where none can be signed."""
+    if storage is None or not uri:
+        return None
+    prefix = f"{storage.root_uri.rstrip('/')}/"
+    if not uri.startswith(prefix):
+        return None
+    return storage.presigned_url(uri.removeprefix(prefix), ARTIFACT_LINK_EXPIRES_S)
 
 
 def artifact_key(text: str) -> str:

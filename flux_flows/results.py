@@ -6,11 +6,15 @@ what happened to it, and are never part of a cache key.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from flux_flows.models import DEFAULT_SAFETY_TOLERANCE, FinishReason, ImageRequest
+
+FIRST_ERRORS = 10  # failures a report carries for summaries; the manifest has them all
 
 
 class GeneratedImage(BaseModel):
@@ -113,9 +117,16 @@ class ImageRecord(BaseModel):
 
 
 class BatchReport(BaseModel):
-    """What a batch run returns: every record, counts by outcome, and what the run cost."""
+    """What a batch run returns: counts by outcome, what it cost, where every record is.
 
-    records: list[ImageRecord]
+    A small run keeps its records in memory; a big one does not (100,000 records would cost
+    hundreds of MB): `records` then reads them back from the manifest on first use, and
+    `iter_records()` streams them without holding them.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    kept_records: list[ImageRecord] | None = Field(default=None, alias="records", repr=False)
     counts: dict[str, int]
     api_calls: int
     cache_hits: int
@@ -128,11 +139,55 @@ class BatchReport(BaseModel):
     wall_time_s: float = 0.0
     dry_run: bool = False
     flow_run_id: str | None = None  # where the run's logs and artifacts are in the Prefect UI
+    requested: int = Field(default=-1, description="records in the manifest: one per image asked")
+    cached_successes: int = -1
+    spilled: int = Field(default=-1, description="paid-for images kept in the spill folder")
+    first_errors: list[ImageRecord] = Field(default_factory=list, repr=False)
+    problems: list[str] = Field(
+        default_factory=list, description="what the run could not record (e.g. the manifest)"
+    )
+    interrupted: bool = False  # stopped by Ctrl-C: some images were not attempted
+    # The run's manifest on local disk while the run that wrote it finishes (sheet, artifacts).
+    local_manifest: str | None = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _tally_kept(self) -> BatchReport:
+        """A report built from records (older code, `flux-flows gallery`) derives its figures."""
+        records = self.kept_records
+        if records is not None:
+            if self.requested < 0:
+                self.requested = len(records)
+            if self.cached_successes < 0:
+                self.cached_successes = sum(
+                    1 for r in records if r.cached and r.finish_reason is FinishReason.SUCCESS
+                )
+            if self.spilled < 0:
+                self.spilled = sum(1 for r in records if r.spill_path)
+            if not self.first_errors:
+                errors = (r for r in records if r.finish_reason is FinishReason.ERROR)
+                self.first_errors = list(itertools.islice(errors, FIRST_ERRORS))
+        self.requested, self.cached_successes = (
+            max(self.requested, 0),
+            max(self.cached_successes, 0),
+        )
+        self.spilled = max(self.spilled, 0)
+        return self
+
+    @property
+    def records(self) -> list[ImageRecord]:
+        if self.kept_records is None:
+            self.kept_records = list(self.iter_records())
+        return self.kept_records
+
+    def iter_records(self) -> Iterator[ImageRecord]:
+        """Every record in manifest order, streamed from the manifest when not kept in memory."""
+        if self.kept_records is not None:
+            yield from self.kept_records
+        elif self.local_manifest or self.manifest_uri:
+            from flux_flows.reporting import iter_manifest
+
+            yield from iter_manifest(self.local_manifest or self.manifest_uri or "")
 
     @property
     def failed(self) -> int:
         return self.counts.get(FinishReason.ERROR, 0)
-
-    @property
-    def spilled(self) -> int:
-        return sum(1 for r in self.records if r.spill_path)

@@ -31,6 +31,7 @@ def _number(name: str, value: Any) -> None:
 _LOWER_BOUNDS: dict[str, tuple[float, bool, str]] = {
     "variants": (1, True, "must be at least 1"),
     "max_concurrency": (1, True, "must be at least 1"),
+    "chunk_size": (1, True, "must be at least 1"),
     "requests_per_minute": (0, False, "must be positive"),
     "budget_usd": (0, True, "must not be negative"),
 }
@@ -69,6 +70,10 @@ class BatchSettings(RequestDefaults):
     concurrency_limit: str | None = None
     fail_on_error: bool = False
     per_image_tasks: bool = False
+    # Images per task run when a task runner other than local threads (Dask, Ray) runs the batch.
+    chunk_size: int = 500
+    # "render-chunk/<deployment>": chunks run as flow runs of that deployment, on its work pool.
+    chunk_deployment: str | None = None
     # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
     input_images: list[str] | str | None = None
 
@@ -107,6 +112,9 @@ class BatchOptions(BatchSettings):
     destination: str = DEFAULT_DESTINATION
     credentials: Any = None
     aws_credentials: Any = None
+    # A replay: the manifest whose records this run re-does; the destination's manifest stays
+    # that whole manifest, with the new outcomes in place of the old.
+    merge_into: str | None = None
 
 
 REQUEST_FIELDS: tuple[str, ...] = tuple(RequestDefaults.model_fields)

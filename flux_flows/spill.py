@@ -1,8 +1,10 @@
 """The local spill folder: paid-for images that could not be stored yet wait here, never lost.
 
-One folder per destination (named by a hash of it), one file per cache key, plus a small JSON
-sidecar saying where the bytes were going. A later run into the same destination uploads them
-without paying again.
+One folder per destination (named by a hash of its canonical root, so `/x`, `/x/` and `./x` or
+`s3://b/p` and `s3://b/p/` share one), one file per cache key, plus a small JSON sidecar saying
+where the bytes were going. A later run into the same destination uploads them without paying
+again, and also finds images spilled under another spelling by earlier versions (by the
+destination their sidecars name).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +26,58 @@ def default_spill_root() -> Path:
     return Path(os.environ.get(SPILL_ENV) or Path.home() / ".flux-flows" / "spill").expanduser()
 
 
+def canonical_destination(destination: str) -> str:
+    """The one spelling of a destination: its storage's root URI (no trailing slash, absolute)."""
+    from flux_flows.storage import open_storage
+
+    try:
+        return open_storage(destination).root_uri
+    except (ValueError, StorageError):
+        return destination
+
+
 class SpillFolder:
-    """Images awaiting upload to one destination."""
+    """Images awaiting upload to one destination (given as its canonical root URI)."""
 
     def __init__(self, destination: str, root: str | Path | None = None) -> None:
         digest = hashlib.sha256(destination.encode("utf-8")).hexdigest()[:16]
-        self.path = Path(root or default_spill_root()).expanduser().resolve() / digest
+        self.root = Path(root or default_spill_root()).expanduser().resolve()
+        self.path = self.root / digest
         self.destination = destination
+        self._folders: list[Path] | None = None
+
+    def folders(self) -> list[Path]:
+        """This destination's folder, then any folder an earlier spelling of it left behind."""
+        if self._folders is None:
+            self._folders = [self.path]
+            if self.root.is_dir():
+                for folder in sorted(self.root.iterdir()):
+                    if folder != self.path and self._belongs_here(folder):
+                        self._folders.append(folder)
+        return self._folders
+
+    def _belongs_here(self, folder: Path) -> bool:
+        sidecar = next(folder.glob("*.json"), None) if folder.is_dir() else None
+        if sidecar is None:
+            return False
+        try:
+            named = json.loads(sidecar.read_text("utf-8")).get("destination")
+        except (OSError, ValueError):
+            return False
+        return isinstance(named, str) and canonical_destination(named) == self.destination
 
     def data_path(self, cache_key: str) -> Path:
-        return self.path / f"{cache_key}.bin"
+        return self._where(cache_key) / f"{cache_key}.bin"
 
     def _meta_path(self, cache_key: str) -> Path:
-        return self.path / f"{cache_key}.json"
+        return self._where(cache_key) / f"{cache_key}.json"
+
+    def _where(self, cache_key: str) -> Path:
+        """The folder holding this image (an earlier spelling's, if it is there), else ours."""
+        for folder in self.folders():
+            if (folder / f"{cache_key}.json").exists():
+                return folder
+        return self.path
 
     def save(
         self,
@@ -79,13 +121,14 @@ class SpillFolder:
                 f"upload fails are kept there; set {SPILL_ENV} or spill_dir= to a writable folder"
             ) from exc
 
-    def keep_manifest(self, run_id: str, data: bytes) -> Path:
-        """A run's manifest that could not be stored in the destination."""
+    def keep_manifest(self, run_id: str, manifest: Path) -> Path:
+        """A run's manifest that could not be stored in the destination (copied, not read whole)."""
         target = self.path / f"manifest-{run_id}.jsonl"
-        write_atomically(target, data)
+        self.path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest, target)
         return target
 
     def cache_keys(self) -> set[str]:
-        if not self.path.is_dir():
-            return set()
-        return {p.stem for p in self.path.glob("*.json")}
+        return {
+            p.stem for folder in self.folders() if folder.is_dir() for p in folder.glob("*.json")
+        }

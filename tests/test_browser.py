@@ -7,22 +7,25 @@ run, and nothing is logged as an error.
 
 from __future__ import annotations
 
-import io
 import json
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
-from PIL import Image
+from synthetic_runs import report_of, synthetic_run
 
 from flux_flows import layout
 from flux_flows.flows import generate_images
-from flux_flows.gallery import contact_sheet_html, relative_href
-from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.gallery import PAGE_SIZE, contact_sheet_html, relative_href, write_contact_sheets
+from flux_flows.models import FinishReason
 from flux_flows.prompts import read_prompts
-from flux_flows.reporting import count_outcomes, summary_lines
-from flux_flows.results import BatchReport, ImageRecord
+from flux_flows.reporting import summary_lines, write_manifests
+from flux_flows.results import BatchReport
+from flux_flows.storage import LocalStorage
 
 pytestmark = pytest.mark.browser
 
@@ -37,6 +40,19 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1280, "height": 900}
 ASPECTS = ["1:1", "16:9", "9:16", "3:2"]
+
+# What the browser itself measured of the last navigation, and how much of the page it loaded.
+LOAD_TIMING = """() => {
+    const nav = performance.getEntriesByType("navigation")[0];
+    const paint = performance.getEntriesByName("first-contentful-paint")[0];
+    const loaded = Array.from(document.images).filter((img) => img.naturalWidth > 0);
+    return {dom_content_loaded_ms: nav.domContentLoadedEventEnd,
+            load_ms: nav.loadEventEnd, first_contentful_paint_ms: paint ? paint.startTime : null,
+            images_loaded_at_load: loaded.length, images: document.images.length,
+            cards: document.querySelectorAll("main .card").length};
+}"""
+# Under 1.5 s per page is what issue 15 asks of a paged sheet (measured ~0.2-0.4 s for 1,000 cards).
+PAGE_LOAD_LIMIT_MS = 1_500
 
 VISIBLE_CARDS = """() => Array.from(document.querySelectorAll("main .card"))
     .filter((card) => getComputedStyle(card).display !== "none")
@@ -65,7 +81,13 @@ class Tab:
         self.problems: list[str] = []
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda error: self.problems.append(f"pageerror: {error}"))
-        self.page.goto(path.as_uri(), wait_until="load")
+        self.goto(path.as_uri())
+
+    def goto(self, url: str) -> None:
+        self.page.goto(url, wait_until="load")
+
+    def timing(self) -> dict[str, Any]:
+        return self.page.evaluate(LOAD_TIMING)
 
     def _console(self, message: Any) -> None:
         if message.type in ("error", "warning"):
@@ -172,60 +194,11 @@ def test_missing_thumbnail_falls_back_to_the_image(
     tab.close()
 
 
-def thousand_card_run(root: Path, count: int = 1000) -> list[ImageRecord]:
-    """Records and distinct thumbnail files for a 1,000-image run, without generating images."""
-    (root / "thumbs").mkdir(parents=True)
-    records = []
-    for i in range(count):
-        request = ImageRequest(
-            prompt=f"product photo {i}: a ceramic mug, walnut desk, morning light",
-            seed=i + 1,
-            aspect_ratio=ASPECTS[i % len(ASPECTS)],
-        )
-        reason = (
-            FinishReason.ERROR
-            if i % 97 == 5
-            else FinishReason.CONTENT_FILTERED
-            if i % 89 == 7
-            else FinishReason.SUCCESS
-        )
-        success = reason is FinishReason.SUCCESS
-        thumb = root / "thumbs" / f"{request.cache_key}.jpg"
-        if success:
-            width, height = request.size
-            out = io.BytesIO()
-            colour = (i * 37 % 256, i * 91 % 256, i * 53 % 256)
-            Image.new("RGB", (width // 4, height // 4), colour).save(out, "JPEG", quality=80)
-            thumb.write_bytes(out.getvalue())
-        records.append(
-            ImageRecord.for_request(
-                request,
-                index=i,
-                variant=0,
-                finish_reason=reason,
-                uri=str(root / layout.image_key(request)) if success else None,
-                thumbnail_uri=str(thumb) if success else None,
-                error="InvalidRequestError: 400" if reason is FinishReason.ERROR else None,
-                cached=i % 3 == 0,
-                width=request.size[0],
-                height=request.size[1],
-            )
-        )
-    return records
-
-
 def test_thousand_cards_load_fast(
     browser: Any, tmp_path: Path, record_property: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    records = thousand_card_run(tmp_path)
-    report = BatchReport(
-        records=records,
-        counts=count_outcomes(records),
-        api_calls=len(records),
-        cache_hits=sum(r.cached for r in records),
-        manifest_uri=None,
-        destination=str(tmp_path),
-    )
+    records = synthetic_run(tmp_path, 1000)
+    report = report_of(records, tmp_path)
     page_path = tmp_path / layout.CONTACT_SHEET
     page_path.write_text(
         contact_sheet_html(
@@ -237,17 +210,7 @@ def test_thousand_cards_load_fast(
         encoding="utf-8",
     )
     tab = Tab(browser, page_path)
-    timing = tab.page.evaluate(
-        """() => {
-            const nav = performance.getEntriesByType("navigation")[0];
-            const paint = performance.getEntriesByName("first-contentful-paint")[0];
-            const loaded = Array.from(document.images).filter((img) => img.naturalWidth > 0);
-            return {dom_content_loaded_ms: nav.domContentLoadedEventEnd,
-                    load_ms: nav.loadEventEnd, first_contentful_paint_ms: paint ? paint.startTime : null,
-                    images_loaded_at_load: loaded.length,
-                    images: document.images.length};
-        }"""
-    )
+    timing = tab.timing()
     timing["filter_ms"] = tab.page.evaluate(
         """() => {
             const box = document.querySelector("input[name=reason][value=SUCCESS]");
@@ -275,5 +238,55 @@ def test_thousand_cards_load_fast(
     # Lazy loading: only the first screens' thumbnails are loaded, not 1,000.
     assert 0 < timing["images_loaded_at_load"] < 200 and timing["images"] > 900
     assert timing["load_ms"] < 5_000
+    assert tab.problems == []
+    tab.close()
+
+
+def test_twenty_thousand_images_page_fast(
+    browser: Any, tmp_path: Path, record_property: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15: every page of a 20,000-image run's sheet loads clean and in under 1.5 s."""
+    records = synthetic_run(tmp_path, 20_000, files=8)
+    storage = LocalStorage(tmp_path)
+    report = report_of(records, tmp_path)
+    report.manifest_uri = write_manifests(storage, "big", records)
+    index_path = Path(write_contact_sheets(storage, "big", report))
+    tab = Tab(browser, index_path)
+    index = tab.timing()
+    pages = tab.page.evaluate(
+        "() => Array.from(document.querySelectorAll('main a'), (a) => a.href)"
+    )
+    failures = [r for r in records if r.finish_reason is FinishReason.ERROR]
+    assert len(pages) == 23 and pages[0].endswith("/contact-sheet/failed-1.html")
+    timings = {}
+    for url in pages:
+        tab.goto(url)
+        timing = tab.timing()
+        timing["page_kb"] = round(Path(url2pathname(urlparse(url).path)).stat().st_size / 1024)
+        timings[url.rsplit("/", 1)[-1]] = timing
+        assert 0 < timing["cards"] <= PAGE_SIZE, (url, timing)
+        assert timing["load_ms"] < PAGE_LOAD_LIMIT_MS, (url, timing)
+        if url.endswith("/images-1.html"):
+            assert timing["images_loaded_at_load"] > 0
+            tab.page.fill("#search", "product photo 999:")
+            assert tab.shown() == 1
+        if url.endswith("/failed-1.html"):
+            assert timing["cards"] == len(failures)
+            tab.page.fill("#search", f"product photo {failures[-1].index}:")
+            assert tab.visible_reasons() == ["ERROR"]
+    loads = [t["load_ms"] for t in timings.values()]
+    summary = {
+        "pages": len(timings),
+        "index_kb": round(index_path.stat().st_size / 1024),
+        "index_load_ms": index["load_ms"],
+        "largest_page_kb": max(t["page_kb"] for t in timings.values()),
+        "median_load_ms": statistics.median(loads),
+        "max_load_ms": max(loads),
+        "max_dom_content_loaded_ms": max(t["dom_content_loaded_ms"] for t in timings.values()),
+    }
+    with capsys.disabled():
+        print(f"\n20,000-image paged contact sheet in Chromium: {json.dumps(summary)}")
+    record_property("twenty_thousand_images", timings)
+    assert index["load_ms"] < PAGE_LOAD_LIMIT_MS
     assert tab.problems == []
     tab.close()

@@ -94,6 +94,27 @@ def test_generate_credentials_errors(tmp_path: Path, cli_env: dict[str, str]) ->
     no_traceback(done)
 
 
+def test_run_with_a_refused_key_exits_3_like_generate(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    wrong = "fw-wrong-key-111111111111"
+    done = cli(
+        "run",
+        "--prompt",
+        "a fox",
+        "--prompt",
+        "a cat",
+        "--to",
+        str(tmp_path / "out"),
+        env={**cli_env, "FIREWORKS_API_KEY": wrong},
+    )
+    assert done.returncode == 3, done.stderr
+    assert "refused the credentials" in done.stderr
+    assert wrong not in done.stderr + done.stdout
+    no_traceback(done)
+    assert flow_env.stats.generations == 0
+
+
 def test_generate_filtered_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
     target = tmp_path / "x.jpg"
     done = cli("generate", "nsfw thing", "-o", str(target), "--safety-check", env=cli_env)
@@ -148,10 +169,11 @@ def test_run_with_failures_exits_1_and_replay_finishes_them(
     replayed = cli("replay", str(manifest), env=cli_env)
     assert replayed.returncode == 0, replayed.stderr
     assert flow_env.stats.requests == before + 1  # only the failed image, once
+    # The destination's manifest still lists both images, the replayed one in its place.
     latest = [json.loads(x) for x in manifest.read_text().splitlines()]
-    assert len(latest) == 1
-    assert latest[0]["finish_reason"] == "SUCCESS" and latest[0]["seed"] == failed["seed"]
-    assert latest[0]["item_id"] == "w-1" and Path(latest[0]["uri"]).exists()
+    assert [r["index"] for r in latest] == [0, 1]
+    assert latest[1]["finish_reason"] == "SUCCESS" and latest[1]["seed"] == failed["seed"]
+    assert latest[1]["item_id"] == "w-1" and Path(latest[1]["uri"]).exists()
 
 
 def test_run_missing_file_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -190,3 +212,65 @@ def test_plan_an_edit_batch_with_inline_prompts(tmp_path: Path, cli_env: dict[st
     assert wrong.returncode == 2 and "Kontext" in wrong.stderr
     both = cli("plan", str(tmp_path / "p.txt"), "--prompt", "x", env=cli_env)
     assert both.returncode == 2 and "exactly one" in both.stderr
+
+
+def test_ctrl_c_stops_submitting_finishes_in_flight_and_writes_the_manifest(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """Issue 16: one Ctrl-C never loses a paid image or the record of what was not done."""
+    import signal
+    import time
+
+    flow_env.configure(latency_s=0.5)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "flux_flows.cli", "run", "--to", str(out), "-c", "2"]
+    for i in range(30):
+        argv += ["-p", f"an interrupted crane {i}"]
+    process = subprocess.Popen(
+        argv, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    records = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 30  # every requested image has its line
+    stored = [r for r in records if r["finish_reason"] == "SUCCESS"]
+    skipped = [r for r in records if "interrupted" in (r["error"] or "")]
+    assert stored and skipped and len(stored) + len(skipped) == 30
+    # Everything generated was stored and recorded: nothing paid for is lost.
+    assert flow_env.stats.generations == len(stored) == len(list((out / "images").iterdir()))
+
+
+def test_overlapping_runs_into_one_destination_pay_once(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """Issue 16: a second run started while the first is generating waits for its images."""
+    import time
+
+    flow_env.configure(latency_s=0.5)  # the first run takes ~5 s: the second starts inside it
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"an overlapping egret {i}\n" for i in range(40)))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "flux_flows.cli", "run", str(prompts), "--to", str(out)]
+    first = subprocess.Popen([*argv, "-c", "4"], env=cli_env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "claims").is_dir() or not list((out / "claims").iterdir()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = cli("run", str(prompts), "--to", str(out), "-c", "4", env=cli_env)
+    _, first_err = first.communicate(timeout=180)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert flow_env.stats.generations == 40  # distinct images, each paid once
+    assert len(list((out / "images").iterdir())) == 40
+    runs = sorted((out / "runs").glob("*/manifest.jsonl"))
+    assert len(runs) == 2
+    for manifest in runs:
+        records = [json.loads(x) for x in manifest.read_text().splitlines()]
+        assert len(records) == 40 and all(r["finish_reason"] == "SUCCESS" for r in records)
+    assert not list((out / "claims").iterdir())  # both claims released

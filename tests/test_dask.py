@@ -135,3 +135,31 @@ def test_nightly_batch_fans_out_to_a_dask_address(
     with distributed.Client(dask_cluster) as client:
         workers = worker_state(client)
     assert sum(w["flux_clients"] for w in workers.values()) >= 1
+
+
+def test_dask_runs_chunks_not_one_task_run_per_image(
+    tmp_path: Path, flow_env: Any, dask_cluster: Any
+) -> None:
+    """The README's scale-out call: a few chunk task runs, each rendering many images."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect_dask import DaskTaskRunner
+
+    prompts = [f"a chunked lamp {i}" for i in range(23)]
+    runner = DaskTaskRunner(address=dask_cluster.scheduler_address)
+    state = generate_images.with_options(task_runner=runner)(
+        prompts, str(tmp_path), max_concurrency=8, chunk_size=5, return_state=True
+    )
+    report = state.result()
+    assert report.counts[FinishReason.SUCCESS] == 23 and flow_env.stats.generations == 23
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    names = sorted(t.name.rsplit("-", 1)[0] for t in task_runs)
+    assert names == ["render-chunk"] * 5  # ceil(23 / 5), not 23 task runs
+    assert all(t.state.type.value == "COMPLETED" for t in task_runs)
+    # Never more than the batch's window in flight at the API, across both workers.
+    assert flow_env.stats.max_in_flight <= 8

@@ -204,7 +204,7 @@ def test_deploy_and_run_with_a_process_worker(
     output = prefect_cli(
         prefect_server, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--all"
     )
-    assert output.count("successfully created") == 2, output
+    assert output.count("successfully created") == 3, output
 
     with prefect_client(prefect_server) as client:
         nightly = client.read_deployment_by_name(NIGHTLY)
@@ -304,3 +304,75 @@ def test_example_scripts_run_offline(
     images = list(out.rglob("images/*.jpg"))
     assert len(images) >= 3
     assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in images)
+
+
+def test_a_batch_spreads_its_chunks_over_two_pool_workers(
+    prefect_server: PrefectServer,
+    emulator: Any,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: chunks as runs of the chunk deployment on a process pool with two workers; the
+    batch's in-flight limit holds across both (a Prefect global concurrency limit)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flux_flows import generate_images
+
+    with prefect_client(prefect_server) as client:
+        pools = {p.name for p in client.read_work_pools()}
+    if POOL not in pools:
+        prefect_cli(prefect_server, "work-pool", "create", POOL, "--type", "process")
+    prefect_cli(
+        prefect_server, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--all"
+    )
+    emulator.configure(latency_s=0.3)
+    env = worker_env(prefect_server, emulator, tmp_path)
+    env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
+    workers, logs = [], []
+    for n in range(2):
+        logs.append(tmp_path / f"worker-{n}.log")
+        with logs[-1].open("w") as out:
+            workers.append(
+                subprocess.Popen(
+                    [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    monkeypatch.setenv("FIREWORKS_API_KEY", TEST_API_KEY)
+    monkeypatch.setenv("FIREWORKS_BASE_URL", emulator.base_url)
+    monkeypatch.setenv("FLUX_FLOWS_SPILL_DIR", str(tmp_path / "spill"))
+    prompts = [f"a pooled lantern {i}" for i in range(10)]
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
+            report = generate_images(
+                prompts,
+                f"s3://{s3_bucket}/pool",
+                chunk_size=3,
+                max_concurrency=2,
+                chunk_deployment="render-chunk/flux-flows-chunks",
+            )
+    finally:
+        for worker in workers:
+            _stop(worker)
+    tails = "\n".join(_log_tail(log) for log in logs)
+    assert report.counts["SUCCESS"] == 10, tails
+    assert emulator.stats.generations == 10 and emulator.stats.duplicates == 0
+    assert emulator.stats.max_in_flight <= 2, "the batch's limit must hold across workers"
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="pool/images/")
+    assert len(listing.get("Contents", [])) == 10
+    with prefect_client(prefect_server) as client:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        chunk_runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["flux-flows-chunks"])
+            )
+        )
+        limits = [x.name for x in client.read_global_concurrency_limits(limit=100)]
+    assert len(chunk_runs) == 4 and all(r.state.is_completed() for r in chunk_runs)  # 3+3+3+1
+    assert not [name for name in limits if name.startswith("flux-flows-")]  # the batch's, removed

@@ -607,7 +607,7 @@ def test_stats_count_requests_generations_statuses_and_duplicates(
 def test_control_routes(emu: Emulator, client: httpx.Client) -> None:
     post(client, {"prompt": "one", "seed": 1})
     post(client, {"prompt": "one", "seed": 1})
-    with httpx.Client(base_url=emu.url) as control:
+    with httpx.Client(base_url=emu.url, headers=emu.control_headers) as control:
         stats = control.get("/_emulator/stats").json()
         assert stats["requests"] == 2
         assert stats["generated_duplicates"] == 1
@@ -631,6 +631,91 @@ def test_control_routes(emu: Emulator, client: httpx.Client) -> None:
 
         reset = control.post("/_emulator/reset").json()
         assert (reset["requests"], reset["generated_duplicates"]) == (0, 0)
+
+
+# The control routes answer this machine's tools only: not a web page, not a rebound DNS name.
+EVIL = "http://evil.example"
+
+
+def control_call(emu: Emulator, method: str, path: str, **headers: str) -> httpx.Response:
+    """A raw request as a browser would send it: a text/plain body needs no CORS preflight."""
+    body = b'{"api_key": null}' if method == "POST" else None
+    with httpx.Client(base_url=emu.url, timeout=10) as http:
+        return http.request(
+            method, path, content=body, headers={"Content-Type": "text/plain", **headers}
+        )
+
+
+@pytest.mark.parametrize("path", ["/_emulator/config", "/_emulator/reset"])
+def test_changes_need_the_control_token(emu: Emulator, path: str) -> None:
+    for token in ({}, {"X-Emulator-Token": "guess"}, {"X-Emulator-Token": ""}):
+        answer = control_call(emu, "POST", path, **token)
+        assert_error(answer, 401, "authentication_error")
+        assert "X-Emulator-Token" in answer.text and emu.control_token not in answer.text
+    assert emu.config.api_key == KEY  # the key check was not switched off
+    ok = control_call(emu, "POST", "/_emulator/config", **emu.control_headers)
+    assert ok.status_code == 200 and emu.config.api_key is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": EVIL},
+        {"Origin": "null"},
+        {"Origin": "http://localhost:1"},  # another local port is another origin
+        {"Origin": "https://127.0.0.1:{port}"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Host": "evil.example:{port}"},  # DNS rebinding: the page's own name, our address
+        {"Host": "evil.example"},
+        {"Host": "127.0.0.1:{other}"},
+        {"Host": "[::1"},
+    ],
+)
+def test_cross_origin_and_foreign_host_requests_are_refused(
+    emu: Emulator, client: httpx.Client, headers: dict[str, str]
+) -> None:
+    filled = {
+        k: v.format(port=emu.port, other=emu.port + 1 if emu.port < 65535 else 1)
+        for k, v in headers.items()
+    }
+    for method, path in (("POST", "/_emulator/config"), ("POST", "/_emulator/reset")):
+        answer = control_call(emu, method, path, **emu.control_headers, **filled)
+        assert_error(answer, 403, "permission_error")
+    for path in ("/_emulator/config", "/_emulator/stats"):
+        assert_error(control_call(emu, "GET", path, **filled), 403, "permission_error")
+    assert emu.config.api_key == KEY
+    # The API routes answer as Fireworks does, whatever the Host (tunnels, proxies).
+    assert post(client, {"prompt": "x"}, headers=filled).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Host": "localhost:{port}"},
+        {"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": "http://localhost:{port}"},
+        {"Sec-Fetch-Site": "none"},
+    ],
+)
+def test_this_machines_own_spellings_are_accepted(emu: Emulator, headers: dict[str, str]) -> None:
+    filled = {k: v.format(port=emu.port) for k, v in headers.items()}
+    assert control_call(emu, "GET", "/_emulator/stats", **filled).status_code == 200
+    answer = control_call(emu, "POST", "/_emulator/reset", **emu.control_headers, **filled)
+    assert answer.status_code == 200
+
+
+def test_each_emulator_has_its_own_token_and_hides_it(emu: Emulator) -> None:
+    with Emulator() as other:
+        assert other.control_token != emu.control_token and len(other.control_token) >= 32
+        answer = control_call(other, "POST", "/_emulator/reset", **emu.control_headers)
+        assert answer.status_code == 401
+    assert emu.control_token not in repr(emu)
+    chosen = emulator_module.create_app(
+        EmulatorConfig(), emulator_module.EmulatorStats(), control_token="chosen-token"
+    )
+    assert chosen.state.control_token == "chosen-token"
 
 
 def test_configure_is_all_or_nothing(emu: Emulator) -> None:
@@ -709,8 +794,15 @@ def test_serve_runs_in_the_foreground_for_the_cli() -> None:
         headers = {"Authorization": "Bearer any-key"}
         response = httpx.post(base_url + SCHNELL_ROUTE, json={"prompt": "x"}, headers=headers)
         assert response.status_code == 200
-        stats = httpx.get(base_url.removesuffix("/inference/v1") + "/_emulator/stats").json()
+        origin = base_url.removesuffix("/inference/v1")
+        stats = httpx.get(origin + "/_emulator/stats").json()
         assert stats["generations"] == 1
+        token_line = process.stderr.readline()  # the control token, made at start
+        assert "X-Emulator-Token" in token_line
+        token = token_line.strip().rpartition(" ")[2]
+        assert httpx.post(origin + "/_emulator/reset").status_code == 401
+        reset = httpx.post(origin + "/_emulator/reset", headers={"X-Emulator-Token": token})
+        assert reset.status_code == 200 and reset.json()["generations"] == 0
     finally:
         process.terminate()
         process.wait(timeout=10)

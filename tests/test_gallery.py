@@ -24,18 +24,30 @@ from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from synthetic_runs import report_of, synthetic_run
 from typer.testing import CliRunner
 
-from flux_flows import generate_image, layout, thumbnails, upload_image
+from flux_flows import generate_image, layout, reporting, thumbnails, upload_image
 from flux_flows.cli import ExitCode, app
 from flux_flows.flows import generate_images
 from flux_flows.gallery import (
     HTML_CONTENT_TYPE,
+    PAGE_SIZE,
+    SheetText,
     contact_sheet_html,
     object_key_of,
     relative_href,
+    write_contact_sheets,
+    write_sheet,
 )
 from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.reporting import (
+    OUTCOME_ORDER,
+    count_outcomes,
+    problems_first,
+    read_manifest,
+    write_manifests,
+)
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, get_s3_client
 
@@ -53,6 +65,8 @@ PAGE_ATTRIBUTES = {
     "data-cached", "data-cache-key", "src", "data-full", "alt", "width", "height", "loading",
     "decoding",
 }  # fmt: skip
+# The index and the page navigation of a paged sheet add these, and nothing else.
+PAGED_TAGS = PAGE_TAGS | {"nav", "section", "h2", "ol"}
 
 
 def run(prompts: list[Any], destination: str, **kwargs: Any) -> tuple[BatchReport, Any]:
@@ -85,6 +99,7 @@ class Page(HTMLParser):
         self.cards: list[Card] = []
         self.scripts: list[str] = []
         self.texts: list[str] = []
+        self.pager: list[str] = []  # links of a paged sheet's <nav>, in order
         self._stack: list[str] = []
         self._card_depth: int | None = None
         self._in_prompt = False
@@ -98,6 +113,8 @@ class Page(HTMLParser):
             self._element(tag, values)
             return
         self._stack.append(tag)
+        if tag == "a" and "nav" in self._stack:
+            self.pager.append(values.get("href", ""))
         if tag == "article":
             self._card_depth = len(self._stack)
             self.cards.append(Card(values))
@@ -189,6 +206,8 @@ def test_contact_sheet_of_a_mixed_run(tmp_path: Path, flow_env: Any) -> None:
     assert latest.cards[0].images[0]["src"] == f"thumbs/{records[0].cache_key}.jpg"
     assert resolve(latest_path, latest.cards[0].images[0]["src"]).is_file()
     assert_offline(page)
+    # A run of up to PAGE_SIZE images keeps one page: no folder of pages.
+    assert not (page_path.parent / "contact-sheet").exists()
 
 
 def assert_offline(page: Page) -> None:
@@ -389,6 +408,30 @@ def test_page_escapes_every_field_even_without_a_run() -> None:
     assert "<b>boom</b>" in page.cards[1].text and "<u>value</u>" in page.text
 
 
+BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+
+
+def test_bidi_controls_in_prompts_are_shown_not_obeyed() -> None:
+    """A right-to-left override would display "invoice_exe.jpg" for a prompt that says gpj."""
+    spoof = "invoice_\u202egpj.exe\u202c, " + BIDI
+    request = ImageRequest(prompt=spoof, seed=5)
+    record = ImageRecord.for_request(
+        request, index=0, variant=0, finish_reason=FinishReason.ERROR, error=spoof
+    )
+    source = contact_sheet_html(
+        [record],
+        href=relative_href("runs/r/contact-sheet.html"),
+        summary=[(spoof, spoof)],
+        title=spoof,
+        notes=[spoof],
+    )
+    assert not set(BIDI) & set(source)
+    shown = "invoice_<U+202E>gpj.exe<U+202C>, " + "".join(f"<U+{ord(c):04X}>" for c in BIDI)
+    (card,) = Page(source).cards
+    assert card.prompt == shown
+    assert "invoice_&lt;U+202E&gt;gpj.exe" in source
+
+
 def test_object_keys_come_only_from_the_layout() -> None:
     assert object_key_of("/data/out/images/fox-abc.jpg") == "images/fox-abc.jpg"
     assert object_key_of("s3://b/p/thumbs/abc.jpg") == "thumbs/abc.jpg"
@@ -400,10 +443,207 @@ def test_object_keys_come_only_from_the_layout() -> None:
     assert relative_href("contact-sheet.html")("images/a b.jpg") == "images/a%20b.jpg"
 
 
+# --- paged sheets of big runs ----------------------------------------------------------------------
+
+
+def links_of(page: Page) -> list[str]:
+    return [attrs["href"] for tag, attrs in page.tags if tag == "a"]
+
+
+def write_big_run(root: Path, count: int) -> tuple[list[ImageRecord], Path]:
+    """A run of `count` synthetic records, with its manifest and contact sheet written."""
+    records = synthetic_run(root, count, files=8)
+    storage = LocalStorage(root)
+    report = report_of(records, root)
+    report.manifest_uri = write_manifests(storage, "big", records)
+    return records, Path(write_contact_sheets(storage, "big", report))
+
+
+def in_reading_order(records: list[ImageRecord]) -> list[ImageRecord]:
+    return sorted(records, key=lambda r: OUTCOME_ORDER.index(r.finish_reason))
+
+
+def test_big_run_is_paged_failures_first(tmp_path: Path) -> None:
+    records, index_path = write_big_run(tmp_path, 2_600)
+    counts = count_outcomes(records)
+    assert counts["SUCCESS"] > 2 * PAGE_SIZE and counts["SKIPPED_BUDGET"] > 0
+    assert index_path == tmp_path / "runs" / "big" / layout.CONTACT_SHEET
+    folder = index_path.parent / "contact-sheet"
+    names = ["failed-1", "filtered-1", "skipped-1", "images-1", "images-2", "images-3"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.html" for n in names)
+
+    for index_at in (index_path, tmp_path / layout.CONTACT_SHEET):  # the run's and the latest
+        index = read_page(index_at)
+        assert not index.cards and not index.scripts
+        assert not any(tag == "img" for tag, _ in index.tags)
+        assert_offline(index)
+        links = links_of(index)
+        assert all(resolve(index_at, link).is_file() for link in links)
+        pages = [resolve(index_at, link) for link in links if link.endswith(".html")]
+        assert pages == [(folder / f"{name}.html").resolve() for name in names]
+        assert resolve(index_at, links[0]).name == layout.MANIFEST
+        text = index.text
+        assert f"Failed (ERROR): {counts['ERROR']}" in text
+        assert f"Content filtered: {counts['CONTENT_FILTERED']}" in text
+        assert f"Images: {counts['SUCCESS']:,}" in text and "Images 1,001–2,000" in text
+        assert f"images requested: {len(records)}" in text
+
+    shown: list[str] = []
+    for number, name in enumerate(names):
+        page_path = folder / f"{name}.html"
+        page = assert_links_resolve(page_path, expect_images=None)
+        assert 0 < len(page.cards) <= PAGE_SIZE
+        assert len({card.attrs["data-reason"] for card in page.cards}) == 1
+        assert len(page.scripts) == 2
+        assert_offline(page)
+        assert resolve(page_path, page.pager[0]) == index_path.resolve()  # "All pages"
+        neighbours = [resolve(page_path, link).name for link in page.pager[1:]]
+        expected = [f"{names[i]}.html" for i in (number - 1, number + 1) if 0 <= i < len(names)]
+        assert neighbours == expected
+        assert f"page {number + 1} of {len(names)}" in page.text
+        shown += [card.attrs["data-cache-key"] for card in page.cards]
+    # Every record once, failures first, manifest order within a finish reason.
+    assert shown == [r.cache_key for r in in_reading_order(records)]
+    failed = read_page(folder / "failed-1.html")
+    errors = [r for r in records if r.finish_reason is FinishReason.ERROR]
+    assert [card.prompt for card in failed.cards] == [r.prompt for r in errors]
+    assert all("InvalidRequestError" in card.text for card in failed.cards)
+
+
+def test_one_page_holds_at_most_page_size_cards(tmp_path: Path) -> None:
+    """Exactly PAGE_SIZE images stay one page; one more makes an index and pages."""
+    records = synthetic_run(tmp_path, PAGE_SIZE + 1, files=2)
+    store = LocalStorage(tmp_path)
+    text = SheetText(title="edge")
+    one = write_sheet(
+        store, ["one.html"], records[:PAGE_SIZE], count_outcomes(records[:PAGE_SIZE]),
+        href_for=relative_href, text=text,
+    )  # fmt: skip
+    assert one.pages == 1 and len(read_page(tmp_path / "one.html").cards) == PAGE_SIZE
+    more = write_sheet(
+        store, ["more.html"], iter(records), count_outcomes(records),
+        href_for=relative_href, text=text,
+    )  # fmt: skip
+    assert more.pages == len([n for n in count_outcomes(records).values() if n])
+    images = read_page(tmp_path / "contact-sheet" / "images-1.html")
+    assert len(images.cards) == count_outcomes(records)["SUCCESS"] <= PAGE_SIZE
+
+
+def test_records_must_match_their_counts(tmp_path: Path) -> None:
+    records = synthetic_run(tmp_path, 12, files=1)
+    counts = count_outcomes(records)
+    store, text = LocalStorage(tmp_path), SheetText(title="t")
+    fewer = {**counts, "SUCCESS": counts["SUCCESS"] - 1}
+    with pytest.raises(ValueError, match="more SUCCESS records"):
+        write_sheet(
+            store, ["i.html"], records, fewer, href_for=relative_href, text=text, page_size=2
+        )
+    more = {**counts, "ERROR": counts["ERROR"] + 1}
+    with pytest.raises(ValueError, match="fewer ERROR records"):
+        write_sheet(
+            store, ["i.html"], records, more, href_for=relative_href, text=text, page_size=2
+        )
+
+
+def test_paged_sheet_escapes_every_field(tmp_path: Path) -> None:
+    records = [
+        ImageRecord.for_request(
+            ImageRequest(prompt=prompt, seed=i + 1),
+            index=i,
+            variant=0,
+            finish_reason=FinishReason.ERROR if i % 2 else FinishReason.SUCCESS,
+            error=prompt if i % 2 else None,
+            uri=f"/x/images/{i}.jpg",
+            item_id=HOSTILE[0],
+        )
+        for i, prompt in enumerate(HOSTILE)
+    ]
+    text = SheetText(
+        title=HOSTILE[1],
+        subtitle=HOSTILE[2],
+        summary=[(HOSTILE[3], HOSTILE[4])],
+        notes=[HOSTILE[5]],
+        manifest_href="manifest.jsonl",
+    )
+    written = write_sheet(
+        LocalStorage(tmp_path), ["runs/r/contact-sheet.html"], records, count_outcomes(records),
+        href_for=relative_href, text=text, page_size=2,
+    )  # fmt: skip
+    assert written.pages == 4
+    paths = [tmp_path / "runs" / "r" / "contact-sheet.html"]
+    paths += sorted((tmp_path / "runs" / "r" / "contact-sheet").iterdir())
+    prompts = []
+    for path in paths:
+        source = path.read_text(encoding="utf-8")
+        page = Page(source)
+        assert {tag for tag, _ in page.tags} <= PAGED_TAGS
+        assert {name for _, attrs in page.tags for name in attrs} <= PAGE_ATTRIBUTES
+        assert source.count("</script>") == len(page.scripts) == (2 if page.cards else 0)
+        assert "alert" not in " ".join(page.scripts)
+        assert HOSTILE[1] in page.text and HOSTILE[5] in page.text  # title and notes, as text
+        for _, attrs in page.tags:
+            for name in ("href", "src"):
+                assert "javascript" not in attrs.get(name, "").lower()
+        prompts += [card.prompt for card in page.cards]
+    assert sorted(prompts) == sorted(HOSTILE)
+    assert f"{HOSTILE[3]}: {HOSTILE[4]}" in read_page(paths[0]).text  # the summary, on the index
+
+
+def test_gallery_pages_a_big_manifest(tmp_path: Path) -> None:
+    destination = tmp_path / "out"
+    records, _ = write_big_run(destination, 1_500)
+    manifest = destination / layout.MANIFEST
+    assert len(read_manifest(manifest.read_bytes(), str(manifest))) == 1_500
+    for args, index_at in (
+        ((), destination / layout.CONTACT_SHEET),
+        (("-o", str(tmp_path / "elsewhere")), tmp_path / "elsewhere" / "index.html"),
+        (("-o", str(tmp_path / "dl"), "--download"), tmp_path / "dl" / "index.html"),
+    ):
+        result = invoke("gallery", str(manifest), *args)
+        assert result.exit_code == 0, result.output
+        assert f"Contact sheet: {index_at}" in result.output
+        index = read_page(index_at)
+        assert not index.cards
+        pages = [link for link in links_of(index) if link.startswith("contact-sheet/")]
+        assert len(pages) == len([n for n in count_outcomes(records).values() if n]) + 1
+        cards = 0
+        for link in pages:
+            page = assert_links_resolve(resolve(index_at, link), expect_images=None)
+            cards += len(page.cards)
+        assert cards == len(records)
+    copied = read_page(tmp_path / "dl" / "contact-sheet" / "images-1.html")
+    assert copied.cards[0].images[0]["src"].startswith("../thumbs/shared-")
+
+
+def test_problems_first_caps_and_streams(tmp_path: Path) -> None:
+    records = synthetic_run(tmp_path, 300, files=1)
+    assert all(count_outcomes(records)[reason.value] for reason in OUTCOME_ORDER[:3])
+    chosen, left_out = problems_first(iter(records), 50)
+    assert chosen == in_reading_order(records)[:50] and left_out == 250
+    chosen, left_out = problems_first(records, 1_000)
+    assert chosen == in_reading_order(records) and left_out == 0
+
+
+def test_table_artifact_is_capped_failures_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reporting, "ARTIFACT_TABLE_ROWS", 3)
+    prompts = ["cap fox", "cap owl", "cap nsfw", "cap whale", "cap [[status:400]]", "cap cat"]
+    report, state = run(prompts, str(tmp_path), safety_check=True)
+    artifacts = artifacts_of(state)
+    table = json.loads(artifacts["table"].data)
+    assert [row["finish_reason"] for row in table] == ["ERROR", "CONTENT_FILTERED", "SUCCESS"]
+    assert [row["prompt"] for row in table] == ["cap [[status:400]]", "cap nsfw", "cap fox"]
+    for text in (artifacts["table"].description or "", str(artifacts["markdown"].data)):
+        assert "shows 3 of 6 records" in text and "3 more are left out" in text
+        assert f"`{report.manifest_uri}`" in text
+
+
 # --- the summary artifact ------------------------------------------------------------------------
 
 
-def summary_artifact(state: Any) -> str:
+def artifacts_of(state: Any) -> dict[str, Any]:
+    """The flow run's artifacts by type (one of each but progress)."""
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
@@ -411,7 +651,12 @@ def summary_artifact(state: Any) -> str:
             )
         )
     (markdown,) = [a for a in artifacts if a.type == "markdown"]
-    return str(markdown.data)
+    (table,) = [a for a in artifacts if a.type == "table"]
+    return {"markdown": markdown, "table": table}
+
+
+def summary_artifact(state: Any) -> str:
+    return str(artifacts_of(state)["markdown"].data)
 
 
 def test_summary_artifact_local_says_where_the_thumbnails_are(tmp_path: Path) -> None:
@@ -480,10 +725,11 @@ def test_gallery_for_a_local_manifest(tmp_path: Path) -> None:
     assert page.cards[0].images[0]["src"] == f"thumbs/{report.records[0].cache_key}.jpg"
 
 
-def assert_links_resolve(page_path: Path, *, expect_images: int) -> Page:
+def assert_links_resolve(page_path: Path, *, expect_images: int | None) -> Page:
+    """Every picture and link of every card is a file; `expect_images` None: any number."""
     page = read_page(page_path)
     images = [image for card in page.cards for image in card.images]
-    assert len(images) == expect_images
+    assert expect_images is None or len(images) == expect_images
     for image in images:
         assert resolve(page_path, image["src"]).is_file()
         assert resolve(page_path, image["data-full"]).is_file()

@@ -116,8 +116,42 @@ def test_derived_seeds_are_stable_distinct_and_in_range() -> None:
         derive_seed(base, p, v) for base in (None, 1, 2) for p in ("a", "b") for v in range(50)
     }
     assert len(seeds) == 3 * 2 * 50
-    assert all(1 <= s < 2**31 for s in seeds)
+    assert all(1 <= s <= 2**32 - 1 for s in seeds)
     assert derive_seed(7, "fox", 3) == derive_seed(7, "fox", 3)
+
+
+@pytest.mark.parametrize(
+    ("base", "prompt", "seed"),
+    [
+        (None, "a fox", 1191386623),
+        (7, "fox", 154776326),
+        (2026, "a red fox in snow", 324937635),
+        (None, "ünïcode ☃", 173516436),
+    ],
+)
+def test_variant_zero_seeds_are_unchanged(base: int | None, prompt: str, seed: int) -> None:
+    """Images already stored under variant 0 keep their cache keys (figures from 0.x)."""
+    assert derive_seed(base, prompt, 0) == seed
+
+
+def test_variants_of_one_prompt_never_share_a_seed() -> None:
+    """Hashing each variant alone gave 199,988 distinct seeds for 200,000 variants."""
+    seeds = [derive_seed(None, "one prompt", v) for v in range(200_000)]
+    assert len(set(seeds)) == 200_000
+    assert min(seeds) >= 1 and max(seeds) <= 2**32 - 1
+    assert seeds[0] == derive_seed(None, "one prompt", 0)
+
+
+def test_seeds_across_prompts_collide_only_as_the_32_bit_range_allows() -> None:
+    """2,000 prompts x 100 variants: ~4.7 shared seeds expected among 200,000 in 2^32 (6 here);
+    each prompt's own 100 are distinct, and variants spread over the whole 32-bit range."""
+    seeds = []
+    for p in range(2_000):
+        own = [derive_seed(None, f"p{p}", v) for v in range(100)]
+        assert len(set(own)) == 100
+        seeds += own
+    assert len(seeds) - len(set(seeds)) <= 12
+    assert sum(s >= 2**31 for s in seeds) > 0.4 * len(seeds)
 
 
 PIXEL_FIELDS = {
@@ -187,3 +221,10 @@ def test_record_round_trips_to_the_same_request() -> None:
     assert record.cache_key == request.cache_key
     assert record.to_request() == request
     assert ImageRecord.model_validate_json(record.model_dump_json()) == record
+
+
+def test_variants_of_a_row_with_its_own_seed_step_from_it() -> None:
+    from flux_flows.models import request_for
+
+    seeds = [request_for({"prompt": "a fox", "seed": 7}, variant=v).seed for v in range(1000)]
+    assert seeds[0] == 7 and len(set(seeds)) == 1000

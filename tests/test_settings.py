@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from flux_flows import generate_images, generate_images_from_file, replay_failed
 from flux_flows.settings import BATCH_DEFAULTS, SETTING_FIELDS, BatchOptions, BatchSettings
 
-SOURCES = {"prompts", "source", "destination", "credentials", "aws_credentials"}
+SOURCES = {"prompts", "source", "destination", "credentials", "aws_credentials", "staged_prompts"}
 
 
 @pytest.mark.parametrize("flow", [generate_images, generate_images_from_file])

@@ -112,3 +112,30 @@ def test_negative_budget_is_refused(tmp_path: Path, flow_env: Any) -> None:
     with pytest.raises(ValueError, match="budget_usd"):
         generate_images(["a"], str(tmp_path), budget_usd=-1)
     assert flow_env.stats.requests == 0
+
+
+def test_replay_keeps_the_destination_manifest_whole(tmp_path: Path, flow_env: Any) -> None:
+    """Issue 16: a replay writes its own run manifest and merges its outcomes into the
+    destination's, which still lists every image, with the original indexes."""
+    import json
+
+    prompts = ["keep a", "keep b", "fails [[flaky:5]]", "keep d"]
+    first = generate_images(prompts, str(tmp_path), variants=2)
+    assert first.counts["ERROR"] == 2 and first.manifest_uri
+    replayed = replay_failed(first.manifest_uri)
+    assert [(r.index, r.variant) for r in replayed.records] == [(2, 0), (2, 1)]
+    assert all(r.finish_reason is FinishReason.SUCCESS for r in replayed.records)
+    assert replayed.manifest_uri and len(Path(replayed.manifest_uri).read_text().splitlines()) == 2
+    latest = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["variant"]) for r in latest] == [
+        (i, v) for i in range(4) for v in (0, 1)
+    ]
+    assert all(r["finish_reason"] == "SUCCESS" for r in latest)
+    sheet = (tmp_path / "contact-sheet.html").read_text()
+    assert all(p.split(" [[")[0] in sheet for p in prompts)  # every image, not just the replayed
+
+
+def test_replay_failed_is_public() -> None:
+    import flux_flows
+
+    assert "replay_failed" in flux_flows.__all__ and flux_flows.replay_failed is replay_failed

@@ -8,8 +8,11 @@ argument errors answer at once.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import unquote, urlparse
 
 import typer
 from pydantic import ValidationError
@@ -22,6 +25,8 @@ from flux_flows.errors import (
     PromptSourceError,
 )
 from flux_flows.models import ALL_MODELS, KONTEXT_MODELS, describe_validation_error
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class ExitCode(IntEnum):
@@ -140,6 +145,30 @@ _FIELD_OF_OPTION = {
 def as_fields(options: dict[str, Any], *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """A command's options under the names of `settings.py` and `ImageRequest`."""
     return {_FIELD_OF_OPTION.get(k, k): v for k, v in options.items() if k not in drop}
+
+
+def check_destination(destination: str) -> None:
+    """A local destination that is a file (or lies under one) is a typo, not a network failure.
+
+    Found here, before any Prefect server starts: otherwise the run's storage check fails with
+    "could not write", which exits 4 ("API or network failure"), and `plan` says nothing at all.
+    S3 and other schemes are left to the storage layer.
+    """
+    text = destination.strip()
+    scheme = _SCHEME_RE.match(text)
+    if scheme and scheme.group(1).lower() != "file":
+        return
+    path = Path(unquote(urlparse(text).path) if scheme else text).expanduser().absolute()
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return
+        if candidate.exists() or candidate.is_symlink():
+            where = "is" if candidate == path else f"lies under {candidate}, which is"
+            fail(
+                f"destination {destination!r} {where} a file, not a folder: choose a folder "
+                "(it is created if missing) or s3://BUCKET/PREFIX",
+                ExitCode.BAD_INPUT,
+            )
 
 
 def check_prompt_source(

@@ -141,6 +141,15 @@ def run_flow(
             return report, ui_page(report.flow_run_id)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
+    except RuntimeError as exc:
+        # Prefect's own words for a PREFECT_API_URL nobody answers at: a network failure (4),
+        # not a traceback ending in exit 1 ("some images failed").
+        if "Failed to reach API" not in str(exc):
+            raise
+        fail(
+            f"{exc} (check PREFECT_API_URL, or unset it to use a local server)",
+            ExitCode.API_FAILURE,
+        )
 
 
 def print_ui_page(page: str | None) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -29,17 +31,37 @@ from flux_flows.cli._common import (
     VariantsOpt,
     VerboseOpt,
     as_fields,
+    check_destination,
     check_prompt_source,
     console,
+    fail,
     fail_with,
     out,
 )
 from flux_flows.cli._session import print_ui_page, run_flow
-from flux_flows.errors import FluxError, PromptSourceError
-from flux_flows.models import FinishReason
+from flux_flows.errors import AuthenticationError, FluxError, PromptSourceError
 from flux_flows.results import BatchReport
 from flux_flows.settings import BATCH_DEFAULTS as D
 from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
+
+if TYPE_CHECKING:
+    from flux_flows.batch import PlanSummary
+    from flux_flows.prompts import PromptRow
+
+# On a terminal, `run` shows the plan and asks before a batch this big or this dear; batches of
+# up to PLAN_FIRST_ABOVE images (at most $4 at list prices) start without even planning twice.
+CONFIRM_ABOVE_IMAGES = 1000
+CONFIRM_ABOVE_USD = 5.0
+PLAN_FIRST_ABOVE = 50
+YesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        help=f"Do not ask before generating over {CONFIRM_ABOVE_IMAGES} images or "
+        f"${CONFIRM_ABOVE_USD:g} (asked on a terminal only).",
+    ),
+]
 
 
 def print_summary(report: BatchReport, title: str) -> None:
@@ -53,11 +75,12 @@ def print_summary(report: BatchReport, title: str) -> None:
     for name, value in summary_lines(report):
         table.add_row(name, value)
     out.print(table)
-    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
-    for record in errors[:5]:
+    for record in report.first_errors[:5]:
         console.print(f"[red]failed[/] prompt {record.index}: {record.error}", highlight=False)
-    if len(errors) > 5:
-        console.print(f"... and {len(errors) - 5} more failures: see the manifest")
+    if report.failed > 5:
+        console.print(f"... and {report.failed - 5} more failures: see the manifest")
+    for problem in report.problems:
+        console.print(f"[bold red]not recorded:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 def print_contact_sheet(report: BatchReport) -> None:
@@ -67,15 +90,101 @@ def print_contact_sheet(report: BatchReport) -> None:
     out.print(f"Contact sheet: {report.contact_sheet_uri}", highlight=False, soft_wrap=True)
     if report.contact_sheet_uri.startswith("s3://") and report.manifest_uri:
         out.print(
-            f"  view it locally: flux-flows gallery {report.manifest_uri}",
+            f"  view it locally: flux-flows gallery {shlex.quote(report.manifest_uri)}",
             highlight=False,
             soft_wrap=True,
         )
 
 
 def finish(report: BatchReport) -> None:
-    if report.failed:
+    """Exit non-zero when an image failed or a record was lost (the summary said which).
+
+    A batch the API stopped for its credentials exits 3, as `generate` does: the flow stops
+    submitting at the first AuthenticationError and records the rest as "not attempted: an
+    earlier request failed with AuthenticationError ...", and "1: some images failed" would send
+    the user hunting through prompts. The first errors (kept in the report, however big the run)
+    are enough to tell.
+    """
+    if report.interrupted:
+        where = report.manifest_uri or "the spill folder (see above)"
+        console.print(
+            f"[bold yellow]interrupted:[/] what was in flight was stored; the images not "
+            f"attempted are ERROR records in {where}: run the same command again (or "
+            "`flux-flows replay` on that manifest) to finish them.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
+    refused = AuthenticationError.__name__
+    if any(
+        (record.error or "").startswith(refused) or f"failed with {refused}" in (record.error or "")
+        for record in report.first_errors
+    ):
+        fail(
+            "the API refused the credentials, so the batch stopped: check FIREWORKS_API_KEY "
+            "or the credentials block; the same command then finishes the batch",
+            ExitCode.CREDENTIALS,
+        )
+    if report.failed or report.problems:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def print_plan(title: str, the_plan: PlanSummary) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in (
+        ("images requested", the_plan.requested),
+        ("distinct images", the_plan.distinct),
+        ("already stored (cache hits)", the_plan.stored),
+        ("to generate", the_plan.to_generate),
+        ("skipped for budget", the_plan.skipped_for_budget),
+        ("estimated cost", f"${the_plan.estimated_cost_usd:.4f}"),
+        ("saved by the cache", f"${the_plan.saved_usd:.4f}"),
+    ):
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+def _read_rows(prompts: str | None, prompt: list[str] | None) -> list[PromptRow]:
+    from flux_flows.prompts import normalize_prompts, read_prompts
+
+    return normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
+
+
+def confirm_large_batch(
+    prompts: str | None, prompt: list[str] | None, settings: BatchSettings, to: str
+) -> None:
+    """On a terminal, show the plan and ask before a big or costly batch starts spending.
+
+    `--variants 100000` is one keystroke from $140. Only a person at a terminal is asked
+    (scripts and schedulers have no TTY on stdin, and `--yes` skips it); the plan is the same
+    read-only one `plan` prints, so what is shown is what will run.
+    """
+    from flux_flows.batch import summarize_plan
+    from flux_flows.storage import open_storage
+
+    try:
+        rows = _read_rows(prompts, prompt)
+        if settings.input_images is None and len(rows) * settings.variants <= PLAN_FIRST_ABOVE:
+            return
+        storage = open_storage(to)
+        the_plan = summarize_plan(rows, settings, storage)
+    except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
+        fail_with(exc)
+    count, cost = the_plan.to_generate, the_plan.estimated_cost_usd
+    if count <= CONFIRM_ABOVE_IMAGES and cost <= CONFIRM_ABOVE_USD:
+        return
+    print_plan(f"run: {prompts or f'{len(rows)} prompt(s)'} -> {storage.root_uri}", the_plan)
+    question = f"Generate {count} image(s) for about ${cost:.2f}?"
+    try:
+        go_ahead = typer.confirm(question, default=False)
+    except typer.Abort:
+        go_ahead = False
+    if not go_ahead:
+        fail("aborted: nothing was generated (--yes skips this question)", ExitCode.SOME_FAILED)
 
 
 def _settings(options: dict[str, Any], drop: tuple[str, ...]) -> BatchSettings:
@@ -104,15 +213,19 @@ def run(
     rpm: RpmOpt = D.requests_per_minute,
     budget: BudgetOpt = D.budget_usd,
     verbose: VerboseOpt = False,
+    yes: YesOpt = False,
 ) -> None:
     """Generate an image per prompt (x variants) into a bucket or folder, never paying twice.
 
     With --edit and a Kontext model, edit every image of a folder or S3 prefix with every prompt.
+    On a terminal, a batch of over 1000 images or $5 shows its plan and asks first.
     """
     check_prompt_source(prompts, prompt, edit, model)
-    settings = _settings(locals(), drop=("prompts", "to", "prompt", "verbose")).model_dump(
-        exclude_defaults=True
-    )
+    check_destination(to)
+    batch = _settings(locals(), drop=("prompts", "to", "prompt", "verbose", "yes"))
+    if not yes and sys.stdin.isatty():
+        confirm_large_batch(prompts, prompt, batch, to)
+    settings = batch.model_dump(exclude_defaults=True)
 
     def start() -> BatchReport:
         from flux_flows.flows import generate_images, generate_images_from_file
@@ -145,34 +258,19 @@ def plan(
     budget: BudgetOpt = D.budget_usd,
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
-    from rich.table import Table
-
-    from flux_flows.batch import plan_run
-    from flux_flows.prompts import normalize_prompts, read_prompts
+    from flux_flows.batch import summarize_plan
+    from flux_flows.storage import open_storage
 
     check_prompt_source(prompts, prompt, edit, model)
+    check_destination(to)
     settings = _settings(locals(), drop=("prompts", "to", "prompt"))
     try:
-        rows = normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
-        storage, the_plan = plan_run(rows, settings, to)
+        rows = _read_rows(prompts, prompt)
+        storage = open_storage(to)
+        the_plan = summarize_plan(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
-    stored = sum(1 for key in the_plan.unique if key in the_plan.stored)
-    source = prompts or f"{len(rows)} prompt(s)"
-    table = Table(title=f"plan: {source} -> {storage.root_uri}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for name, value in (
-        ("images requested", len(the_plan.images)),
-        ("distinct images", len(the_plan.unique)),
-        ("already stored (cache hits)", stored),
-        ("to generate", len(the_plan.to_generate)),
-        ("skipped for budget", len(the_plan.skipped_for_budget)),
-        ("estimated cost", f"${the_plan.estimated_cost_usd:.4f}"),
-        ("saved by the cache", f"${the_plan.saved_usd:.4f}"),
-    ):
-        table.add_row(name, str(value))
-    out.print(table)
+    print_plan(f"plan: {prompts or f'{len(rows)} prompt(s)'} -> {storage.root_uri}", the_plan)
 
 
 def replay(
@@ -192,6 +290,9 @@ def replay(
 ) -> None:
     """Re-submit only the failed images of an earlier run, with their original seeds."""
     from flux_flows.flows import replay_failed
+
+    if to is not None:
+        check_destination(to)
 
     report, page = run_flow(
         lambda: replay_failed(
@@ -219,6 +320,7 @@ def demo(
     from flux_flows.flows import generate_images
     from flux_flows.prompts import read_prompts
 
+    check_destination(to)
     source = Path(__file__).parent.parent / "examples" / "demo_prompts.txt"
     prompts = [row.fields for row in read_prompts(source)]
     console.print(f"Starting the Fireworks emulator and generating {len(prompts)} images...")

@@ -108,6 +108,15 @@ def emulator(
     kontext_pending: Annotated[
         float, typer.Option(help="Seconds a FLUX Kontext task stays Pending.")
     ] = 0.3,
+    control_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLUX_FLOWS_EMULATOR_TOKEN",
+            help="Token that /_emulator/config and /_emulator/reset require in the "
+            "X-Emulator-Token header (default: a new one, printed at start).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the local Fireworks-compatible emulator (loopback only) until interrupted."""
     from flux_flows.emulator import EmulatorConfig, serve
@@ -124,7 +133,7 @@ def emulator(
     if api_key is None:
         console.print("Any API key is accepted: export FIREWORKS_API_KEY=emulator")
     try:
-        serve(port=port, config=config)
+        serve(port=port, config=config, control_token=control_token)
     except OSError as exc:
         fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", ExitCode.BAD_INPUT)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from flux_flows.client._config import (
     resolve_api_key,
     resolve_base_url,
 )
+from flux_flows.client._images import image_size, sniff_image
 from flux_flows.client._kontext import kontext_input_data_uri
 from flux_flows.client._sync import FluxClient
 from flux_flows.client._wire import (
@@ -25,11 +26,9 @@ from flux_flows.client._wire import (
     ResponseFormat,
     api_error_message,
     error_for_status,
-    image_size,
     parse_response,
     parse_retry_after,
     same_origin,
-    sniff_image,
 )
 
 __all__ = [

@@ -36,6 +36,12 @@ moderates). Markers, for tests:
 
 `[[status:NNN]]` and `[[flaky:N]]` apply to the submit call. A `Ready` or `Content Moderated`
 task counts as one generation, once, however often it is polled.
+
+Control routes: `GET /_emulator/stats`, `GET|POST /_emulator/config`, `POST /_emulator/reset`.
+They answer only requests addressed to this server (Host 127.0.0.1:PORT or localhost:PORT, no
+foreign Origin), and a change needs the `X-Emulator-Token` header (`Emulator.control_token`,
+printed by `flux-flows emulator`), so neither a web page nor another program can switch the key
+check off. In-process code calls `Emulator.configure` instead. See `control`.
 """
 
 from flux_flows.emulator.app import create_app
@@ -55,6 +61,7 @@ from flux_flows.emulator.config import MAX_BODY_BYTES as MAX_BODY_BYTES
 from flux_flows.emulator.config import RATE_WINDOW_S as RATE_WINDOW_S
 from flux_flows.emulator.config import RESULTS_PATH as RESULTS_PATH
 from flux_flows.emulator.config import Mode as Mode
+from flux_flows.emulator.control import CONTROL_TOKEN_HEADER as CONTROL_TOKEN_HEADER
 from flux_flows.emulator.parsing import negotiate as negotiate
 from flux_flows.emulator.pictures import render_image
 from flux_flows.emulator.server import Emulator, serve

@@ -1,5 +1,5 @@
 """The ASGI application: Starlette routes for generation, Kontext submit, poll and result download
-and the `/_emulator/*` control endpoints, a meter counting API traffic, and the handlers that put
+and the `/_emulator/*` control endpoints (guarded by `control`), a meter counting API traffic, and the handlers that put
 parsing, markers, state and pictures together in the order the real API applies them.
 """
 
@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from flux_flows.emulator.config import (
     EmulatorStats,
     Mode,
 )
+from flux_flows.emulator.control import check_control_request, new_control_token
 from flux_flows.emulator.errors import (
     _ApiError,
     _error_response,
@@ -55,6 +57,7 @@ from flux_flows.emulator.state import _EmulatorState, _KontextTask, _now
 from flux_flows.models import KONTEXT_MODELS, MAX_SEED, MODELS
 
 _CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png"}
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 _dropping: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "flux_emulator_dropping", default=False
@@ -314,9 +317,26 @@ def _config_changes(raw: bytes) -> dict[str, Any]:
     return changes
 
 
-def create_app(config: EmulatorConfig, stats: EmulatorStats) -> Starlette:
-    """The ASGI app alone, for embedding in another server or an in-process ASGI transport."""
+def create_app(
+    config: EmulatorConfig, stats: EmulatorStats, *, control_token: str | None = None
+) -> Starlette:
+    """The ASGI app alone, for embedding in another server or an in-process ASGI transport.
+
+    `control_token` is what changes through `/_emulator/config` and `/_emulator/reset` must
+    carry (see `control`); without one a random token is made. It is `app.state.control_token`.
+    """
     state = _EmulatorState(config, stats)
+    token = control_token if control_token else new_control_token()
+
+    def guarded(handler: Endpoint, *, change: bool) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            try:
+                check_control_request(request, token, change=change)
+            except _ApiError as error:
+                return _error_response(error, _new_request_id())
+            return await handler(request)
+
+        return endpoint
 
     async def generation(request: Request) -> Response:
         request_id = _new_request_id()
@@ -379,14 +399,15 @@ def create_app(config: EmulatorConfig, stats: EmulatorStats) -> Starlette:
             Route(KONTEXT_SUBMIT_PATH, kontext_submit, methods=["POST"]),
             Route(KONTEXT_RESULT_PATH, kontext_poll, methods=["POST"]),
             Route(RESULTS_PATH, kontext_result, methods=["GET"]),
-            Route("/_emulator/stats", read_stats, methods=["GET"]),
-            Route("/_emulator/config", read_config, methods=["GET"]),
-            Route("/_emulator/config", change_config, methods=["POST"]),
-            Route("/_emulator/reset", reset, methods=["POST"]),
+            Route("/_emulator/stats", guarded(read_stats, change=False), methods=["GET"]),
+            Route("/_emulator/config", guarded(read_config, change=False), methods=["GET"]),
+            Route("/_emulator/config", guarded(change_config, change=True), methods=["POST"]),
+            Route("/_emulator/reset", guarded(reset, change=True), methods=["POST"]),
         ],
         middleware=[Middleware(_Meter, stats=stats)],
         exception_handlers={404: http_error, 405: http_error},
     )
     app.router.redirect_slashes = False  # the real API answers 404, not a redirect
     app.state.emulator = state
+    app.state.control_token = token
     return app

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from flux_flows.emulator.app import _install_log_filter, create_app
 from flux_flows.emulator.config import API_PREFIX, EmulatorConfig, EmulatorStats
+from flux_flows.emulator.control import CONTROL_TOKEN_HEADER
 from flux_flows.emulator.state import _EmulatorState
 
 
@@ -118,6 +119,9 @@ class Emulator:
     The socket is bound before the server thread starts, so port 0 works and `base_url` is known
     when `start()` returns. Each instance has its own app, state, thread and event loop, so several
     can run in one process.
+
+    In-process users change settings with `configure`; over HTTP, the `/_emulator/config` and
+    `/_emulator/reset` routes want `control_headers` (the `control_token`, made per instance).
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class Emulator:
         self.stats = EmulatorStats()
         self.app = create_app(self.config, self.stats)
         self._state: _EmulatorState = self.app.state.emulator
+        self.control_token: str = self.app.state.control_token
         self._port: int | None = None
         self._server: _ThreadedServer | None = None
         self._thread: threading.Thread | None = None
@@ -146,6 +151,11 @@ class Emulator:
     @property
     def base_url(self) -> str:
         return self.url + API_PREFIX
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """Headers a request changing settings over HTTP needs (`/_emulator/config`, `reset`)."""
+        return {CONTROL_TOKEN_HEADER: self.control_token}
 
     @property
     def port(self) -> int:
@@ -206,10 +216,24 @@ class Emulator:
         self._state.reset()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, config: EmulatorConfig | None = None) -> None:
-    """Run the emulator in the foreground until Ctrl-C or SIGTERM (the CLI's `emulator` command)."""
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: EmulatorConfig | None = None,
+    *,
+    control_token: str | None = None,
+) -> None:
+    """Run the emulator in the foreground until Ctrl-C or SIGTERM (the CLI's `emulator` command).
+
+    Prints the base URL, then the control token when it made one (a token the caller chose is
+    the caller's to keep, and stays out of the terminal's scrollback).
+    """
     bind_host = _loopback_address(host)
-    app = create_app(config if config is not None else EmulatorConfig(), EmulatorStats())
+    app = create_app(
+        config if config is not None else EmulatorConfig(),
+        EmulatorStats(),
+        control_token=control_token,
+    )
     sock = _bind(bind_host, port)
     actual_port = int(sock.getsockname()[1])
     server = uvicorn.Server(_uvicorn_config(app, bind_host, actual_port))
@@ -219,5 +243,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, config: EmulatorConfig | No
         file=sys.stderr,
         flush=True,
     )
+    if not control_token:
+        print(
+            f"Control routes (/_emulator/config, /_emulator/reset) need the header "
+            f"{CONTROL_TOKEN_HEADER}: {app.state.control_token}",
+            file=sys.stderr,
+            flush=True,
+        )
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])

@@ -11,7 +11,7 @@ that dispatch, so either side can be imported first.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -35,6 +35,7 @@ __all__ = [
     "TooLargeError",
     "check_key",
     "is_s3_uri",
+    "iter_uri_lines",
     "list_uri",
     "open_storage",
     "read_uri",
@@ -58,7 +59,11 @@ class Storage(Protocol):
         self, key: str, data: bytes, *, content_type: str, metadata: Metadata = None
     ) -> str: ...
 
+    def put_file(self, key: str, path: Path, *, content_type: str) -> str: ...
+
     def get(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None: ...
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str | None: ...
 
@@ -160,6 +165,22 @@ def read_uri(
     from flux_flows.storage.local import read_file
 
     return read_file(Path(uri).expanduser(), max_bytes=max_bytes, head=head)
+
+
+def iter_uri_lines(uri: str, *, aws_credentials: AwsCredentials | None = None) -> Iterator[bytes]:
+    """The lines of an `s3://` object or a local file, read as a stream (a 100,000-line manifest
+    is never held whole). Raises `ReadError`, as `read_uri` does."""
+    if is_s3_uri(uri):
+        from flux_flows.storage.s3 import iter_object_lines
+
+        bucket, key = split_s3_uri(uri)
+        if not bucket or not key:
+            raise ValueError(f"{uri}: an S3 URI to read must name an object, s3://BUCKET/KEY")
+        yield from iter_object_lines(bucket, key, aws_credentials=aws_credentials)
+        return
+    from flux_flows.storage.local import iter_file_lines
+
+    yield from iter_file_lines(Path(uri).expanduser())
 
 
 def list_uri(uri: str, *, aws_credentials: AwsCredentials | None = None) -> list[str]:

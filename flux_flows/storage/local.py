@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from flux_flows.errors import StorageError
@@ -93,6 +95,16 @@ def read_file(path: Path, *, max_bytes: int | None = None, head: int | None = No
         raise ReadError(f"could not read {path}: {_reason(exc)}", reason=_reason(exc)) from exc
 
 
+def iter_file_lines(path: Path) -> Iterator[bytes]:
+    """A regular file's lines, read as a stream."""
+    read_file(path, head=0)  # the same refusals (missing, folder, device) with the same errors
+    try:
+        with path.open("rb") as handle:
+            yield from handle
+    except OSError as exc:
+        raise ReadError(f"could not read {path}: {_reason(exc)}", reason=_reason(exc)) from exc
+
+
 def list_folder(folder: Path) -> list[str]:
     """The files directly in `folder` (not in its subfolders), as absolute paths, sorted."""
     folder = folder.absolute()
@@ -109,7 +121,8 @@ class LocalStorage:
     """Files under an absolute folder. Metadata is not kept: the manifest holds it."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().absolute()
+        # One spelling per folder ("a/../b/", "./b" and "b" alike): the spill folder is keyed on it.
+        self.root = Path(os.path.normpath(Path(root).expanduser().absolute()))
         self.root_uri = str(self.root)
 
     def __repr__(self) -> str:
@@ -153,8 +166,27 @@ class LocalStorage:
             raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
         return str(path)
 
+    def put_file(self, key: str, path: Path, *, content_type: str) -> str:
+        """Copy a file in, atomically (temp file, then rename), without reading it whole."""
+        target = self._path(key)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, temp)
+            os.replace(temp, target)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StorageError(f"could not write {target}: {_reason(exc)}") from exc
+        return str(target)
+
     def get(self, key: str) -> bytes:
         return read_file(self._path(key))
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not delete {self._path(key)}: {_reason(exc)}") from exc
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str | None:
         return None
