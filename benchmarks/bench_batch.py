@@ -658,12 +658,12 @@ def run_components_child(argv: Sequence[str]) -> None:
     out["API call + parse (FluxClient.generate)"], _ = _cpu_per_call_ms(
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
-    with contextlib.suppress(ImportError):  # older trees: no header reader to time
-        from flux_flows.client._images import image_size, sniff_image
+    # The public names, so the same line times older trees too (Pillow-based size reading).
+    from flux_flows.client import image_size, sniff_image
 
-        out["verify the answer (sniff + size from the header)"], _ = _cpu_per_call_ms(
-            calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))
-        )
+    out["verify the answer (sniff + image size)"], _ = _cpu_per_call_ms(
+        calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))
+    )
     out["S3 metadata of the image (image_metadata)"], _ = _cpu_per_call_ms(
         calls * 20, lambda i: image_metadata(image)
     )
