@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import queue
 import signal
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,12 +37,16 @@ if TYPE_CHECKING:
     JobFactory = functools.partial[RenderJob]
 
 
+_PLAIN_IDS = itertools.count()
+
+
 class _PlainFuture:
     """The parts of a PrefectFuture that `_render_all` uses, over a concurrent.futures.Future."""
 
     def __init__(self, inner: Future[Any]) -> None:
         self._inner = inner
-        self.task_run_id = uuid.uuid4()
+        # Only a key for matching the result to its image: a counter, not os.urandom per image.
+        self.task_run_id = next(_PLAIN_IDS)
 
     def add_done_callback(self, fn: Any) -> None:
         self._inner.add_done_callback(lambda _: fn(self))
