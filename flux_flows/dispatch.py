@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -23,7 +23,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows.errors import AuthenticationError
-from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.models import FinishReason
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.render import RenderJob, RenderResult, render_image
@@ -31,6 +31,7 @@ from flux_flows.render import RenderJob, RenderResult, render_image
 if TYPE_CHECKING:
     import functools
 
+    from flux_flows.batch import PlannedImage
     from flux_flows.settings import BatchOptions
 
     # RenderJob with everything but the request bound: picklable, so chunks can cross to workers.
@@ -38,6 +39,16 @@ if TYPE_CHECKING:
 
 
 _PLAIN_IDS = itertools.count()
+
+
+class Keyed(Protocol):
+    """What the windowed loop needs of an item: a planned image, or a request read by a worker."""
+
+    @property
+    def cache_key(self) -> str: ...
+
+
+K = TypeVar("K", bound=Keyed)
 
 
 class _PlainFuture:
@@ -94,20 +105,20 @@ class Chunk:
     """
 
     number: int
-    requests: tuple[ImageRequest, ...]
+    images: tuple[PlannedImage, ...]
     make_job: JobFactory
     max_concurrency: int
     requests_per_minute: float | None
 
-    def job_for(self, request: ImageRequest) -> RenderJob:
-        return self.make_job(request=request)
+    def job_for(self, planned: PlannedImage) -> RenderJob:
+        return self.make_job(request=planned.request, known_key=planned.cache_key)
 
 
 @task(name="render-chunk", retries=0, cache_policy=NO_CACHE, persist_result=False)
 def render_chunk(chunk: Chunk) -> list[RenderResult]:
     """Render a chunk's images on threads in this worker; never raises for one image's failure."""
     results = render_windowed(
-        chunk.requests,
+        chunk.images,
         chunk.job_for,
         max_concurrency=chunk.max_concurrency,
         requests_per_minute=chunk.requests_per_minute,
@@ -128,20 +139,20 @@ def _parallel_slots(runner: Any, chunks: int) -> int:
 
 
 def chunks_of(
-    requests: Sequence[ImageRequest], options: BatchOptions, make_job: JobFactory, parallel: int
+    images: Sequence[PlannedImage], options: BatchOptions, make_job: JobFactory, parallel: int
 ) -> list[Chunk]:
     """Cut the plan into at most `chunk_size` images a chunk, and at least one chunk a slot."""
-    size = max(1, min(options.chunk_size, -(-len(requests) // parallel)))
+    size = max(1, min(options.chunk_size, -(-len(images) // parallel)))
     share = max(1, options.max_concurrency // parallel)
     rpm = options.requests_per_minute / parallel if options.requests_per_minute else None
     return [
-        Chunk(n, tuple(requests[start : start + size]), make_job, share, rpm)
-        for n, start in enumerate(range(0, len(requests), size), start=1)
+        Chunk(n, tuple(images[start : start + size]), make_job, share, rpm)
+        for n, start in enumerate(range(0, len(images), size), start=1)
     ]
 
 
 def render_all(
-    requests: Sequence[ImageRequest],
+    images: Sequence[PlannedImage],
     options: BatchOptions,
     progress: ProgressReporter,
     make_job: JobFactory,
@@ -159,7 +170,7 @@ def render_all(
     if options.chunk_deployment:
         from flux_flows.pools import render_on_pool
 
-        return render_on_pool(requests, options, progress, make_job, on_results, work_dir)
+        return render_on_pool(images, options, progress, make_job, on_results, work_dir)
     context = FlowRunContext.get()
     chosen = context.task_runner if context else None
     local = chosen is None or isinstance(chosen, ThreadPoolTaskRunner)
@@ -173,15 +184,15 @@ def render_all(
                 runner = _PlainRunner(options.max_concurrency)
                 stack.callback(runner.shutdown)
             return render_windowed(
-                requests,
-                lambda request: make_job(request=request),
+                images,
+                lambda planned: make_job(request=planned.request, known_key=planned.cache_key),
                 max_concurrency=options.max_concurrency,
                 requests_per_minute=options.requests_per_minute,
                 runner=runner,
                 progress=progress,
                 on_results=on_results,
             )
-    chunks = chunks_of(requests, options, make_job, _parallel_slots(chosen, len(requests)))
+    chunks = chunks_of(images, options, make_job, _parallel_slots(chosen, len(images)))
     return _render_chunks(chunks, chosen, progress, on_results)
 
 
@@ -202,7 +213,7 @@ def _render_chunks(
             error = f"the chunk's worker failed: {value}"
             finished = [
                 RenderResult(cache_key=r.cache_key, finish_reason=FinishReason.ERROR, error=error)
-                for r in chunk.requests
+                for r in chunk.images
             ]
         results.update((r.cache_key, r) for r in finished)
         on_results(finished)
@@ -248,8 +259,8 @@ def _first_ctrl_c_stops_submitting() -> Iterator[threading.Event]:
 
 
 def render_windowed(
-    requests: Sequence[ImageRequest],
-    job_for: Callable[[ImageRequest], RenderJob],
+    items: Sequence[K],
+    job_for: Callable[[K], RenderJob],
     *,
     max_concurrency: int,
     requests_per_minute: float | None,
@@ -262,7 +273,7 @@ def render_windowed(
     logger = get_run_logger()
     results: dict[str, RenderResult] = {}
     unflushed: list[RenderResult] = []
-    pending = deque(requests)
+    pending = deque(items)
     done: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
     keys_by_run: dict[Any, str] = {}
     pacer = Pacer(requests_per_minute)
@@ -282,18 +293,18 @@ def render_windowed(
             while pending and abort is None and in_flight < window.limit:
                 if pacer.wait_s() > 0:
                     break
-                request = pending.popleft()
-                future = runner.submit(render_image, {"job": job_for(request)})
-                keys_by_run[future.task_run_id] = request.cache_key
+                item = pending.popleft()
+                future = runner.submit(render_image, {"job": job_for(item)})
+                keys_by_run[future.task_run_id] = item.cache_key
                 future.add_done_callback(done.put)
                 in_flight += 1
                 pacer.take()
             if abort is not None and pending:
-                for request in pending:
+                for item in pending:
                     result = RenderResult(
-                        cache_key=request.cache_key, finish_reason=FinishReason.ERROR, error=abort
+                        cache_key=item.cache_key, finish_reason=FinishReason.ERROR, error=abort
                     )
-                    results[request.cache_key] = result
+                    results[item.cache_key] = result
                     unflushed.append(result)
                 pending.clear()
             if not in_flight:

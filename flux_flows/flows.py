@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prefect import get_run_logger
@@ -29,7 +29,7 @@ from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.preflight import preflight
 from flux_flows.progress import ProgressReporter
-from flux_flows.prompts import PromptRow, normalize_prompts, read_prompts
+from flux_flows.prompts import PromptRow, iter_prompts, normalize_prompts
 from flux_flows.records import finished_records, iter_records
 from flux_flows.render import RenderJob, RenderResult
 from flux_flows.reporting import (
@@ -58,7 +58,7 @@ __all__ = [
 D = BATCH_DEFAULTS  # the signatures' defaults, written once in settings.py
 
 
-def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
+def run_batch(rows: Iterable[PromptRow], options: BatchOptions) -> State:
     """The body shared by both flows; returns the final state carrying the BatchReport."""
     started = time.perf_counter()
     logger = get_run_logger()
@@ -98,23 +98,27 @@ def run_batch(rows: Sequence[PromptRow], options: BatchOptions) -> State:
             spool.add(record)
     finally:
         spool.finish()
+    api_calls = sum(r.api_calls for r in results.values())
+    interrupted = any(r.error == INTERRUPTED for r in results.values())
+    estimated, saved = plan.estimated_cost_usd, plan.saved_usd
+    del plan, results  # the manifest holds them now: the contact sheet's pages need the memory
     report = BatchReport(
         records=spool.kept,
         counts=spool.all_counts(),
-        api_calls=sum(r.api_calls for r in results.values()),
+        api_calls=api_calls,
         cache_hits=spool.cache_hits,
         manifest_uri=None,
         destination=storage.root_uri,
         spill_dir=str(spill.path),
-        estimated_cost_usd=plan.estimated_cost_usd if options.dry_run else spool.cost_usd,
-        saved_usd=plan.saved_usd,
+        estimated_cost_usd=estimated if options.dry_run else spool.cost_usd,
+        saved_usd=saved,
         dry_run=options.dry_run,
         flow_run_id=flow_run_id,
         requested=spool.requested,
         cached_successes=spool.cached_successes,
         spilled=spool.spilled,
         first_errors=spool.first_errors,
-        interrupted=any(r.error == INTERRUPTED for r in results.values()),
+        interrupted=interrupted,
     )
     try:
         if not options.dry_run:
@@ -163,7 +167,7 @@ def _render(
             "them instead of paying again",
             len(deferred),
         )
-    own = [plan.unique[key] for key in plan.to_generate if key not in deferred]
+    own = [plan.unique[key] for key in plan.to_generate if key not in deferred]  # planned images
     work_dir = f"{layout.RUNS}{claims.run_id}/chunks/"
     results = render_all(own, options, progress, make_job, write_part, work_dir)
     if deferred:
@@ -290,9 +294,9 @@ def generate_images(
     options = BatchOptions.from_params(locals())
     if staged_prompts:  # a list too big for a flow-run parameter, written there by the caller
         get_run_logger().info("reading the prompt list staged at %s", staged_prompts)
-        rows = read_prompts(staged_prompts, aws_credentials=aws_credentials)
+        rows = iter_prompts(staged_prompts, aws_credentials=aws_credentials)
     else:
-        rows = normalize_prompts(prompts)
+        rows = iter(normalize_prompts(prompts))  # let go of each row once it is planned
     return run_batch(rows, options)  # type: ignore[return-value]
 
 
@@ -340,7 +344,7 @@ def generate_images_from_file(
         ```
     """
     options = BatchOptions.from_params(locals())
-    rows = read_prompts(source, aws_credentials=aws_credentials)
+    rows = iter_prompts(source, aws_credentials=aws_credentials)
     return run_batch(rows, options)  # type: ignore[return-value]
 
 

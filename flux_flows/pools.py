@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
@@ -34,6 +34,9 @@ from flux_flows.render import RenderJob, RenderResult
 from flux_flows.settings import BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, iter_uri_lines, open_storage
+
+if TYPE_CHECKING:
+    from flux_flows.batch import PlannedImage
 
 NDJSON = "application/x-ndjson"
 WAIT_FOR_CHUNK_S = 6 * 3600.0
@@ -76,7 +79,7 @@ def batch_limits(options: BatchOptions, batch_id: str) -> Iterator[tuple[str, st
 
 
 def render_on_pool(
-    requests: Sequence[ImageRequest],
+    images: Sequence[PlannedImage],
     options: BatchOptions,
     progress: ProgressReporter,
     make_job: functools.partial[RenderJob],
@@ -92,12 +95,12 @@ def render_on_pool(
     size = max(1, options.chunk_size)
     with batch_limits(options, batch_id) as (in_flight, pace):
         started = []
-        for number, start in enumerate(range(0, len(requests), size), start=1):
-            chunk = requests[start : start + size]
+        for number, start in enumerate(range(0, len(images), size), start=1):
+            chunk = images[start : start + size]
             key = f"{work_dir}chunk-{number:05d}.jsonl"
             storage.put(
                 key,
-                b"".join(r.model_dump_json().encode() + b"\n" for r in chunk),
+                b"".join(p.request.model_dump_json().encode() + b"\n" for p in chunk),
                 content_type=NDJSON,
             )
             parameters = {
@@ -143,13 +146,13 @@ def _results_key(chunk_key: str) -> str:
 
 
 def _read_results(
-    storage: Storage, chunk_key: str, chunk: Sequence[ImageRequest], state: Any
+    storage: Storage, chunk_key: str, chunk: Sequence[PlannedImage], state: Any
 ) -> list[RenderResult]:
     """The chunk run's results; if it died without writing them, its images are ERROR records
     (what it stored before dying is found by the next run's listing, never paid twice)."""
     try:
         lines = storage.get(_results_key(chunk_key)).splitlines()
-        return [RenderResult.model_validate_json(line) for line in lines if line.strip()]
+        return [RenderResult.from_json(line) for line in lines if line.strip()]
     except (StorageError, OSError, ValueError):
         error = f"the chunk's flow run ended {getattr(state, 'name', 'unknown')} without results"
         return [
@@ -210,7 +213,7 @@ def render_chunk(
         )
     finally:
         runner.shutdown()
-    body = b"".join(r.model_dump_json().encode() + b"\n" for r in results.values())
+    body = b"".join(r.to_json() + b"\n" for r in results.values())
     storage.put(_results_key(chunk_key), body, content_type=NDJSON)
     get_run_logger().info("chunk %s: %d images rendered", chunk_key, len(results))
     return len(results)

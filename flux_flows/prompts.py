@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -24,7 +24,7 @@ from flux_flows.storage import (
     NotFoundError,
     ReadError,
     is_s3_uri,
-    read_uri,
+    iter_uri_lines,
     split_s3_uri,
 )
 
@@ -36,6 +36,7 @@ __all__ = [
     "OVERRIDE_FIELDS",
     "SUPPORTED_EXTENSIONS",
     "PromptRow",
+    "iter_prompts",
     "normalize_prompts",
     "read_prompts",
 ]
@@ -96,23 +97,19 @@ def _check_fields(
 # --------------------------------------------------------------------------------------------
 
 
-def _lines(text: str) -> list[str]:
-    """Split on \\n, \\r\\n and \\r only, so line numbers match what an editor shows."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-def _parse_txt(text: str, name: str) -> list[PromptRow]:
-    rows = []
-    for number, line in enumerate(_lines(text), start=1):
+def _parse_txt(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
+    for number, line in enumerate(lines, start=1):
         prompt = line.strip()
         if prompt and not prompt.startswith("#"):
-            rows.append(PromptRow({"prompt": prompt}, f"{name} line {number}"))
-    return rows
+            yield PromptRow({"prompt": prompt}, f"{name} line {number}")
 
 
-def _parse_jsonl(text: str, name: str) -> list[PromptRow]:
-    rows = []
-    for number, line in enumerate(_lines(text), start=1):
+def _parse_jsonl(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{name} line {number}"
@@ -127,8 +124,7 @@ def _parse_jsonl(text: str, name: str) -> list[PromptRow]:
                 f'{where}: expected a JSON object such as {{"prompt": "..."}}, got '
                 f"{_json_kind(value)}"
             )
-        rows.append(PromptRow(_check_fields(value, where, PromptSourceError), where))
-    return rows
+        yield PromptRow(_check_fields(value, where, PromptSourceError), where)
 
 
 def _json_kind(value: object) -> str:
@@ -182,10 +178,9 @@ def _csv_row(columns: list[str], cells: list[str], where: str) -> dict[str, Any]
     return fields
 
 
-def _parse_csv(text: str, name: str) -> list[PromptRow]:
+def _parse_csv(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
     """Strict CSV: an unclosed quote is an error, not a prompt swallowing the rest of the file."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows: list[PromptRow] = []
+    reader = csv.reader(lines, strict=True)
     columns: list[str] | None = None
     start = 1  # a quoted cell may span lines: report the line the row starts on
     try:
@@ -197,10 +192,9 @@ def _parse_csv(text: str, name: str) -> list[PromptRow]:
             if columns is None:
                 columns = _csv_header(cells, name)
                 continue
-            rows.append(PromptRow(_csv_row(columns, cells, where), where))
+            yield PromptRow(_csv_row(columns, cells, where), where)
     except csv.Error as exc:
         raise PromptSourceError(_csv_error(name, start, reader.line_num, exc)) from exc
-    return rows
 
 
 def _csv_error(name: str, start: int, end: int, exc: csv.Error) -> str:
@@ -210,7 +204,8 @@ def _csv_error(name: str, start: int, end: int, exc: csv.Error) -> str:
     return message
 
 
-_PARSERS: dict[str, Callable[[str, str], list[PromptRow]]] = {
+_Parser = Callable[[Iterable[str], str], Iterator[PromptRow]]
+_PARSERS: dict[str, _Parser] = {
     ".txt": _parse_txt,
     ".csv": _parse_csv,
     ".jsonl": _parse_jsonl,
@@ -219,11 +214,11 @@ _PARSERS: dict[str, Callable[[str, str], list[PromptRow]]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: path or s3:// -> bytes -> text
+# Sources: path or s3:// -> a stream of lines
 # --------------------------------------------------------------------------------------------
 
 
-def _parser_for(source: str) -> Callable[[str, str], list[PromptRow]]:
+def _parser_for(source: str) -> _Parser:
     suffix = PurePosixPath(source).suffix.lower()
     parser = _PARSERS.get(suffix)
     if parser is None:
@@ -234,16 +229,20 @@ def _parser_for(source: str) -> Callable[[str, str], list[PromptRow]]:
     return parser
 
 
-def _read_source(source: str, aws_credentials: Any) -> bytes:
-    """Storage reads; the wording stays this module's, the one users of prompt files know."""
+def _check_s3_source(source: str) -> None:
     if is_s3_uri(source):
         bucket, key = split_s3_uri(source)
         if not bucket or not key or key.endswith("/"):
             raise PromptSourceError(
                 f"{source}: an S3 prompt source must name an object, s3://BUCKET/KEY"
             )
+
+
+def _raw_lines(source: str, aws_credentials: Any) -> Iterator[bytes]:
+    """Storage reads as a stream; the wording stays this module's, the one users of prompt
+    files know."""
     try:
-        return read_uri(source, aws_credentials=aws_credentials, action="read prompts from")
+        yield from iter_uri_lines(source, aws_credentials=aws_credentials, keepends=True)
     except NotFoundError as exc:
         raise PromptSourceError(f"prompt file {source} does not exist") from exc
     except IsAFolderError as exc:
@@ -253,37 +252,43 @@ def _read_source(source: str, aws_credentials: Any) -> bytes:
         raise PromptSourceError(f"cannot read {what} {source}: {exc.reason}") from exc
 
 
-def _decode(data: bytes, source: str) -> str:
-    """UTF-8, with or without the BOM that Excel and Notepad write; name the first bad line.
+def _text_lines(raw: Iterable[bytes], source: str) -> Iterator[str]:
+    """Lines split on \\n, \\r\\n and \\r only (so line numbers match what an editor shows), each
+    with its end, from UTF-8 with or without the BOM that Excel and Notepad write.
 
-    NUL characters are refused here because they are the mark of UTF-16 text read as UTF-8.
+    Bad bytes and NUL characters (the mark of UTF-16 text read as UTF-8) name their line.
+    Neither \\r nor \\n occurs inside a UTF-8 sequence, so each piece decodes on its own.
     """
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        byte = data[exc.start : exc.start + 1].hex()
-        raise PromptSourceError(
-            f"{source} line {line}: byte 0x{byte} is not UTF-8; save the file as UTF-8"
-        ) from exc
-    if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise PromptSourceError(
-            f"{source} line {line}: contains a NUL character (a UTF-16 file?); save the file as "
-            "UTF-8"
-        )
-    return text
+    number = 0
+    for position, data in enumerate(raw):
+        if position == 0 and data.startswith(codecs.BOM_UTF8):
+            data = data[len(codecs.BOM_UTF8) :]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = number + 1 + len(_LINE_END.findall(data[: exc.start].decode("utf-8")))
+            byte = data[exc.start : exc.start + 1].hex()
+            raise PromptSourceError(
+                f"{source} line {line}: byte 0x{byte} is not UTF-8; save the file as UTF-8"
+            ) from exc
+        for line in _LINE.findall(text):
+            number += 1
+            if "\x00" in line:
+                raise PromptSourceError(
+                    f"{source} line {number}: contains a NUL character (a UTF-16 file?); save "
+                    "the file as UTF-8"
+                )
+            yield line
 
 
-def read_prompts(
+def iter_prompts(
     source: str | Path, *, aws_credentials: AwsCredentials | None = None
-) -> list[PromptRow]:
-    """Rows from a `.txt`, `.csv` or `.jsonl`/`.ndjson` file, given as a path or `s3://` URI.
+) -> Iterator[PromptRow]:
+    """`read_prompts` as a stream: each row is parsed as its line is read, so a file of any
+    length costs one row's memory, and a run holds no row once its plan is made.
 
-    The file type is checked before anything is read, so a typo in the extension does not cost
-    an S3 round trip. Rows are reported as "<source> line N".
+    The source's name and file type are checked now, before anything is read (a typo in the
+    extension costs no S3 round trip); problems inside the file are raised as they are reached.
     """
     if not isinstance(source, str | Path) or not str(source).strip():
         raise PromptSourceError("prompt source is empty: pass a file path or s3://BUCKET/KEY")
@@ -291,11 +296,27 @@ def read_prompts(
     if is_s3_uri(source):
         source = "s3://" + source[len("s3://") :]
     parser = _parser_for(source)
-    data = _read_source(source, aws_credentials)
-    rows = parser(_decode(data, source), source)
-    if not rows:
+    _check_s3_source(source)
+    return _rows_of(parser, source, aws_credentials)
+
+
+def _rows_of(parser: _Parser, source: str, aws_credentials: Any) -> Iterator[PromptRow]:
+    found = False
+    for row in parser(_text_lines(_raw_lines(source, aws_credentials), source), source):
+        found = True
+        yield row
+    if not found:
         raise PromptSourceError(f"no prompts in {source}")
-    return rows
+
+
+def read_prompts(
+    source: str | Path, *, aws_credentials: AwsCredentials | None = None
+) -> list[PromptRow]:
+    """Rows from a `.txt`, `.csv` or `.jsonl`/`.ndjson` file, given as a path or `s3://` URI.
+
+    Rows are reported as "<source> line N". A batch reads its file with `iter_prompts`.
+    """
+    return list(iter_prompts(source, aws_credentials=aws_credentials))
 
 
 # --------------------------------------------------------------------------------------------

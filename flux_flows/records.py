@@ -25,14 +25,14 @@ def record_of(
     skipped: set[str],
 ) -> ImageRecord:
     """One manifest line: the planned image joined with how its distinct request ended."""
-    key = planned.request.cache_key
+    key, request = planned.cache_key, planned.request
     base = {"index": planned.index, "variant": planned.variant, "item_id": planned.item_id}
     if key in plan.stored:
         stored = plan.stored[key]
         uri = storage.uri_for(stored.object_key)
         success = stored.finish_reason is FinishReason.SUCCESS
         return ImageRecord.for_request(
-            planned.request,
+            request,
             **base,
             finish_reason=stored.finish_reason,
             uri=uri if success else None,
@@ -40,13 +40,13 @@ def record_of(
             # Made with the image; if it went missing since, the contact sheet shows the image.
             thumbnail_uri=storage.uri_for(layout.thumbnail_key(key)) if success else None,
             cached=True,
-            width=planned.request.size[0],
-            height=planned.request.size[1],
-            content_type=planned.request.content_type,
+            width=request.size[0],
+            height=request.size[1],
+            content_type=request.content_type,
         )
     if key in skipped:
         return ImageRecord.for_request(
-            planned.request,
+            request,
             **base,
             finish_reason=FinishReason.SKIPPED_BUDGET,
             error="not generated: the run's budget_usd would have been exceeded",
@@ -54,7 +54,7 @@ def record_of(
         )
     if key not in results:  # a dry run
         return ImageRecord.for_request(
-            planned.request,
+            request,
             **base,
             finish_reason=FinishReason.PLANNED,
             cached=not first,
@@ -62,14 +62,17 @@ def record_of(
         )
     result = results[key]
     success = result.finish_reason is FinishReason.SUCCESS
+    uri = storage.uri_for(result.object_key) if result.object_key else None
     paid = first and not result.recovered_from_spill and result.finish_reason != FinishReason.ERROR
     return ImageRecord.for_request(
-        planned.request,
+        request,
         **base,
         finish_reason=result.finish_reason,
-        uri=result.uri if success else None,
-        filtered_uri=result.uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
-        thumbnail_uri=result.thumbnail_uri if success else None,
+        uri=uri if success else None,
+        filtered_uri=uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
+        thumbnail_uri=storage.uri_for(layout.thumbnail_key(key))
+        if success and result.thumbnail
+        else None,
         cached=not first or result.recovered_from_spill,
         error=result.error,
         spill_path=result.spill_path,
@@ -91,7 +94,7 @@ def iter_records(
     seen: set[str] = set()
     skipped = set(plan.skipped_for_budget)
     for planned in plan.images:
-        key = planned.request.cache_key
+        key = planned.cache_key
         yield record_of(planned, plan, storage, results, first=key not in seen, skipped=skipped)
         seen.add(key)
 
@@ -101,9 +104,8 @@ def finished_records(
 ) -> Iterator[ImageRecord]:
     """The records of images just rendered, for the run's manifest parts: one per distinct
     image, as its first request in the plan will have it."""
-    first = plan.first_planned()
     for result in finished:
-        planned = first[result.cache_key]
+        planned = plan.unique[result.cache_key]
         yield record_of(
             planned, plan, storage, {result.cache_key: result}, first=True, skipped=set()
         )

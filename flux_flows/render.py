@@ -12,6 +12,8 @@ deleted, or that only reached the spill folder).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +22,6 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
-from pydantic import BaseModel
 
 from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials, shared_client
@@ -63,17 +64,28 @@ class RenderJob:
     concurrency_limit: str | None = None  # a Prefect global concurrency limit, a slot per call
     rate_limit: str | None = None  # one with a slot decay: the batch's pace across workers
     account_limit: str | None = None  # the user's own limit, when the batch has its own too
+    known_key: str | None = None  # the request's cache key, when the plan already has it
+
+    @property
+    def cache_key(self) -> str:
+        """The plan's own string when it has one: computed once, and shared by the result."""
+        return self.known_key or self.request.cache_key
 
 
-class RenderResult(BaseModel):
-    """How one distinct image ended; fanned out by the flow to every record that asked for it."""
+@dataclass(frozen=True, slots=True)
+class RenderResult:
+    """How one distinct image ended; fanned out by the flow to every record that asked for it.
+
+    A run keeps one per generated image until its manifest is written, so it is a slotted
+    dataclass (~0.2 KB), not a pydantic model (~1.2 KB with its `__dict__` and fields-set,
+    measured in benchmarks/RESULTS.md), and it keeps keys, not the URIs made from them. It
+    crosses processes by pickle (Dask) or as one JSON line (`to_json`/`from_json`, work pools).
+    """
 
     cache_key: str
     finish_reason: FinishReason
-    object_key: str | None = None
-    uri: str | None = None
-    thumbnail_key: str | None = None
-    thumbnail_uri: str | None = None
+    object_key: str | None = None  # its URI is `storage.uri_for(object_key)`
+    thumbnail: bool = False  # stored at `layout.thumbnail_key(cache_key)`
     spill_path: str | None = None
     recovered_from_spill: bool = False
     width: int | None = None
@@ -85,6 +97,26 @@ class RenderResult(BaseModel):
     api_calls: int = 0
     throttled: int = 0
     error: str | None = None
+
+    def to_json(self) -> bytes:
+        fields = {name: getattr(self, name) for name in _RESULT_FIELDS}
+        fields["finish_reason"] = self.finish_reason.value
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> RenderResult:
+        """One line of `to_json`; a line that is not one raises ValueError (a torn write)."""
+        fields = json.loads(line)
+        if not isinstance(fields, dict) or set(fields) - set(_RESULT_FIELDS):
+            raise ValueError(f"not a render result: {str(line)[:200]!r}")
+        try:
+            fields["finish_reason"] = FinishReason(fields["finish_reason"])
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a render result ({exc}): {str(line)[:200]!r}") from exc
+
+
+_RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(RenderResult))
 
 
 @contextlib.contextmanager
@@ -178,14 +210,14 @@ def _with_thumbnail(
     stored = store_thumbnail(storage, result.cache_key, data)
     if stored is None:
         return result
-    return result.model_copy(update={"thumbnail_key": stored[0], "thumbnail_uri": stored[1]})
+    return dataclasses.replace(result, thumbnail=True)
 
 
 def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult) -> RenderResult:
     """Upload; if storage still fails after boto3's retries, keep the bytes in the spill folder."""
     storage, spill = job.storage, job.spill
     try:
-        key, uri = store_image(storage, image, flow_run_id=job.flow_run_id)
+        key, _ = store_image(storage, image, flow_run_id=job.flow_run_id)
     except (StorageError, OSError) as exc:
         key = layout.image_key(image.request, image.finish_reason)
         try:
@@ -202,19 +234,19 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
                 f"locally in {spill.path} ({spill_exc.strerror or spill_exc})"
             )
             logger.error("%s", error)
-            return result.model_copy(update={"finish_reason": FinishReason.ERROR, "error": error})
+            return dataclasses.replace(result, finish_reason=FinishReason.ERROR, error=error)
         logger.warning("upload failed, image kept at %s: %s", path, exc)
-        return result.model_copy(
-            update={"spill_path": str(path), "error": f"upload failed, kept locally: {exc}"}
+        return dataclasses.replace(
+            result, spill_path=str(path), error=f"upload failed, kept locally: {exc}"
         )
-    stored = result.model_copy(update={"object_key": key, "uri": uri})
+    stored = dataclasses.replace(result, object_key=key)
     return _with_thumbnail(storage, stored, image.data, image.finish_reason)
 
 
 def _recover_spilled(job: RenderJob) -> RenderResult | None:
     """An earlier run paid for this image but could not store it: upload it now, pay nothing."""
     storage, spill = job.storage, job.spill
-    cache_key = job.request.cache_key
+    cache_key = job.cache_key
     found = spill.load(cache_key)
     if found is None:
         return None
@@ -232,7 +264,7 @@ def _recover_spilled(job: RenderJob) -> RenderResult | None:
         size_bytes=len(data),
     )
     try:
-        uri = storage.put(
+        storage.put(
             meta["object_key"],
             data,
             content_type=meta["content_type"],
@@ -240,11 +272,13 @@ def _recover_spilled(job: RenderJob) -> RenderResult | None:
         )
     except (StorageError, OSError) as exc:
         path = str(spill.data_path(cache_key))
-        return result.model_copy(
-            update={"spill_path": path, "error": f"upload failed again, still kept locally: {exc}"}
+        return dataclasses.replace(
+            result,
+            spill_path=path,
+            error=f"upload failed again, still kept locally: {exc}",
         )
     spill.remove(cache_key)
-    stored = result.model_copy(update={"object_key": meta["object_key"], "uri": uri})
+    stored = dataclasses.replace(result, object_key=meta["object_key"])
     return _with_thumbnail(storage, stored, data, finish)
 
 
@@ -257,9 +291,7 @@ def render(job: RenderJob) -> RenderResult:
     with _api_slot(job):
         # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
         image = client.generate(job.request, aws_credentials=job.aws_credentials)
-    result = RenderResult(
-        cache_key=job.request.cache_key, throttled=image.throttled, **image.facts()
-    )
+    result = RenderResult(cache_key=job.cache_key, throttled=image.throttled, **image.facts())
     return _store_or_spill(job, image, result)
 
 
@@ -274,7 +306,7 @@ def render_image(job: RenderJob) -> RenderResult:
         return render(job)
     except FluxError as exc:
         result = RenderResult(
-            cache_key=job.request.cache_key,
+            cache_key=job.cache_key,
             finish_reason=FinishReason.ERROR,
             api_calls=exc.attempts,
             throttled=exc.throttled,

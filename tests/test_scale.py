@@ -172,3 +172,44 @@ def test_the_streamed_plan_summary_agrees_with_the_plan_a_run_makes(
     assert summary.skipped_for_budget == len(plan.skipped_for_budget) > 0
     assert abs(summary.estimated_cost_usd - plan.estimated_cost_usd) < 1e-9
     assert abs(summary.saved_usd - plan.saved_usd) < 1e-9
+
+
+def test_a_planned_image_keeps_its_request_compactly_and_rebuilds_it_exactly() -> None:
+    """The plan holds field values and the key, not a pydantic model per image; the request it
+    rebuilds is the validated one, field for field, key and fields-set included."""
+    import pickle
+    import sys
+
+    from flux_flows.batch import PlannedImage
+    from flux_flows.models import ImageRequest
+
+    request = ImageRequest(prompt="a compact lighthouse", seed=11, aspect_ratio="16:9")
+    planned = PlannedImage.of(3, 1, request, "sku-3")
+    rebuilt = planned.request
+    assert rebuilt == request and rebuilt.model_fields_set == request.model_fields_set
+    assert planned.cache_key == request.cache_key == rebuilt.cache_key
+    assert rebuilt.model_dump(exclude_unset=True) == request.model_dump(exclude_unset=True)
+    assert pickle.loads(pickle.dumps(planned)) == planned  # crosses to Dask workers
+    assert not hasattr(planned, "__dict__")
+    assert sys.getsizeof(planned) + sys.getsizeof(planned.values) < 400
+
+
+def test_render_results_cross_to_a_pool_as_json_lines_and_torn_lines_are_refused() -> None:
+    import pytest
+
+    from flux_flows.render import RenderResult
+
+    result = RenderResult(
+        cache_key="ab" * 16,
+        finish_reason=FinishReason.SUCCESS,
+        object_key="images/ab/x.jpg",
+        thumbnail=True,
+        size_bytes=1234,
+        latency_s=0.25,
+        api_calls=2,
+    )
+    line = result.to_json()
+    assert RenderResult.from_json(line) == result
+    for torn in (line[: len(line) // 2], b'{"cache_key": "x"}', b"[1]", b'{"surprise": 1}'):
+        with pytest.raises(ValueError):
+            RenderResult.from_json(torn)

@@ -167,16 +167,23 @@ def read_uri(
     return read_file(Path(uri).expanduser(), max_bytes=max_bytes, head=head)
 
 
-def iter_uri_lines(uri: str, *, aws_credentials: AwsCredentials | None = None) -> Iterator[bytes]:
+def iter_uri_lines(
+    uri: str, *, aws_credentials: AwsCredentials | None = None, keepends: bool = False
+) -> Iterator[bytes]:
     """The lines of an `s3://` object or a local file, read as a stream (a 100,000-line manifest
-    is never held whole). Raises `ReadError`, as `read_uri` does."""
+    is never held whole). Raises `ReadError`, as `read_uri` does.
+
+    With `keepends`, each line keeps its end (an S3 line may end in \\r alone; a file's lines
+    end at \\n only), for readers that split lines their own way, such as CSV."""
     if is_s3_uri(uri):
         from flux_flows.storage.s3 import iter_object_lines
 
         bucket, key = split_s3_uri(uri)
         if not bucket or not key:
             raise ValueError(f"{uri}: an S3 URI to read must name an object, s3://BUCKET/KEY")
-        yield from iter_object_lines(bucket, key, aws_credentials=aws_credentials)
+        yield from iter_object_lines(
+            bucket, key, aws_credentials=aws_credentials, keepends=keepends
+        )
         return
     from flux_flows.storage.local import iter_file_lines
 

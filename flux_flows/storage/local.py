@@ -6,6 +6,7 @@ Writes are atomic (a killed process never leaves half an image) and failures bec
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -32,12 +33,17 @@ _TEMP_SUFFIX = ".flux-tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}" + re.escape(_TEMP_SUFFIX) + "$")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Temp file beside the target, fsync, then `os.replace`: a killed process leaves either the
-    old file or the new one, never half an image. Leftover temp files end in `_TEMP_SUFFIX`."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+    old file or the new one, never half an image. Leftover temp files end in `_TEMP_SUFFIX`.
+
+    Plain `os.path` strings, not `pathlib`: this runs per image, and Python 3.11's pathlib
+    interns every path segment it parses (CPU, and an interned-string table that only grows).
+    """
+    folder, name = os.path.split(os.fspath(path))
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -45,7 +51,8 @@ def write_atomically(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
         raise
 
 
@@ -129,10 +136,11 @@ class LocalStorage:
         return f"LocalStorage({self.root_uri!r})"
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*check_key(key).split("/"))
+        return Path(self.uri_for(key))
 
     def uri_for(self, key: str) -> str:
-        return str(self._path(key))
+        """The file's absolute path, joined as a string (see `write_atomically`)."""
+        return os.path.join(self.root_uri, *check_key(key).split("/"))
 
     def list_keys(self, prefix: str = "") -> set[str]:
         """Walk only the folder the prefix points into, so listing `thumbs/` skips `images/`."""
@@ -159,12 +167,12 @@ class LocalStorage:
         leftover temp file is ignored by `list_keys`. `content_type` and `metadata` are accepted
         for interface parity; the manifest records them.
         """
-        path = self._path(key)
+        path = self.uri_for(key)
         try:
             write_atomically(path, data)
         except OSError as exc:
             raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
-        return str(path)
+        return path
 
     def put_file(self, key: str, path: Path, *, content_type: str) -> str:
         """Copy a file in, atomically (temp file, then rename), without reading it whole."""

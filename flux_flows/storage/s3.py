@@ -203,12 +203,12 @@ def read_object(
 
 
 def iter_object_lines(
-    bucket: str, key: str, *, aws_credentials: AwsCredentials | None = None
+    bucket: str, key: str, *, aws_credentials: AwsCredentials | None = None, keepends: bool = False
 ) -> Iterator[bytes]:
     """One object's lines, streamed from the response body."""
     try:
         body = get_s3_client(aws_credentials).get_object(Bucket=bucket, Key=key)["Body"]
-        yield from body.iter_lines()
+        yield from body.iter_lines(keepends=keepends)
     except _boto_errors() as exc:
         raise _storage_error(
             exc, bucket=bucket, key=key, action="read", error_type=ReadError
