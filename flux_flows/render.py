@@ -65,6 +65,7 @@ class RenderJob:
     rate_limit: str | None = None  # one with a slot decay: the batch's pace across workers
     account_limit: str | None = None  # the user's own limit, when the batch has its own too
     known_key: str | None = None  # the request's cache key, when the plan already has it
+    thumbnails: bool = True  # make the contact sheet's thumbnail of each SUCCESS image
 
     @property
     def cache_key(self) -> str:
@@ -240,6 +241,8 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
             result, spill_path=str(path), error=f"upload failed, kept locally: {exc}"
         )
     stored = dataclasses.replace(result, object_key=key)
+    if not job.thumbnails:
+        return stored
     return _with_thumbnail(storage, stored, image.data, image.finish_reason)
 
 
@@ -279,6 +282,8 @@ def _recover_spilled(job: RenderJob) -> RenderResult | None:
         )
     spill.remove(cache_key)
     stored = dataclasses.replace(result, object_key=meta["object_key"])
+    if not job.thumbnails:
+        return stored
     return _with_thumbnail(storage, stored, data, finish)
 
 

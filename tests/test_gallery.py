@@ -238,6 +238,21 @@ def test_records_carry_thumbnails_and_cache_hits_point_at_them(tmp_path: Path) -
     assert again.records[1].thumbnail_uri is None
 
 
+def test_a_run_without_thumbnails_stores_none_and_its_sheet_shows_the_images(
+    tmp_path: Path, flow_env: Any
+) -> None:
+    """`thumbnails=False` (big unattended batches: ~3.5 ms of CPU and a PUT less per image)."""
+    report, _ = run(["a bare fox", "a bare owl"], str(tmp_path), thumbnails=False)
+    assert report.counts[FinishReason.SUCCESS] == 2
+    assert not (tmp_path / "thumbs").exists()
+    assert all(r.thumbnail_uri is None and Path(r.uri or "").is_file() for r in report.records)
+    page_path = Path(report.contact_sheet_uri or "")
+    page = read_page(page_path)
+    for card, record in zip(page.cards, report.records, strict=True):
+        (image,) = card.images
+        assert resolve(page_path, image["src"]) == Path(record.uri or "").resolve()
+
+
 @pytest.mark.parametrize(
     ("aspect_ratio", "output_format"),
     [("1:1", "jpeg"), ("16:9", "jpeg"), ("9:21", "jpeg"), ("3:2", "png")],

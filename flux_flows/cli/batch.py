@@ -27,6 +27,7 @@ from flux_flows.cli._common import (
     SafetyToleranceOpt,
     SeedOpt,
     StepsOpt,
+    ThumbnailsOpt,
     UpsamplingOpt,
     VariantsOpt,
     VerboseOpt,
@@ -212,6 +213,7 @@ def run(
     concurrency: ConcurrencyOpt = D.max_concurrency,
     rpm: RpmOpt = D.requests_per_minute,
     budget: BudgetOpt = D.budget_usd,
+    thumbnails: ThumbnailsOpt = D.thumbnails,
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
 ) -> None:
