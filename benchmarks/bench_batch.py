@@ -544,6 +544,7 @@ def run_flow_child(argv: Sequence[str]) -> None:
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--result-file", required=True)
     parser.add_argument("--profile-out", default=None)
+    parser.add_argument("--no-thumbnails", action="store_true")
     args = parser.parse_args(argv)
 
     import logging
@@ -576,6 +577,7 @@ def run_flow_child(argv: Sequence[str]) -> None:
             args.dest,
             max_concurrency=args.concurrency,
             requests_per_minute=args.rpm,
+            thumbnails=not args.no_thumbnails,
         )
         out["first_wall_s"] = time.perf_counter() - wall0
         out["first_cpu_s"] = time.process_time() - cpu0
@@ -595,6 +597,7 @@ def run_flow_child(argv: Sequence[str]) -> None:
             args.dest,
             max_concurrency=args.concurrency,
             requests_per_minute=args.rpm,
+            thumbnails=not args.no_thumbnails,
         )
         out["rerun_wall_s"] = time.perf_counter() - wall0
         out["rerun_cpu_s"] = time.process_time() - cpu0
@@ -966,6 +969,7 @@ def flow_child(
     rerun: bool = False,
     profile_out: str | None = None,
     env: dict[str, str] | None = None,
+    thumbnails: bool = True,
 ) -> dict[str, Any]:
     result_file = workdir / f"{name}.json"
     command = [sys.executable, str(HERE), "_flow", "--n", str(n)]
@@ -981,6 +985,8 @@ def flow_child(
         command += ["--rpm", str(rpm)]
     if rerun:
         command.append("--rerun")
+    if not thumbnails:
+        command.append("--no-thumbnails")
     if profile_out:
         command += ["--profile-out", profile_out]
     proc = procs.spawn(name, command, {**svc.env, **(env or {})})
@@ -1310,6 +1316,7 @@ class Measurements:
     # flow's end: the fixed part of the flow's wall time that a raw loop does not have.
     edges_s: tuple[float, float] = (math.nan, math.nan)
     standin: dict[str, Any] | None = None  # the flux-flows child against the stand-in API
+    bare: dict[str, Any] | None = None  # the same run with thumbnails=False
 
 
 def measure(
@@ -1366,6 +1373,10 @@ def measure(
             first_run[1] - (arrivals[-1] + args.latency),
         )
     print("  flux-flows first run and cached re-run done", flush=True)
+    if args.no_thumbnails_row:
+        reset_emulator(svc)
+        out.bare = flow(name="flow-bare", n=n, dest=f"s3://{BUCKET}/flow-bare", thumbnails=False)
+        print("  flux-flows with thumbnails=False done", flush=True)
     if args.standin_n:
         out.standin = measure_standin(args, svc, procs, workdir)
         print("  flux-flows against the zero-cost stand-in done", flush=True)
@@ -1410,6 +1421,18 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         "rss_kb_per_image": rss_per_image,
         "image_kb": main["bytes"] / max(n - flow.failed, 1) / 1024,
     }
+    rows = [*m.phases, flow, rerun]
+    if m.bare is not None:
+        bare = Phase(
+            "flux-flows, thumbnails=False",
+            m.bare["first_wall_s"],
+            n,
+            failed=n - m.bare["first_counts"].get("SUCCESS", 0),
+            cpu_s=m.bare["first_cpu_s"],
+        )
+        rows.append(bare)
+        figures["flow_vs_raw_no_thumbnails"] = bare.wall_s / raw.wall_s
+        figures["cpu_vs_raw_no_thumbnails"] = bare.cpu_s / raw.cpu_s if raw.cpu_s else math.nan
     if m.standin is not None:
         stand = m.standin
         figures["standin_images_per_s"] = stand["n"] / stand["first_wall_s"]
@@ -1420,7 +1443,7 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         figures["sustained_rate_pct"] = rate.get("sustained_pct", math.nan)
         figures["peak_60s_requests"] = rate["peak_60s"]
         figures["failed"] = flow.failed
-    return figures, [*m.phases, flow, rerun]
+    return figures, rows
 
 
 def ideal_s(args: argparse.Namespace) -> float:
@@ -1618,6 +1641,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--standin-latency", type=float, default=0.1)
     parser.add_argument("--standin-concurrency", type=int, default=64)
     parser.add_argument("--standin-dest", choices=("local", "s3"), default="local")
+    parser.add_argument(
+        "--bare-row",
+        dest="no_thumbnails_row",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time flux-flows with thumbnails=False, for cpu_vs_raw_no_thumbnails",
+    )
     parser.add_argument(
         "--profile",
         metavar="FILE",

@@ -51,6 +51,8 @@ def test_benchmark_runs_and_prints_a_parsable_result(tmp_path: Path) -> None:
     assert result["flow_vs_raw"] > 0 and result["cpu_ms_per_image"] > 0
     assert result["image_kb"] > 0
     assert result["cpu_vs_raw"] > 0 and result["standin_images_per_s"] > 0
+    assert result["cpu_vs_raw_no_thumbnails"] > 0 and result["flow_vs_raw_no_thumbnails"] > 0
+    assert "flux-flows, thumbnails=False" in done.stdout
     # The stand-in run (2 x N images by default) answered every generation and failed none.
     assert "the stand-in answered 14 generations" in done.stdout  # 12 + the 2-image warm-up
     assert "failed 0, client CPU" in done.stdout
