@@ -400,3 +400,48 @@ def test_normalize_errors_name_the_index(
 ) -> None:
     with pytest.raises(error, match=re.escape(message)):
         normalize_prompts(["fine", item])  # type: ignore[list-item]
+
+
+# Read as a stream (issue 15): the same rows and line numbers from a file and from S3
+# --------------------------------------------------------------------------------------------
+
+MIXED_CSV = (
+    b"\xef\xbb\xbfprompt,id\r\n"
+    b'"a fox\r\nin two lines",a\r\n'  # a quoted cell spans lines 2-3
+    b"a whale,b\r"  # an old-Mac line end
+    b"a heron,c\n"
+    b'"caf\xc3\xa9",d'  # no final line end
+)
+
+
+def test_a_stream_keeps_line_ends_inside_quoted_csv_cells_and_counts_lines(
+    write: Writer, s3_bucket: str
+) -> None:
+    for source in (write("mixed.csv", MIXED_CSV), upload(s3_bucket, "mixed.csv", MIXED_CSV)):
+        rows = read_prompts(source)
+        assert prompts_of(rows) == ["a fox\r\nin two lines", "a whale", "a heron", "café"]
+        assert [row.where for row in rows] == [f"{source} line {n}" for n in (2, 4, 5, 6)], source
+
+
+def test_a_bad_byte_after_lone_carriage_returns_names_its_line(
+    write: Writer, s3_bucket: str
+) -> None:
+    body = b"one\rtwo\rthree \xff\n"
+    for source in (write("cr.txt", body), upload(s3_bucket, "cr.txt", body)):
+        with pytest.raises(PromptSourceError, match=re.escape(f"{source} line 3: byte 0xff")):
+            read_prompts(source)
+
+
+def test_iter_prompts_yields_rows_before_it_reaches_a_bad_line(write: Writer) -> None:
+    """A batch plans row by row and holds no row it has planned; a problem further down still
+    stops the whole batch before any spend (the flow validates every row before its first
+    request)."""
+    from flux_flows.prompts import iter_prompts
+
+    path = write("late.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\nnot json\n')
+    rows = iter_prompts(path)
+    assert [next(rows).fields["prompt"], next(rows).fields["prompt"]] == ["a", "b"]
+    with pytest.raises(PromptSourceError, match=re.escape(f"{path} line 3: not valid JSON")):
+        next(rows)
+    with pytest.raises(PromptSourceError, match="unsupported prompt file type"):
+        iter_prompts(write("x.docx", "a"))  # checked on the call, before anything is read

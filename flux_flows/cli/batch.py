@@ -266,13 +266,18 @@ def plan(
     check_prompt_source(prompts, prompt, edit, model)
     check_destination(to)
     settings = _settings(locals(), drop=("prompts", "to", "prompt"))
+    from flux_flows.prompts import iter_prompts, normalize_prompts
+
     try:
-        rows = _read_rows(prompts, prompt)
+        # A file is read as a stream: planning a million rows holds their keys, not the rows.
+        rows = normalize_prompts(list(prompt)) if prompt else iter_prompts(str(prompts))
         storage = open_storage(to)
         the_plan = summarize_plan(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:
         fail_with(exc)
-    print_plan(f"plan: {prompts or f'{len(rows)} prompt(s)'} -> {storage.root_uri}", the_plan)
+    print_plan(
+        f"plan: {prompts or f'{len(prompt or [])} prompt(s)'} -> {storage.root_uri}", the_plan
+    )
 
 
 def replay(
