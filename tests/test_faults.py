@@ -887,3 +887,194 @@ def test_sigkill_mid_batch_then_rerun(
     )  # fmt: skip
     sc.rows.append(row)
     print("MATRIX " + _line(row))
+
+
+# --------------------------------------------------------------------------------------------
+# SIGKILL in chunked mode (a Dask cluster of worker processes) and on a work-pool worker
+# --------------------------------------------------------------------------------------------
+
+CHUNKED_BATCH_SCRIPT = """
+import json, sys
+from prefect_dask import DaskTaskRunner
+from flux_flows.flows import generate_images
+
+if __name__ == "__main__":
+    prompts, destination = json.loads(sys.argv[1]), sys.argv[2]
+    runner = DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None
+        }
+    )
+    generate_images.with_options(task_runner=runner)(
+        prompts, destination, max_concurrency=int(sys.argv[3]), chunk_size=int(sys.argv[4])
+    )
+"""
+
+
+def _subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """The test's env (emulator, moto, spill folder) with this session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+
+
+def _kill_group(leader: subprocess.Popen[Any], deadline_s: float = 30.0) -> None:
+    """SIGKILL the process group `leader` heads and wait until none of its processes is alive
+    (a zombie whose parent died is not: it runs nothing and holds no connection)."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait(timeout=deadline_s)
+    deadline = time.monotonic() + deadline_s
+    while alive := [
+        p.pid
+        for p in psutil.process_iter(["status"])
+        if _pgid(p.pid) == leader.pid and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]:
+        assert time.monotonic() < deadline, f"{alive} outlived SIGKILL of their group"
+        procs = []
+        for pid in alive:
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(pid))
+        psutil.wait_procs(procs, timeout=0.5)
+
+
+def _wait_for_stored(
+    sc: Scenario, at_least: int, alive: Callable[[], bool], log: Callable[[], str]
+) -> None:
+    """Until `at_least` images are in the bucket, woken by each new generation (no fixed sleep)."""
+    deadline = time.monotonic() + 90
+    while len(sc.dest.keys("images/")) < at_least:
+        assert alive(), "the batch ended before it was killed:\n" + log()[-3000:]
+        assert time.monotonic() < deadline, "no progress:\n" + log()[-3000:]
+        seen = sc.emulator.stats.generations
+        sc.emulator.stats.wait_for(lambda s, seen=seen: s.generations > seen, timeout=0.5)
+
+
+def _rerun_after_kill(
+    sc: Scenario,
+    prompts: list[str],
+    tmp_path: Path,
+    *,
+    paid_before_kill: Counter[GenKey],
+    stored_at_kill: set[str],
+    in_flight_bound: int,
+) -> tuple[BatchReport, Counter[GenKey], set[GenKey]]:
+    """Re-run the batch in a fresh process (plain threads) and check what a kill may cost:
+    every image stored exactly once, the re-run generated exactly the images not stored at the
+    kill, each once, and the only images paid twice are those generated but not stored at the
+    kill (at most `in_flight_bound`). Returns the report, the re-run's generations and the
+    images in flight at the kill."""
+    n = len(prompts)
+    out, log = tmp_path / "rerun.json", tmp_path / "rerun.log"
+    argv = [sys.executable, "-c", BATCH_SCRIPT, json.dumps(prompts), sc.destination, str(out)]
+    with log.open("wb") as sink:
+        done = subprocess.run(
+            [*argv, "4"],
+            env=_subprocess_env(tmp_path),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    assert done.returncode == 0, log.read_text()[-3000:]
+    report = BatchReport.model_validate_json(out.read_text(encoding="utf-8"))
+    total, _ = generated_snapshot(sc.emulator)
+    total -= sc.start
+    rerun = total - paid_before_kill
+
+    key_of = {r.cache_key: emulator_key(r) for r in report.records}
+    stored_keys = {key_of[ck] for ck in stored_at_kill}
+    in_flight_at_kill = set(paid_before_kill) - stored_keys
+    # Every image exactly once in the bucket: one object per distinct request, none extra.
+    assert sorted(_cache_keys(sc.dest.keys("images/"))) == sorted(key_of)
+    assert len(sc.dest.keys("images/")) == n
+    # The re-run generated exactly the images not yet stored, each once.
+    assert sum(rerun.values()) == n - len(stored_at_kill)
+    assert set(rerun) == set(key_of.values()) - stored_keys
+    assert set(rerun.values()) == {1}
+    # The only double payment: images generated when the process died, never stored.
+    paid_twice = {key for key, count in total.items() if count > 1}
+    assert paid_twice == in_flight_at_kill
+    assert len(in_flight_at_kill) <= in_flight_bound
+    assert max(total.values()) <= 2
+    outcomes, lost, _ = check_invariants(report, sc.dest, rerun)
+    assert set(outcomes.values()) == {"stored"} and lost == 0
+    assert report.cache_hits == len(stored_at_kill) and report.api_calls == n - len(stored_at_kill)
+    return report, rerun, in_flight_at_kill
+
+
+def test_sigkill_mid_batch_in_chunked_mode_then_rerun(
+    scenario: Callable[..., Scenario], s3_bucket: str, tmp_path: Path
+) -> None:
+    """The batch runs its chunks on a Dask LocalCluster of 2 worker processes; the whole process
+    group (the flow, the scheduler, the nannies, the workers) is SIGKILLed mid-batch."""
+    pytest.importorskip("prefect_dask")
+    n, concurrency, chunk_size = 40, 4, 5
+    sc = scenario(
+        f"process group SIGKILLed mid-batch in chunked mode (Dask, 2 worker processes, {n} "
+        f"images in chunks of {chunk_size}, {concurrency} in flight)",
+        f"s3://{s3_bucket}/chunked",
+    )
+    prompts = distinct("killed chunked batch", n)
+    sc.emulator.configure(latency_s=0.4)  # ~4 s of API time: room to catch the run halfway
+    script = tmp_path / "chunked_batch.py"
+    script.write_text(CHUNKED_BATCH_SCRIPT, encoding="utf-8")
+    log = tmp_path / "killed.log"
+    argv = [sys.executable, str(script), json.dumps(prompts), sc.destination]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [*argv, str(concurrency), str(chunk_size)],
+            env=_subprocess_env(tmp_path),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_stored(
+                sc, n // 2, lambda: process.poll() is None, lambda: log.read_text(errors="replace")
+            )
+            # More than one process: the Dask workers ran the chunks, and all die together.
+            import psutil
+
+            group = [p for p in psutil.process_iter() if _pgid(p.pid) == process.pid]
+            assert len(group) >= 3, [p.pid for p in group]
+        finally:
+            _kill_group(process)
+    assert process.returncode == -signal.SIGKILL
+    paid_before_kill, _ = generated_snapshot(sc.emulator)
+    paid_before_kill -= sc.start
+    stored_at_kill = _cache_keys(sc.dest.keys("images/"))
+    assert n // 2 <= len(stored_at_kill) < n
+
+    report, rerun, in_flight = _rerun_after_kill(
+        sc,
+        prompts,
+        tmp_path,
+        paid_before_kill=paid_before_kill,
+        stored_at_kill=stored_at_kill,
+        in_flight_bound=concurrency,
+    )
+    row = Row(
+        sc.fault,
+        f"SIGKILL of the group at {len(stored_at_kill)} stored; the re-run in a new process "
+        "lists the bucket and generates only the rest",
+        sc.test,
+        n, len(report.records), 0, 0, 0, 0, 0, 0,
+        f"{sum(rerun.values())} (expected {n - len(stored_at_kill)})",
+        in_flight_at_kill=len(in_flight),
+    )  # fmt: skip
+    sc.rows.append(row)
+    print("MATRIX " + _line(row))
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return -1
