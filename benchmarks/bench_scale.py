@@ -591,32 +591,45 @@ def work_pool_workers(svc: Services, procs: Processes, workdir: Path) -> Iterato
     deployments/README.md (section 8) tells a user; yields None once both workers are online and
     the deployment is on the pool, else why not (the other rows still count)."""
     prefect = [sys.executable, "-m", "prefect"]
-    # The documented command, only this one deployment (the others need S3 feeds).
-    deploy = ["--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE)]
-    deploy += ["--name", CHUNK_DEPLOYMENT.partition("/")[2]]
-    for step in (
-        [*prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
-        [*prefect, *deploy],
-    ):
+
+    def step(*args: str) -> str | None:
         done = subprocess.run(
-            step, env=svc.env, capture_output=True, text=True, cwd=str(REPO), timeout=300
+            [*prefect, *args],
+            env=svc.env,
+            capture_output=True,
+            text=True,
+            cwd=str(REPO),
+            timeout=300,
         )
-        if done.returncode != 0:
-            yield f"{' '.join(step[3:5])} failed: {(done.stdout + done.stderr).strip()[-300:]}"
-            return
-    api_url = svc.env["PREFECT_API_URL"]
-    deployment = _pool_state(api_url)["deployment"]
-    if not deployment or deployment.get("work_pool_name") != WORK_POOL:
-        yield f"{CHUNK_DEPLOYMENT} is not on {WORK_POOL} after prefect deploy: {deployment}"
+        if done.returncode == 0:
+            return None
+        return f"{' '.join(args[:3])} failed: {(done.stdout + done.stderr).strip()[-300:]}"
+
+    why = step("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+    if why:
+        yield why
         return
     # What a worker host provides (as tests/test_deployment.py's worker_env): the Prefect API,
     # the stand-in's URL and key; polled every second so a chunk does not wait 10 s for a worker.
+    # They start while the deployment is made: both take seconds of start-up.
     env = {**svc.env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     command = [*prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process"]
     workers = [
         procs.spawn(f"worker-{i}", [*command, "--name", f"bench-worker-{i}"], env) for i in range(2)
     ]
     try:
+        # The documented command, only this one deployment (the others need S3 feeds).
+        why = step(
+            "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--name",
+            CHUNK_DEPLOYMENT.partition("/")[2],
+        )  # fmt: skip
+        api_url = svc.env["PREFECT_API_URL"]
+        deployment = _pool_state(api_url)["deployment"]
+        if not why and (not deployment or deployment.get("work_pool_name") != WORK_POOL):
+            why = f"{CHUNK_DEPLOYMENT} is not on {WORK_POOL} after prefect deploy: {deployment}"
+        if why:
+            yield why
+            return
         deadline = time.monotonic() + POOL_READY_S
         while len(_pool_state(api_url)["online"]) < len(workers):
             dead = [w for w in workers if w.poll() is not None]
