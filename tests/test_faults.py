@@ -1084,11 +1084,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_BIN = str(Path(sys.executable).with_name("prefect"))
 POOL = "flux-flows-pool"  # as deployments/prefect.yaml declares the chunk deployment's pool
 CHUNK_DEPLOYMENT = "render-chunk/flux-flows-chunks"
-# Flow-run heartbeats every 30 s (Prefect's minimum) and the automation Prefect documents for
-# "zombie" runs (docs: How to detect and respond to zombie flows): a run whose heartbeat stops
-# for this long, without a final state, is marked Crashed. A chunk of 3 images lasts seconds.
-HEARTBEAT_S = 30
-ZOMBIE_AFTER_S = 35
+# The chunk runs' heartbeats (`<chunk>.alive`), every 2 s here instead of 20 s: the batch takes a
+# RUNNING chunk run whose heartbeat stopped for MISSED_BEATS beats for dead and marks it Crashed.
+# No Prefect zombie automation, no Prefect heartbeat setting: an OSS server has neither by default.
+CHUNK_BEAT_S = 2.0
 
 
 def _prefect_cli(env: dict[str, str], *args: str) -> str:
@@ -1104,45 +1103,10 @@ def _prefect_cli(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-@contextlib.contextmanager
-def _zombie_runs_crash() -> Iterator[None]:
-    """Prefect's documented zombie-run automation, on this session's API, for this test only."""
-    from datetime import timedelta
-
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    automation = Automation(
-        name="crash-zombie-flow-runs",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=ZOMBIE_AFTER_S),
-        ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat: zombie run")],
-    ).create()
-    try:
-        yield
-    finally:
-        automation.delete()
-
-
 def _worker_env(tmp_path: Path) -> dict[str, str]:
     """What a worker host provides (as in test_deployment): this session's Prefect API, the
-    emulator's URL and key, moto's AWS settings, a spill folder; and heartbeats every 30 s."""
+    emulator's URL and key, moto's AWS settings, a spill folder; Prefect's defaults otherwise
+    (no flow-run heartbeats)."""
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -1151,7 +1115,6 @@ def _worker_env(tmp_path: Path) -> dict[str, str]:
         PREFECT_HOME=str(tmp_path / "worker-prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="1",
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
         PREFECT_CLI_COLORS="false",
     )
     return env
@@ -1180,16 +1143,20 @@ def _kill_tree(pid: int, *, whole_tree: bool = True) -> None:
 
 @pytest.mark.parametrize("scope", ["machine", "worker-group"])
 def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
-    scenario: Callable[..., Scenario], s3_bucket: str, tmp_path: Path, scope: str
+    scenario: Callable[..., Scenario],
+    s3_bucket: str,
+    tmp_path: Path,
+    scope: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch's chunks run as flow runs of the chunk deployment on a process pool with two
     workers (each one chunk at a time); one worker is SIGKILLed while its chunk's requests are
     in flight.
 
     `machine`: the worker's process group and its flow-run process's (Prefect starts that in a
-    session of its own) die together. The batch still ends: the orphaned run, silent, is marked
-    Crashed by Prefect's zombie automation, its images are ERROR records, every other chunk is
-    stored. `worker-group`: only the worker's own process group is killed; its flow-run process
+    session of its own) die together. The batch still ends: the orphaned run's heartbeat stops,
+    the batch marks it Crashed after MISSED_BEATS beats, its images are ERROR records, every
+    other chunk is stored. `worker-group`: only the worker's own process group is killed; its flow-run process
     survives it. Either way a re-run in a new process generates only what is missing, and
     nothing is paid twice but what the killed process had in flight."""
     import threading
@@ -1200,7 +1167,10 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    n, chunk_size, concurrency = 15, 3, 8  # a chunk holds at most 3 of the batch's 8 slots
+    from flux_flows.pools import MISSED_BEATS
+
+    n, chunk_size, concurrency = 15, 3, 8  # each chunk run holds 4 of the batch's 8 slots
+    monkeypatch.setenv("FLUX_FLOWS_CHUNK_HEARTBEAT_S", str(CHUNK_BEAT_S))  # read by the batch
     sc = scenario(
         (
             "pool worker and its flow-run process SIGKILLed mid-chunk"
@@ -1271,9 +1241,9 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
                 if killed:
                     break
             stop.wait(0.05)
-        # The batch waits for the orphaned run to reach a final state; if nothing marks it (no
-        # heartbeats, no automation), end it here so the test fails instead of hanging 6 hours.
-        if killed and not stop.wait(ZOMBIE_AFTER_S + HEARTBEAT_S + 60):
+        # The batch waits for the orphaned run to reach a final state; if it never marks it, end
+        # it here so the test fails instead of hanging 6 hours.
+        if killed and not stop.wait(MISSED_BEATS * CHUNK_BEAT_S + 60):
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(killed["run_id"]).state
                 if state is None or not state.is_final():
@@ -1285,44 +1255,44 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
     worker_command += ["--limit", "1"]  # one chunk at a time: what one kill can cost is bounded
     names = [f"fault-worker-{scope}-{i}-{os.getpid()}" for i in range(2)]
     try:
-        with _zombie_runs_crash():
-            for i, log in enumerate(logs):
-                with log.open("wb") as sink:
-                    workers.append(
-                        subprocess.Popen(
-                            [*worker_command, "--name", names[i]],
-                            env=env,
-                            cwd=PROJECT_ROOT,
-                            stdout=sink,
-                            stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                        )
+        for i, log in enumerate(logs):
+            with log.open("wb") as sink:
+                workers.append(
+                    subprocess.Popen(
+                        [*worker_command, "--name", names[i]],
+                        env=env,
+                        cwd=PROJECT_ROOT,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
                     )
-            deadline = time.monotonic() + 60
-            with get_client(sync_client=True) as client:
-                while True:
-                    online = [
-                        w.name
-                        for w in client.read_workers_for_work_pool(POOL)
-                        if w.status and w.status.value == "ONLINE" and w.name in names
-                    ]
-                    if len(online) == 2:
-                        break
-                    assert all(w.poll() is None for w in workers), tails()
-                    assert time.monotonic() < deadline, f"workers not online: {online}\n{tails()}"
-                    time.sleep(0.2)
-            watcher.start()
-            before, _ = generated_snapshot(sc.emulator)
-            started = time.monotonic()
-            state = generate_images(
-                prompts,
-                sc.destination,
-                chunk_size=chunk_size,
-                max_concurrency=concurrency,
-                chunk_deployment=CHUNK_DEPLOYMENT,
-                return_state=True,
-            )
-            batch_s = time.monotonic() - started
+                )
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while True:
+                online = [
+                    w.name
+                    for w in client.read_workers_for_work_pool(POOL)
+                    if w.status and w.status.value == "ONLINE" and w.name in names
+                ]
+                if len(online) == 2:
+                    break
+                assert all(w.poll() is None for w in workers), tails()
+                assert time.monotonic() < deadline, f"workers not online: {online}\n{tails()}"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    workers[0].wait(timeout=0.2)  # a poll interval that returns if it dies
+        watcher.start()
+        before, _ = generated_snapshot(sc.emulator)
+        started = time.monotonic()
+        state = generate_images(
+            prompts,
+            sc.destination,
+            chunk_size=chunk_size,
+            max_concurrency=concurrency,
+            chunk_deployment=CHUNK_DEPLOYMENT,
+            return_state=True,
+        )
+        batch_s = time.monotonic() - started
     finally:
         stop.set()
         if watcher.is_alive():
@@ -1358,16 +1328,16 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
     assert not [name for name in limits if name.startswith("flux-flows-")]
     errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
     if scope == "machine":
-        # The orphaned run was marked Crashed by the zombie automation; its chunk's images are
-        # ERROR records of this run; all the others are stored.
+        # The batch marked the orphaned run Crashed when its heartbeat stopped; its chunk's
+        # images are ERROR records of this run; all the others are stored.
         assert not killed["chunk_process_lived"]
         assert killed_state.type is StateType.CRASHED, killed_state
-        assert "zombie" in (killed_state.message or "")
+        assert "stopped answering" in (killed_state.message or ""), killed_state.message
         assert len(errors) == chunk_size, report.counts
         assert all("Crashed without results" in (r.error or "") for r in errors)
     else:
         # The flow-run process outlived its worker (its own session) and ran on; its run ends
-        # in a final state without the zombie automation; its chunk is stored or ERROR whole.
+        # in a final state, its heartbeat beating; its chunk is stored or ERROR whole.
         assert killed["chunk_process_lived"], "the flow-run process died with its worker's group"
         assert killed_state.is_final(), killed_state
         assert len(errors) in (0, chunk_size), report.counts
@@ -1394,8 +1364,8 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
     stored_by_killed = len({r.cache_key for r in errors} & stored_at_end)
     if scope == "machine":
         behaviour = (
-            f"the orphaned chunk run is marked Crashed by Prefect's zombie automation "
-            f"({HEARTBEAT_S} s heartbeats, {ZOMBIE_AFTER_S} s) and the batch ends in "
+            f"the batch marks the orphaned chunk run Crashed when its heartbeat stops "
+            f"({CHUNK_BEAT_S:.0f} s beats, dead after {MISSED_BEATS}) and ends in "
             f"{batch_s:.0f} s with its {chunk_size} images ERROR ({stored_by_killed} of them "
             "stored before the kill); the re-run generates only the rest"
         )
