@@ -1386,3 +1386,69 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
     assert report2.counts[FinishReason.SUCCESS.value] == n
     sc.rows.append(row)
     print("MATRIX " + _line(row))
+
+
+def _running_flow_run() -> Any:
+    """A flow run set RUNNING on the session's API, as a chunk run is while it renders."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="heartbeat-probe")
+    def probe() -> None:  # never run: only its flow run's state is used
+        return None
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(probe)
+        client.set_flow_run_state(run.id, Running(), force=True)
+    return run.id
+
+
+def test_a_chunk_run_whose_heartbeat_stops_is_crashed_by_the_batch(tmp_path: Path) -> None:
+    """`pools._wait_for` on a RUNNING run whose heartbeat never changes: Crashed, with a message,
+    after MISSED_BEATS beats (here 4 x 0.25 s), not after WAIT_FOR_CHUNK_S."""
+    from flux_flows.pools import MISSED_BEATS, _wait_for
+    from flux_flows.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "dest"))
+    # written once, then silence
+    storage.put("runs/x/chunks/chunk-00001.alive", b'{"beat": 1}', content_type="application/json")
+    run_id = _running_flow_run()
+    beat = 0.25
+    started = time.monotonic()
+    state = _wait_for(run_id, storage, "runs/x/chunks/chunk-00001.alive", beat)
+    waited = time.monotonic() - started
+    assert state.is_crashed(), state
+    assert "stopped answering" in (state.message or "")
+    assert MISSED_BEATS * beat <= waited < 60, waited
+
+
+def test_a_chunk_run_that_beats_is_waited_for(tmp_path: Path) -> None:
+    """A run whose heartbeat keeps changing is alive however long it takes: `_wait_for` returns
+    its own final state (here Completed, set once it has outlived many dead-after deadlines)."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    from flux_flows.pools import MISSED_BEATS, _heartbeat, _wait_for
+    from flux_flows.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "dest"))
+    key = "runs/x/chunks/chunk-00001.alive"
+    run_id = _running_flow_run()
+    beat = 0.25
+    outlived = threading.Event()
+
+    def finish_later() -> None:
+        outlived.wait(3 * MISSED_BEATS * beat)  # a duration to outlive, not a synchronisation
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Completed(), force=True)
+
+    finisher = threading.Thread(target=finish_later, daemon=True)
+    with _heartbeat(storage, key, beat):
+        finisher.start()
+        state = _wait_for(run_id, storage, key, beat)
+    finisher.join(timeout=30)
+    assert state.is_completed(), state
+    assert not storage.exists(key)  # the heartbeat is removed at the end
