@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +140,11 @@ def render_on_pool(
     on_results: Callable[[list[RenderResult]], None],
     work_dir: str,
 ) -> dict[str, RenderResult]:
-    """Send the chunks as runs of `options.chunk_deployment`; gather their results."""
+    """Send the chunks as runs of `options.chunk_deployment`; gather their results.
+
+    At most two runs per share of the window exist at once (one rendering, one starting up
+    behind it); the next chunk's run is started as one ends, oldest first.
+    """
     from prefect.deployments import run_deployment
 
     storage: Storage = make_job.keywords["storage"]
@@ -150,31 +155,37 @@ def render_on_pool(
     share = chunk_share(options.max_concurrency, chunks, online_workers(deployment))
     rpm = options.requests_per_minute
     beat = heartbeat_s()
+    # Only the runs that can render now, plus one starting up behind each, exist at a time: a
+    # run started early would sit in a process of its own polling the server for slots.
+    window = 2 * max(1, options.max_concurrency // share)
+    pending = deque(enumerate(range(0, len(images), size), start=1))
+    active: deque[tuple[Any, str, Sequence[PlannedImage]]] = deque()
     with batch_limits(options, _batch_id(work_dir)) as in_flight:
-        started = []
-        for number, start in enumerate(range(0, len(images), size), start=1):
-            chunk = images[start : start + size]
-            key = f"{work_dir}chunk-{number:05d}.jsonl"
-            storage.put(
-                key,
-                b"".join(p.request.model_dump_json().encode() + b"\n" for p in chunk),
-                content_type=NDJSON,
-            )
-            parameters = {
-                "destination": storage.root_uri,
-                "chunk_key": key,
-                "in_flight": in_flight,
-                "share": share,
-                "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
-                "heartbeat_s": beat,
-                "concurrency_limit": options.concurrency_limit,
-                "credentials_block": _block_name(options.credentials),
-                "aws_credentials_block": _block_name(options.aws_credentials),
-                "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
-            }
-            run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
-            started.append((run.id, key, chunk))
-        for run_id, key, chunk in started:
+        while pending or active:
+            while pending and len(active) < window:
+                number, start = pending.popleft()
+                chunk = images[start : start + size]
+                key = f"{work_dir}chunk-{number:05d}.jsonl"
+                storage.put(
+                    key,
+                    b"".join(p.request.model_dump_json().encode() + b"\n" for p in chunk),
+                    content_type=NDJSON,
+                )
+                parameters = {
+                    "destination": storage.root_uri,
+                    "chunk_key": key,
+                    "in_flight": in_flight,
+                    "share": share,
+                    "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
+                    "heartbeat_s": beat,
+                    "concurrency_limit": options.concurrency_limit,
+                    "credentials_block": _block_name(options.credentials),
+                    "aws_credentials_block": _block_name(options.aws_credentials),
+                    "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
+                }
+                run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
+                active.append((run.id, key, chunk))
+            run_id, key, chunk = active.popleft()
             state = _wait_for(run_id, storage, _alive_key(key), beat)
             finished = _read_results(storage, key, chunk, state)
             results.update((r.cache_key, r) for r in finished)
