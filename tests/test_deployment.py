@@ -397,14 +397,22 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     workers[0].wait(timeout=0.2)  # returns early if it dies
         with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
-            report = generate_images(
-                prompts,
-                f"s3://{s3_bucket}/pool",
-                chunk_size=3,
-                max_concurrency=concurrency,
-                requests_per_minute=rpm,
-                chunk_deployment="render-chunk/flux-flows-chunks",
-            )
+            try:
+                report = generate_images(
+                    prompts,
+                    f"s3://{s3_bucket}/pool",
+                    chunk_size=3,
+                    max_concurrency=concurrency,
+                    requests_per_minute=rpm,
+                    chunk_deployment="render-chunk/flux-flows-chunks",
+                )
+            finally:
+                # The process-wide events worker was made for this server: deliver its events
+                # and drop it while the server is up, or later tests' events go to a dead port
+                # (each send then times out, and the session's end waits for all of them).
+                from prefect.events.worker import EventsWorker
+
+                EventsWorker.drain_all(timeout=60)
     finally:
         for worker in workers:
             _stop(worker)
