@@ -7,8 +7,14 @@ cheap stand-in of the Fireworks API, with the same number of images in flight:
 - (b) a Dask `LocalCluster` of 2 worker processes x 2 threads, the plan cut into chunks
   (`generate_images.with_options(task_runner=DaskTaskRunner(...))`);
 - (c) one Prefect task run per image (`per_image_tasks=True`), for the record: the old path;
-- (d) a process work pool with 2 workers, running chunks as runs of a chunk deployment: only
-  once `flux_flows` offers it (see `work_pool_support`); otherwise the row says why not;
+- (d) a process work pool with 2 workers, the batch's chunks (default `chunk_size`) as runs of
+  the chunk deployment `render-chunk/flux-flows-chunks`: the pool created with `prefect
+  work-pool create --type process`, the deployment with the documented `prefect --no-prompt
+  deploy --prefect-file deployments/prefect.yaml --name flux-flows-chunks`, two `prefect worker
+  start` processes (stand-in URL and key in their env, PREFECT_WORKER_QUERY_SECONDS=1), waited
+  for until both are online; its CPU is the batch process plus both workers' process trees
+  (their flow-run processes included); `--pool-n 0` skips it, and if a step fails the row says
+  why and the other rows still count;
 
 plus the same (a) and (b) into moto's S3 at a smaller N, peak RSS of (a) at a small N and at N
 (each in a fresh process), optionally a 100,000-image run in one process with a cached re-run
@@ -34,11 +40,12 @@ Usage:
     python benchmarks/bench_scale.py                        # defaults: N=20000, ~9 min
     python benchmarks/bench_scale.py --n-large 100000 --plan-rows 1000000
     python benchmarks/bench_scale.py --n 200 --rss-small 50 --tasks-n 50 --s3-n 50  # quick
+    python benchmarks/bench_scale.py --n 2000 --rss-small 0 --tasks-n 0 --s3-n 0  # (a) (b) (d)
 
 The last line printed is machine-readable:
     RESULT n=.. threads_img_s=.. dask_img_s=.. dask_vs_threads=.. tasks_vs_threads=..
     threads_cpu_ms_per_image=.. dask_cpu_ms_per_image=.. server_ms_per_image=..
-    rss_kb_per_image=.. [s3_..] [large_..] [plan_..] workpool=..
+    rss_kb_per_image=.. [workpool_..] [s3_..] [large_..] [plan_..] workpool=ran|n/a
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +95,11 @@ API_KEY = "bench-key"  # the stand-in accepts any key
 BUCKET = "flux-scale"
 CHILD_TIMEOUT_S = 4 * 3600.0  # a 100,000-image run plus its re-run, or 20,000 task runs
 SETTLE_MAX_S = 120.0  # the longest the Prefect server is waited on to go quiet after a run
-WORK_POOL = "flux-scale-bench"
+# Row (d): the pool and chunk deployment exactly as deployments/prefect.yaml declares them.
+WORK_POOL = "flux-flows-pool"
+CHUNK_DEPLOYMENT = "render-chunk/flux-flows-chunks"
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+POOL_READY_S = 180.0  # deploy + 2 workers registering, on 2 busy cores
 
 # ============================================================================================
 # Workload
@@ -283,33 +295,6 @@ def contact_sheet_figures(dest: str) -> dict[str, float]:
     }
 
 
-def work_pool_support() -> str | None:
-    """None when flux_flows can run a batch's chunks on a work pool, else why not.
-
-    What row (d) needs from the library (the interface is the lead's to choose; this is the
-    shape the script calls, and the one place to adapt):
-      1. `generate_images(..., work_pool="<pool name>")`: chunks submitted as runs of the chunk
-         deployment on that pool, waited for, their records streamed into the run's manifest;
-      2. `flux_flows.workpool.deploy_chunk_flow(work_pool: str) -> object`: creates (or updates)
-         the chunk deployment on a pool, without `prefect deploy` or a prompt;
-      3. a `process` work pool the script creates (`prefect work-pool create --type process`)
-         and 2 `prefect worker start --pool ...` processes it starts itself.
-    """
-    import importlib.util
-    import inspect
-
-    from flux_flows.flows import generate_images
-
-    if "work_pool" not in inspect.signature(generate_images.fn).parameters:
-        return "generate_images has no work_pool parameter yet"
-    if importlib.util.find_spec("flux_flows.workpool") is None:
-        return "no flux_flows.workpool module (deploy_chunk_flow) yet"
-    module = importlib.import_module("flux_flows.workpool")
-    if not hasattr(module, "deploy_chunk_flow"):
-        return "flux_flows.workpool has no deploy_chunk_flow yet"
-    return None
-
-
 def _run_once(mode: str, prompts: list[str], dest: str, conc: int, runner: Any) -> Any:
     from flux_flows.flows import generate_images
 
@@ -318,7 +303,9 @@ def _run_once(mode: str, prompts: list[str], dest: str, conc: int, runner: Any) 
     if mode == "tasks":
         return generate_images(prompts, dest, max_concurrency=conc, per_image_tasks=True)
     if mode == "workpool":
-        return generate_images(prompts, dest, max_concurrency=conc, work_pool=WORK_POOL)
+        return generate_images(
+            prompts, dest, max_concurrency=conc, chunk_deployment=CHUNK_DEPLOYMENT
+        )
     return generate_images(prompts, dest, max_concurrency=conc)
 
 
@@ -583,42 +570,100 @@ def write_prompt_file(path: Path, rows: int) -> None:
             )
 
 
+def _pool_state(api_url: str) -> dict[str, Any]:
+    """The pool's workers (online ones) and the chunk deployment, as the Prefect API sees them."""
+    import httpx
+
+    with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=10.0) as http:
+        answer = http.post(f"work_pools/{WORK_POOL}/workers/filter", json={})
+        workers = answer.json() if answer.status_code == 200 else []
+        answer = http.get(f"deployments/name/{CHUNK_DEPLOYMENT}")
+        deployment = answer.json() if answer.status_code == 200 else None
+    return {
+        "online": sorted(w["name"] for w in workers if w.get("status") == "ONLINE"),
+        "deployment": deployment,
+    }
+
+
 @contextlib.contextmanager
-def work_pool_workers(svc: Services, procs: Processes) -> Iterator[str | None]:
-    """Row (d)'s pool, deployment and 2 process workers; yields None when ready, else why not."""
-    check = [
-        sys.executable,
-        "-c",
-        f"import sys; sys.path.insert(0, {str(HERE.parent)!r}); "
-        "import bench_scale as b; print(b.work_pool_support() or '')",
-    ]
-    reason = subprocess.run(check, env=svc.env, capture_output=True, text=True, cwd=str(REPO))
-    why = reason.stdout.strip() or (reason.stderr.strip()[-300:] if reason.returncode else "")
+def work_pool_workers(svc: Services, procs: Processes, workdir: Path) -> Iterator[str | None]:
+    """Row (d): a process pool, the chunk deployment and 2 process workers, as
+    deployments/README.md (section 8) tells a user; yields None once both workers are online and
+    the deployment is on the pool, else why not (the other rows still count)."""
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def step(*args: str) -> str | None:
+        done = subprocess.run(
+            [*prefect, *args],
+            env=svc.env,
+            capture_output=True,
+            text=True,
+            cwd=str(REPO),
+            timeout=300,
+        )
+        if done.returncode == 0:
+            return None
+        return f"{' '.join(args[:3])} failed: {(done.stdout + done.stderr).strip()[-300:]}"
+
+    why = step("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
     if why:
         yield why
         return
-    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-    deploy = f"from flux_flows.workpool import deploy_chunk_flow; deploy_chunk_flow({WORK_POOL!r})"
-    for step in (
-        [*prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
-        [sys.executable, "-c", deploy],
-    ):
-        done = subprocess.run(step, env=svc.env, capture_output=True, text=True, cwd=str(REPO))
-        if done.returncode != 0:  # the other rows still count: say why and go on
-            yield f"{' '.join(step[1:4])} failed: {(done.stderr or done.stdout).strip()[-300:]}"
-            return
+    # What a worker host provides (as tests/test_deployment.py's worker_env): the Prefect API,
+    # the stand-in's URL and key; polled every second so a chunk does not wait 10 s for a worker.
+    # They start while the deployment is made: both take seconds of start-up.
+    env = {**svc.env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    command = [*prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process"]
     workers = [
-        procs.spawn(f"worker-{i}", [*prefect, "worker", "start", "--pool", WORK_POOL], svc.env)
-        for i in range(2)
+        procs.spawn(f"worker-{i}", [*command, "--name", f"bench-worker-{i}"], env) for i in range(2)
     ]
-    svc.workers = [w.pid for w in workers]
     try:
-        time.sleep(5)  # let both workers register and poll
+        # The documented command, only this one deployment (the others need S3 feeds).
+        why = step(
+            "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--name",
+            CHUNK_DEPLOYMENT.partition("/")[2],
+        )  # fmt: skip
+        api_url = svc.env["PREFECT_API_URL"]
+        deployment = _pool_state(api_url)["deployment"]
+        if not why and (not deployment or deployment.get("work_pool_name") != WORK_POOL):
+            why = f"{CHUNK_DEPLOYMENT} is not on {WORK_POOL} after prefect deploy: {deployment}"
+        if why:
+            yield why
+            return
+        deadline = time.monotonic() + POOL_READY_S
+        while len(_pool_state(api_url)["online"]) < len(workers):
+            dead = [w for w in workers if w.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                names = ", ".join(_pool_state(api_url)["online"]) or "none"
+                why = f"{len(dead)} worker(s) exited" if dead else "timed out"
+                yield f"workers not online ({why}; online: {names}; logs in {workdir})"
+                return
+            time.sleep(0.5)
+        svc.workers = [w.pid for w in workers]
         yield None
     finally:
         for worker in workers:
             procs.stop(worker)
         svc.workers = []
+
+
+def chunk_runs(api_url: str, procs: Processes) -> dict[str, Any]:
+    """The chunk deployment's flow runs by final state (warm-up included), and how many runs each
+    worker took (from the workers' logs): evidence that row (d) ran on the pool, on both."""
+    import httpx
+
+    with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=30.0) as http:
+        answer = http.post(
+            "flow_runs/filter",
+            json={"deployments": {"name": {"any_": [CHUNK_DEPLOYMENT.partition("/")[2]]}}},
+        )
+        answer.raise_for_status()
+        states = Counter(str((r.get("state") or {}).get("type")) for r in answer.json())
+    per_worker = {
+        f"worker-{i}": procs.log_tail(f"worker-{i}", 100_000).count("submitted to infrastructure")
+        for i in range(2)
+    }
+    return {"chunk_states": dict(states), "chunks_per_worker": per_worker}
 
 
 @dataclass
@@ -648,24 +693,35 @@ def measure(args: argparse.Namespace, svc: Services, procs: Processes, workdir: 
             n=args.tasks_n,
             dest=f"{out}/c",
         )
-    with work_pool_workers(svc, procs) as why:
-        if why:
-            print(f"  (d) work pool: not available: {why}", flush=True)
-            rows.append(Row("(d) work pool, 2 process workers", None, f"not available: {why}"))
-        else:
-            try:
-                run(
-                    "(d) work pool, 2 process workers",
-                    name="d-workpool",
-                    mode="workpool",
-                    n=n,
-                    dest=f"{out}/d",
-                    extra_pids=svc.workers,
-                )
-            except RuntimeError as exc:  # new code: its failure must not cost the other rows
-                note = f"failed: {str(exc).splitlines()[0]} (log: {workdir}/d-workpool.log)"
-                print(f"  (d) work pool: {note}", flush=True)
-                rows.append(Row("(d) work pool, 2 process workers", None, note))
+    if not args.pool_n:
+        note = "not available: skipped (--pool-n 0)"
+        print(f"  (d) work pool: {note}", flush=True)
+        rows.append(Row("(d) work pool, 2 process workers", None, note))
+    else:
+        with work_pool_workers(svc, procs, workdir) as why:
+            if why:
+                print(f"  (d) work pool: not available: {why}", flush=True)
+                rows.append(Row("(d) work pool, 2 process workers", None, f"not available: {why}"))
+            else:
+                try:
+                    data = run(
+                        "(d) work pool, 2 process workers",
+                        name="d-workpool",
+                        mode="workpool",
+                        n=args.pool_n,
+                        dest=f"{out}/d",
+                        extra_pids=svc.workers,
+                    )
+                    data.update(chunk_runs(svc.env["PREFECT_API_URL"], procs))
+                    print(
+                        f"    chunk runs {data['chunk_states']}, per worker "
+                        f"{data['chunks_per_worker']}",
+                        flush=True,
+                    )
+                except RuntimeError as exc:  # its failure must not cost the other rows
+                    note = f"failed: {str(exc).splitlines()[0]} (log: {workdir}/d-workpool.log)"
+                    print(f"  (d) work pool: {note}", flush=True)
+                    rows.append(Row("(d) work pool, 2 process workers", None, note))
     if args.rss_small:
         run(
             "(a) at the small N, for RSS",
@@ -744,6 +800,11 @@ def figures_of(args: argparse.Namespace, rows: list[Row]) -> dict[str, Any]:
         out["tasks_img_s"] = rate(c)
         out["tasks_vs_threads"] = rate(c) / rate(a)
     out["workpool_vs_threads"] = rate(d) / rate(a) if d else math.nan
+    if d:
+        out["workpool_n"] = d["n"]
+        out["workpool_img_s"] = rate(d)
+        out["workpool_cpu_ms_per_image"] = per_image_ms(d, "cpu_s")
+        out["server_ms_per_image_workpool"] = per_image_ms(d, "server_cpu_s")
     out["threads_cpu_ms_per_image"] = per_image_ms(a, "cpu_s")
     out["dask_cpu_ms_per_image"] = per_image_ms(b, "cpu_s")
     if c:
@@ -939,12 +1000,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--s3-n", type=int, default=2_000, help="images for (a), (b) into moto S3 (0: skip)"
     )
+    parser.add_argument(
+        "--pool-n",
+        type=int,
+        default=None,
+        help="images for (d), the work pool (default N; 0: skip)",
+    )
     parser.add_argument("--n-large", type=int, default=0, help="a large threads run + re-run")
     parser.add_argument("--plan-rows", type=int, default=0, help="rows for `flux-flows plan`")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args(argv)
     if args.tasks_n is None:
         args.tasks_n = args.n
+    if args.pool_n is None:
+        args.pool_n = args.n
     if args.n < 1 or args.concurrency < 1 or args.latency < 0:
         parser.error("--n and --concurrency must be >= 1 and --latency >= 0")
     if args.rss_small >= args.n:

@@ -7,19 +7,34 @@ under `runs/<run>/chunks/`, starts one run of the deployment per chunk and waits
 writes its results beside its requests, which the batch reads back. The destination is the only
 thing they share: no result storage, no parameters bigger than a few paths.
 
-The batch's limits hold across all the workers: the batch creates two Prefect global
-concurrency limits for itself (in flight: `max_concurrency`; pace: `requests_per_minute`, as a
-slot decay for `rate_limit`) before any spend, every image takes a slot of each, and the batch
-deletes them at the end. Credentials travel by block name only, never as values.
+The batch's limits hold across all the workers, at no cost per image: the batch creates a
+Prefect global concurrency limit of `max_concurrency` slots for itself before any spend (and
+deletes it at the end); each chunk run takes its *share* of it once, for its whole life, and
+renders with `share` threads, pacing itself in-process at `share / max_concurrency` of
+`requests_per_minute`. At most `max_concurrency / share` chunks hold slots at once, so the
+whole batch stays under both limits however the chunks land on the workers. (A slot per image
+costs a round trip to the Prefect server each: ~10 images/s at most, measured in
+benchmarks/RESULTS.md.) The user's own account-wide `concurrency_limit` is shared with other
+flows, so it is still taken per image.
+
+A chunk run whose machine dies stays RUNNING in Prefect (an OSS server detects no "zombie" runs
+by itself), so each chunk run writes a heartbeat beside its chunk (`<chunk>.alive`, every
+`HEARTBEAT_S`); the batch marks a RUNNING chunk run whose heartbeat has not changed for
+`MISSED_BEATS` beats Crashed and records its images as ERROR. Credentials travel by block name
+only, never as values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import hashlib
+import json
+import os
+import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +44,9 @@ from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials
 from flux_flows.errors import StorageError
 from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.pacing import RPM_HEADROOM
 from flux_flows.progress import ProgressReporter
-from flux_flows.render import RenderJob, RenderResult
+from flux_flows.render import SLOT_LEASE_S, RenderJob, RenderResult
 from flux_flows.settings import BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, iter_uri_lines, open_storage
@@ -40,6 +56,22 @@ if TYPE_CHECKING:
 
 NDJSON = "application/x-ndjson"
 WAIT_FOR_CHUNK_S = 6 * 3600.0
+# How many chunks are taken to run at once when the pool's online workers cannot be read.
+FALLBACK_PARALLEL = 2
+# A chunk run renews `<chunk>.alive` every HEARTBEAT_S seconds (FLUX_FLOWS_CHUNK_HEARTBEAT_S
+# overrides it, read by the batch, which passes it on); the batch takes a RUNNING chunk run
+# whose heartbeat has not changed for MISSED_BEATS beats for dead.
+HEARTBEAT_S = 20.0
+MISSED_BEATS = 4
+
+
+def heartbeat_s() -> float:
+    """Seconds between a chunk run's heartbeats: FLUX_FLOWS_CHUNK_HEARTBEAT_S, else HEARTBEAT_S."""
+    with contextlib.suppress(ValueError):
+        value = float(os.environ.get("FLUX_FLOWS_CHUNK_HEARTBEAT_S") or HEARTBEAT_S)
+        if value > 0:
+            return value
+    return HEARTBEAT_S
 
 
 def _block_name(block: Any) -> str | None:
@@ -50,32 +82,54 @@ def _block_name(block: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def batch_limits(options: BatchOptions, batch_id: str) -> Iterator[tuple[str, str | None]]:
-    """The batch's own global concurrency limits, created before any spend, deleted after."""
+def batch_limits(options: BatchOptions, batch_id: str) -> Iterator[str]:
+    """The batch's own in-flight limit (a Prefect global concurrency limit of `max_concurrency`
+    slots), created before any spend, deleted after."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     in_flight = f"flux-flows-{batch_id}-in-flight"
-    pace = f"flux-flows-{batch_id}-pace" if options.requests_per_minute else None
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(
             GlobalConcurrencyLimitCreate(name=in_flight, limit=options.max_concurrency)
         )
-        if pace and options.requests_per_minute:
-            per_second = options.requests_per_minute / 60.0
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(
-                    name=pace, limit=max(1, math.ceil(per_second)), slot_decay_per_second=per_second
-                )
-            )
     try:
-        yield in_flight, pace
+        yield in_flight
     finally:
-        with get_client(sync_client=True) as client:
-            for name in (in_flight, pace):
-                if name:
-                    with contextlib.suppress(Exception):
-                        client.delete_global_concurrency_limit_by_name(name)
+        with get_client(sync_client=True) as client, contextlib.suppress(Exception):
+            client.delete_global_concurrency_limit_by_name(in_flight)
+
+
+def online_workers(deployment: str) -> int | None:
+    """How many workers of the deployment's work pool are ONLINE now (None: unknown)."""
+    from prefect.client.orchestration import get_client
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name(deployment).work_pool_name
+        if pool:
+            workers = client.read_workers_for_work_pool(pool)
+            return sum(1 for w in workers if w.status and w.status.value == "ONLINE")
+    return None
+
+
+def chunk_share(max_concurrency: int, chunks: int, online: int | None) -> int:
+    """Each chunk run's share of the batch's in-flight limit (its threads and slots).
+
+    `parallel`, how many chunks should run at once, is the number of ONLINE workers of the
+    pool when the batch starts (FALLBACK_PARALLEL if unknown or none), never more than the
+    chunks; each gets `max_concurrency // parallel` (at least 1), so the batch spreads over
+    that many workers instead of the first chunk taking every slot. Workers that come online
+    later take chunks too, as slots free up.
+    """
+    parallel = max(1, min(chunks, online or FALLBACK_PARALLEL))
+    return max(1, max_concurrency // parallel)
+
+
+def _batch_id(work_dir: str) -> str:
+    """Unique per batch (and per `again/` pass): a readable hint of the run plus a hash."""
+    parts = [p for p in work_dir.split("/") if p and p != layout.RUNS.strip("/")]
+    digest = hashlib.sha1(work_dir.encode(), usedforsecurity=False).hexdigest()[:10]
+    return f"{layout.slug(parts[0] if parts else 'batch', 28)}-{digest}"
 
 
 def render_on_pool(
@@ -86,40 +140,53 @@ def render_on_pool(
     on_results: Callable[[list[RenderResult]], None],
     work_dir: str,
 ) -> dict[str, RenderResult]:
-    """Send the chunks as runs of `options.chunk_deployment`; gather their results."""
+    """Send the chunks as runs of `options.chunk_deployment`; gather their results.
+
+    At most two runs per share of the window exist at once (one rendering, one starting up
+    behind it); the next chunk's run is started as one ends, oldest first.
+    """
     from prefect.deployments import run_deployment
 
     storage: Storage = make_job.keywords["storage"]
-    batch_id = layout.slug(work_dir.rstrip("/").rsplit("/", 1)[-1], 40)
     results: dict[str, RenderResult] = {}
     size = max(1, options.chunk_size)
-    with batch_limits(options, batch_id) as (in_flight, pace):
-        started = []
-        for number, start in enumerate(range(0, len(images), size), start=1):
-            chunk = images[start : start + size]
-            key = f"{work_dir}chunk-{number:05d}.jsonl"
-            storage.put(
-                key,
-                b"".join(p.request.model_dump_json().encode() + b"\n" for p in chunk),
-                content_type=NDJSON,
-            )
-            parameters = {
-                "destination": storage.root_uri,
-                "chunk_key": key,
-                "max_concurrency": options.max_concurrency,
-                "concurrency_limit": in_flight,
-                "rate_limit": pace,
-                "account_limit": options.concurrency_limit,
-                "credentials_block": _block_name(options.credentials),
-                "aws_credentials_block": _block_name(options.aws_credentials),
-                "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
-            }
-            run = run_deployment(
-                options.chunk_deployment or "", parameters=parameters, timeout=0, as_subflow=False
-            )
-            started.append((run.id, key, chunk))
-        for run_id, key, chunk in started:
-            state = _wait_for(run_id)
+    deployment = options.chunk_deployment or ""
+    chunks = -(-len(images) // size)
+    share = chunk_share(options.max_concurrency, chunks, online_workers(deployment))
+    rpm = options.requests_per_minute
+    beat = heartbeat_s()
+    # Only the runs that can render now, plus one starting up behind each, exist at a time: a
+    # run started early would sit in a process of its own polling the server for slots.
+    window = 2 * max(1, options.max_concurrency // share)
+    pending = deque(enumerate(range(0, len(images), size), start=1))
+    active: deque[tuple[Any, str, Sequence[PlannedImage]]] = deque()
+    with batch_limits(options, _batch_id(work_dir)) as in_flight:
+        while pending or active:
+            while pending and len(active) < window:
+                number, start = pending.popleft()
+                chunk = images[start : start + size]
+                key = f"{work_dir}chunk-{number:05d}.jsonl"
+                storage.put(
+                    key,
+                    b"".join(p.request.model_dump_json().encode() + b"\n" for p in chunk),
+                    content_type=NDJSON,
+                )
+                parameters = {
+                    "destination": storage.root_uri,
+                    "chunk_key": key,
+                    "in_flight": in_flight,
+                    "share": share,
+                    "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
+                    "heartbeat_s": beat,
+                    "concurrency_limit": options.concurrency_limit,
+                    "credentials_block": _block_name(options.credentials),
+                    "aws_credentials_block": _block_name(options.aws_credentials),
+                    "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
+                }
+                run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
+                active.append((run.id, key, chunk))
+            run_id, key, chunk = active.popleft()
+            state = _wait_for(run_id, storage, _alive_key(key), beat)
             finished = _read_results(storage, key, chunk, state)
             results.update((r.cache_key, r) for r in finished)
             on_results(finished)
@@ -127,22 +194,65 @@ def render_on_pool(
     return results
 
 
-def _wait_for(flow_run_id: Any, poll_s: float = 1.0) -> Any:
-    """The chunk run's final state (Completed, Failed, Crashed...), or its state at the deadline."""
+def _wait_for(flow_run_id: Any, storage: Storage, alive_key: str, beat_s: float) -> Any:
+    """The chunk run's final state (Completed, Failed, Crashed...), or its state at the deadline.
+
+    A run that is RUNNING but whose heartbeat has not changed for MISSED_BEATS beats (measured
+    on this process's clock from when it was first seen RUNNING, so no two clocks are compared)
+    has lost its machine or process: it is set Crashed, and its state returned.
+    """
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + WAIT_FOR_CHUNK_S
+    dead_after = MISSED_BEATS * beat_s
     pause = threading.Event()
+    last_beat: bytes | None = None
+    quiet_since: float | None = None
     with get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(flow_run_id).state
-            if (state is not None and state.is_final()) or time.monotonic() > deadline:
+            now = time.monotonic()
+            if (state is not None and state.is_final()) or now > deadline:
                 return state
-            pause.wait(poll_s)
+            if state is not None and state.is_running():
+                beat = _read_beat(storage, alive_key)
+                if quiet_since is None or beat != last_beat:
+                    last_beat, quiet_since = beat, now
+                elif now - quiet_since > dead_after:
+                    return _crash(client, flow_run_id, dead_after)
+            else:
+                quiet_since = None  # not started yet (or paused): no heartbeat is due
+            pause.wait(min(1.0, beat_s / 4))
+
+
+def _read_beat(storage: Storage, key: str) -> bytes | None:
+    try:
+        return storage.get(key)
+    except (StorageError, OSError):
+        return None
+
+
+def _crash(client: Any, flow_run_id: Any, dead_after: float) -> Any:
+    """Mark a chunk run whose heartbeat stopped Crashed (forced: it is RUNNING, and nothing else
+    will end it); its images become ERROR records of the batch."""
+    from prefect.states import Crashed
+
+    message = (
+        f"the chunk's worker stopped answering: no heartbeat for {dead_after:.0f} s (its machine "
+        "or flow-run process died); the batch records its images as ERROR and a re-run does them"
+    )
+    with contextlib.suppress(Exception):  # outside a flow run there is no run logger
+        get_run_logger().warning("chunk run %s: %s", flow_run_id, message)
+    client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+    return client.read_flow_run(flow_run_id).state
 
 
 def _results_key(chunk_key: str) -> str:
     return chunk_key.removesuffix(".jsonl") + ".results.jsonl"
+
+
+def _alive_key(chunk_key: str) -> str:
+    return chunk_key.removesuffix(".jsonl") + ".alive"
 
 
 def _read_results(
@@ -161,23 +271,78 @@ def _read_results(
         ]
 
 
+@contextlib.contextmanager
+def _heartbeat(storage: Storage, key: str, every_s: float) -> Iterator[None]:
+    """Write `key` now and every `every_s` seconds from a daemon thread (each beat differs: a
+    counter), so the batch can tell this run is alive; removed at the end."""
+    stop = threading.Event()
+    host, pid = socket.gethostname(), os.getpid()
+
+    def beat(number: int) -> None:
+        body = json.dumps({"beat": number, "at": time.time(), "host": host, "pid": pid})
+        with contextlib.suppress(StorageError, OSError):
+            storage.put(key, body.encode(), content_type="application/json")
+
+    def renew() -> None:
+        number = 1
+        while not stop.wait(every_s):
+            number += 1
+            beat(number)
+
+    beat(1)
+    thread = threading.Thread(target=renew, name="flux-chunk-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        with contextlib.suppress(StorageError, OSError):
+            storage.delete(key)
+
+
+@contextlib.contextmanager
+def _holding(in_flight: str | None, share: int) -> Iterator[None]:
+    """`share` slots of the batch's in-flight limit, taken once and held (Prefect renews the
+    lease) until the chunk is rendered; a killed run's slots come back after SLOT_LEASE_S."""
+    if not in_flight:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    # strict: a missing limit must not mean "no limit". A failed lease renewal only warns:
+    # cancelling would lose the images being paid for.
+    with concurrency(
+        in_flight,
+        occupy=share,
+        strict=True,
+        lease_duration=SLOT_LEASE_S,
+        raise_on_lease_renewal_failure=False,
+    ):
+        yield
+
+
 @flow(name="render-chunk", persist_result=False, log_prints=True)
 def render_chunk(
     destination: str,
     chunk_key: str,
     *,
-    max_concurrency: int = 8,
+    in_flight: str | None = None,
+    share: int = 8,
+    requests_per_minute: float | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
     concurrency_limit: str | None = None,
-    rate_limit: str | None = None,
-    account_limit: str | None = None,
     credentials_block: str | None = None,
     aws_credentials_block: str | None = None,
     parent_flow_run_id: str | None = None,
 ) -> int:
     """Render one chunk of a batch on this worker; started by the batch, not by hand.
 
-    Reads `<destination>/<chunk_key>` (one request a line), renders on threads holding the
-    batch's limits, and writes `<chunk>.results.jsonl` beside it. Returns how many it rendered.
+    Reads `<destination>/<chunk_key>` (one request a line); holds `share` slots of the batch's
+    `in_flight` limit while it renders on `share` threads at `requests_per_minute` (its share of
+    the batch's pace), taking a slot of the user's `concurrency_limit` per image; beats
+    `<chunk>.alive` every `heartbeat_s`; writes `<chunk>.results.jsonl` beside it. Returns how
+    many it rendered.
     """
     from prefect.blocks.core import Block
 
@@ -186,34 +351,38 @@ def render_chunk(
     aws = Block.load(aws_credentials_block) if aws_credentials_block else None
     credentials = FireworksCredentials.load(credentials_block) if credentials_block else None
     storage = open_storage(destination, aws_credentials=aws)
-    requests = [
-        ImageRequest.model_validate_json(line)
-        for line in iter_uri_lines(storage.uri_for(chunk_key), aws_credentials=aws)
-        if line.strip()
-    ]
-    make_job = functools.partial(
-        RenderJob,
-        storage=storage,
-        spill=SpillFolder(storage.root_uri),
-        credentials=credentials,
-        aws_credentials=aws,
-        flow_run_id=parent_flow_run_id,
-        concurrency_limit=concurrency_limit,
-        rate_limit=rate_limit,
-        account_limit=account_limit,
-    )
-    runner = _PlainRunner(max_concurrency)
-    try:
-        results = render_windowed(
-            requests,
-            lambda request: make_job(request=request),
-            max_concurrency=max_concurrency,
-            requests_per_minute=None,  # the batch's pace limit paces every image
-            runner=runner,
+    with _heartbeat(storage, _alive_key(chunk_key), heartbeat_s):
+        requests = [
+            ImageRequest.model_validate_json(line)
+            for line in iter_uri_lines(storage.uri_for(chunk_key), aws_credentials=aws)
+            if line.strip()
+        ]
+        make_job = functools.partial(
+            RenderJob,
+            storage=storage,
+            spill=SpillFolder(storage.root_uri),
+            credentials=credentials,
+            aws_credentials=aws,
+            flow_run_id=parent_flow_run_id,
+            concurrency_limit=concurrency_limit,
         )
-    finally:
-        runner.shutdown()
-    body = b"".join(r.to_json() + b"\n" for r in results.values())
-    storage.put(_results_key(chunk_key), body, content_type=NDJSON)
+        with _holding(in_flight, share):
+            if requests_per_minute:
+                # The slots may come from a chunk that just sent its last request: start one
+                # interval after it, as its own pace would have.
+                threading.Event().wait(60.0 / (requests_per_minute * RPM_HEADROOM))
+            runner = _PlainRunner(share)
+            try:
+                results = render_windowed(
+                    requests,
+                    lambda request: make_job(request=request),
+                    max_concurrency=share,
+                    requests_per_minute=requests_per_minute,
+                    runner=runner,
+                )
+            finally:
+                runner.shutdown()
+        body = b"".join(r.to_json() + b"\n" for r in results.values())
+        storage.put(_results_key(chunk_key), body, content_type=NDJSON)
     get_run_logger().info("chunk %s: %d images rendered", chunk_key, len(results))
     return len(results)

@@ -62,8 +62,6 @@ class RenderJob:
     aws_credentials: Any = None  # reads a Kontext edit's s3:// input image at send time
     flow_run_id: str | None = None
     concurrency_limit: str | None = None  # a Prefect global concurrency limit, a slot per call
-    rate_limit: str | None = None  # one with a slot decay: the batch's pace across workers
-    account_limit: str | None = None  # the user's own limit, when the batch has its own too
     known_key: str | None = None  # the request's cache key, when the plan already has it
     thumbnails: bool = True  # make the contact sheet's thumbnail of each SUCCESS image
 
@@ -120,28 +118,35 @@ class RenderResult:
 _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(RenderResult))
 
 
+# How long a slot taken from a Prefect global concurrency limit outlives a holder that stopped
+# renewing it (Prefect renews it every 3/4 of this while it is held): a killed process's slots
+# come back after a minute, not Prefect's default five.
+SLOT_LEASE_S = 60.0
+
+
 @contextlib.contextmanager
 def _api_slot(job: RenderJob) -> Iterator[None]:
-    """Hold a slot of each Prefect global concurrency limit the job names around the API call,
-    after a slot of its pace limit, if any.
+    """Hold a slot of the job's Prefect global concurrency limit, if any, around the API call.
 
-    This is how several flow runs, on any number of machines, share one account's budget, and
-    how a batch spread over a work pool keeps its own limits.
+    This is how several flow runs, on any number of machines, share one account's budget (a
+    user's `concurrency_limit`). A batch spread over a work pool does not take a slot per image
+    for its own limits: each chunk run holds its share of them for its whole life (`pools`).
     """
-    names = [name for name in (job.concurrency_limit, job.account_limit) if name]
-    if not names and not job.rate_limit:
+    if not job.concurrency_limit:
         yield
         return
-    from prefect.concurrency.sync import concurrency, rate_limit
+    from prefect.concurrency.sync import concurrency
 
     # strict: a limit that does not exist must not silently mean "no limit" (Prefect's default
-    # only logs a warning and lets every call through).
-    if job.rate_limit:
-        rate_limit(job.rate_limit, occupy=1, strict=True)
-    if not names:
-        yield
-        return
-    with concurrency(names, occupy=1, strict=True):
+    # only logs a warning and lets every call through). A failed lease renewal only warns: the
+    # request it guards is being paid for, and cancelling it would lose the image.
+    with concurrency(
+        job.concurrency_limit,
+        occupy=1,
+        strict=True,
+        lease_duration=SLOT_LEASE_S,
+        raise_on_lease_renewal_failure=False,
+    ):
         yield
 
 

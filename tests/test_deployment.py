@@ -13,6 +13,7 @@ Every subprocess has a timeout and is stopped by its own pid (its process group)
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -306,6 +307,25 @@ def test_example_scripts_run_offline(
     assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in images)
 
 
+def _most_in_any_window(times: list[float], window_s: float) -> int:
+    """The most request arrivals in any `window_s`-long stretch of `times`."""
+    times = sorted(times)
+    return max(
+        (bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times)), default=0
+    )
+
+
+def test_chunk_share_spreads_a_batch_over_the_online_workers() -> None:
+    from flux_flows.pools import FALLBACK_PARALLEL, chunk_share
+
+    assert chunk_share(32, chunks=40, online=2) == 16
+    assert chunk_share(32, chunks=40, online=5) == 6
+    assert chunk_share(32, chunks=1, online=4) == 32  # one chunk: the whole window
+    assert chunk_share(32, chunks=40, online=None) == 32 // FALLBACK_PARALLEL
+    assert chunk_share(32, chunks=40, online=0) == 32 // FALLBACK_PARALLEL
+    assert chunk_share(2, chunks=10, online=8) == 1  # never below one slot
+
+
 def test_a_batch_spreads_its_chunks_over_two_pool_workers(
     prefect_server: PrefectServer,
     emulator: Any,
@@ -314,7 +334,8 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Issue 15: chunks as runs of the chunk deployment on a process pool with two workers; the
-    batch's in-flight limit holds across both (a Prefect global concurrency limit)."""
+    batch's in-flight limit (a Prefect global concurrency limit, each chunk run holding its
+    share) and its requests-per-minute (each chunk pacing at its share) hold across both."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flux_flows import generate_images
@@ -326,16 +347,28 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
     prefect_cli(
         prefect_server, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--all"
     )
-    emulator.configure(latency_s=0.3)
+    rpm, concurrency = 60, 2
+    # The emulator answers 429 to a request over `rpm` in any 60 s: the batch must never see one.
+    emulator.configure(latency_s=0.3, rpm_limit=rpm)
+    arrivals: list[float] = []
+    record_start = emulator.stats.record_start
+
+    def stamped() -> None:
+        arrivals.append(time.monotonic())
+        record_start()
+
+    monkeypatch.setattr(emulator.stats, "record_start", stamped)
     env = worker_env(prefect_server, emulator, tmp_path)
     env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
     workers, logs = [], []
+    names = [f"spread-{n}-{os.getpid()}" for n in range(2)]
+    worker_command = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"]
     for n in range(2):
         logs.append(tmp_path / f"worker-{n}.log")
         with logs[-1].open("w") as out:
             workers.append(
                 subprocess.Popen(
-                    [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+                    [*worker_command, "--name", names[n]],
                     env=env,
                     cwd=PROJECT_ROOT,
                     stdout=out,
@@ -348,21 +381,54 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
     monkeypatch.setenv("FLUX_FLOWS_SPILL_DIR", str(tmp_path / "spill"))
     prompts = [f"a pooled lantern {i}" for i in range(10)]
     try:
+        # Both workers ONLINE first: the batch reads them to size each chunk's share (1 of 2).
+        deadline = time.monotonic() + 60
+        with prefect_client(prefect_server) as client:
+            while True:
+                online = [
+                    w.name
+                    for w in client.read_workers_for_work_pool(POOL)
+                    if w.status and w.status.value == "ONLINE" and w.name in names
+                ]
+                if len(online) == 2:
+                    break
+                assert all(w.poll() is None for w in workers), "a worker exited"
+                assert time.monotonic() < deadline, f"workers not online: {online}"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    workers[0].wait(timeout=0.2)  # returns early if it dies
         with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
-            report = generate_images(
-                prompts,
-                f"s3://{s3_bucket}/pool",
-                chunk_size=3,
-                max_concurrency=2,
-                chunk_deployment="render-chunk/flux-flows-chunks",
-            )
+            try:
+                report = generate_images(
+                    prompts,
+                    f"s3://{s3_bucket}/pool",
+                    chunk_size=3,
+                    max_concurrency=concurrency,
+                    requests_per_minute=rpm,
+                    chunk_deployment="render-chunk/flux-flows-chunks",
+                )
+            finally:
+                # The process-wide events worker was made for this server: deliver its events
+                # and drop it while the server is up, or later tests' events go to a dead port
+                # (each send then times out, and the session's end waits for all of them).
+                from prefect.events.worker import EventsWorker
+
+                EventsWorker.drain_all(timeout=60)
     finally:
         for worker in workers:
             _stop(worker)
     tails = "\n".join(_log_tail(log) for log in logs)
     assert report.counts["SUCCESS"] == 10, tails
     assert emulator.stats.generations == 10 and emulator.stats.duplicates == 0
-    assert emulator.stats.max_in_flight <= 2, "the batch's limit must hold across workers"
+    assert emulator.stats.max_in_flight <= concurrency, "the batch's limit must hold across workers"
+    # The pace holds across workers: no 429 (nothing over `rpm` in any 60 s), no 60 s window
+    # over `rpm`, and, at this test's scale, no 5 s over 5 s' worth plus one request per chunk
+    # run holding slots (each starts one paced interval after taking them). Unpaced, the 10
+    # requests would arrive within ~2 s.
+    assert emulator.stats.by_status.get(429, 0) == 0, emulator.stats.by_status
+    assert len(arrivals) == 10
+    assert _most_in_any_window(arrivals, 60.0) <= rpm
+    assert _most_in_any_window(arrivals, 5.0) <= 5 * rpm / 60 + concurrency, sorted(arrivals)
+    assert max(arrivals) - min(arrivals) >= (10 - 2 * concurrency) * 60 / rpm, sorted(arrivals)
     listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="pool/images/")
     assert len(listing.get("Contents", [])) == 10
     with prefect_client(prefect_server) as client:
@@ -375,4 +441,7 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
         )
         limits = [x.name for x in client.read_global_concurrency_limits(limit=100)]
     assert len(chunk_runs) == 4 and all(r.state.is_completed() for r in chunk_runs)  # 3+3+3+1
+    # Each chunk run held one of the two slots: the batch spread over both workers.
+    assert {r.parameters["share"] for r in chunk_runs} == {1}
+    assert {r.parameters["requests_per_minute"] for r in chunk_runs} == {rpm / concurrency}
     assert not [name for name in limits if name.startswith("flux-flows-")]  # the batch's, removed

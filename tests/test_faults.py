@@ -887,3 +887,568 @@ def test_sigkill_mid_batch_then_rerun(
     )  # fmt: skip
     sc.rows.append(row)
     print("MATRIX " + _line(row))
+
+
+# --------------------------------------------------------------------------------------------
+# SIGKILL in chunked mode (a Dask cluster of worker processes) and on a work-pool worker
+# --------------------------------------------------------------------------------------------
+
+CHUNKED_BATCH_SCRIPT = """
+import json, sys
+from prefect_dask import DaskTaskRunner
+from flux_flows.flows import generate_images
+
+if __name__ == "__main__":
+    prompts, destination = json.loads(sys.argv[1]), sys.argv[2]
+    runner = DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None
+        }
+    )
+    generate_images.with_options(task_runner=runner)(
+        prompts, destination, max_concurrency=int(sys.argv[3]), chunk_size=int(sys.argv[4])
+    )
+"""
+
+
+def _subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """The test's env (emulator, moto, spill folder) with this session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+
+
+def _kill_group(leader: subprocess.Popen[Any], deadline_s: float = 30.0) -> None:
+    """SIGKILL the process group `leader` heads and wait until none of its processes is alive
+    (a zombie whose parent died is not: it runs nothing and holds no connection)."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait(timeout=deadline_s)
+    deadline = time.monotonic() + deadline_s
+    while alive := [
+        p.pid
+        for p in psutil.process_iter(["status"])
+        if _pgid(p.pid) == leader.pid and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]:
+        assert time.monotonic() < deadline, f"{alive} outlived SIGKILL of their group"
+        procs = []
+        for pid in alive:
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(pid))
+        psutil.wait_procs(procs, timeout=0.5)
+
+
+def _wait_for_stored(
+    sc: Scenario, at_least: int, alive: Callable[[], bool], log: Callable[[], str]
+) -> None:
+    """Until `at_least` images are in the bucket, woken by each new generation (no fixed sleep)."""
+    deadline = time.monotonic() + 90
+    while len(sc.dest.keys("images/")) < at_least:
+        assert alive(), "the batch ended before it was killed:\n" + log()[-3000:]
+        assert time.monotonic() < deadline, "no progress:\n" + log()[-3000:]
+        seen = sc.emulator.stats.generations
+        sc.emulator.stats.wait_for(lambda s, seen=seen: s.generations > seen, timeout=0.5)
+
+
+def _rerun_after_kill(
+    sc: Scenario,
+    prompts: list[str],
+    tmp_path: Path,
+    *,
+    paid_before_kill: Counter[GenKey],
+    stored_at_kill: set[str],
+    in_flight_bound: int,
+) -> tuple[BatchReport, Counter[GenKey], set[GenKey]]:
+    """Re-run the batch in a fresh process (plain threads) and check what a kill may cost:
+    every image stored exactly once, the re-run generated exactly the images not stored at the
+    kill, each once, and the only images paid twice are those generated but not stored at the
+    kill (at most `in_flight_bound`). Returns the report, the re-run's generations and the
+    images in flight at the kill."""
+    n = len(prompts)
+    out, log = tmp_path / "rerun.json", tmp_path / "rerun.log"
+    argv = [sys.executable, "-c", BATCH_SCRIPT, json.dumps(prompts), sc.destination, str(out)]
+    with log.open("wb") as sink:
+        done = subprocess.run(
+            [*argv, "4"],
+            env=_subprocess_env(tmp_path),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    assert done.returncode == 0, log.read_text()[-3000:]
+    report = BatchReport.model_validate_json(out.read_text(encoding="utf-8"))
+    total, _ = generated_snapshot(sc.emulator)
+    total -= sc.start
+    rerun = total - paid_before_kill
+
+    key_of = {r.cache_key: emulator_key(r) for r in report.records}
+    stored_keys = {key_of[ck] for ck in stored_at_kill}
+    in_flight_at_kill = set(paid_before_kill) - stored_keys
+    # Every image exactly once in the bucket: one object per distinct request, none extra.
+    assert sorted(_cache_keys(sc.dest.keys("images/"))) == sorted(key_of)
+    assert len(sc.dest.keys("images/")) == n
+    # The re-run generated exactly the images not yet stored, each once.
+    assert sum(rerun.values()) == n - len(stored_at_kill)
+    assert set(rerun) == set(key_of.values()) - stored_keys
+    assert set(rerun.values()) <= {1}  # none at all if everything was stored before
+    # The only double payment: images generated when the process died, never stored.
+    paid_twice = {key for key, count in total.items() if count > 1}
+    assert paid_twice == in_flight_at_kill
+    assert len(in_flight_at_kill) <= in_flight_bound
+    assert max(total.values()) <= 2
+    outcomes, lost, _ = check_invariants(report, sc.dest, rerun)
+    assert set(outcomes.values()) == {"stored"} and lost == 0
+    assert report.cache_hits == len(stored_at_kill) and report.api_calls == n - len(stored_at_kill)
+    return report, rerun, in_flight_at_kill
+
+
+def test_sigkill_mid_batch_in_chunked_mode_then_rerun(
+    scenario: Callable[..., Scenario], s3_bucket: str, tmp_path: Path
+) -> None:
+    """The batch runs its chunks on a Dask LocalCluster of 2 worker processes; the whole process
+    group (the flow, the scheduler, the nannies, the workers) is SIGKILLed mid-batch."""
+    pytest.importorskip("prefect_dask")
+    n, concurrency, chunk_size = 40, 4, 5
+    sc = scenario(
+        f"process group SIGKILLed mid-batch in chunked mode (Dask, 2 worker processes, {n} "
+        f"images in chunks of {chunk_size}, {concurrency} in flight)",
+        f"s3://{s3_bucket}/chunked",
+    )
+    prompts = distinct("killed chunked batch", n)
+    sc.emulator.configure(latency_s=0.4)  # ~4 s of API time: room to catch the run halfway
+    script = tmp_path / "chunked_batch.py"
+    script.write_text(CHUNKED_BATCH_SCRIPT, encoding="utf-8")
+    log = tmp_path / "killed.log"
+    argv = [sys.executable, str(script), json.dumps(prompts), sc.destination]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [*argv, str(concurrency), str(chunk_size)],
+            env=_subprocess_env(tmp_path),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_stored(
+                sc, n // 2, lambda: process.poll() is None, lambda: log.read_text(errors="replace")
+            )
+            # More than one process: the Dask workers ran the chunks, and all die together.
+            import psutil
+
+            group = [p for p in psutil.process_iter() if _pgid(p.pid) == process.pid]
+            assert len(group) >= 3, [p.pid for p in group]
+        finally:
+            _kill_group(process)
+    assert process.returncode == -signal.SIGKILL
+    paid_before_kill, _ = generated_snapshot(sc.emulator)
+    paid_before_kill -= sc.start
+    stored_at_kill = _cache_keys(sc.dest.keys("images/"))
+    assert n // 2 <= len(stored_at_kill) < n
+
+    report, rerun, in_flight = _rerun_after_kill(
+        sc,
+        prompts,
+        tmp_path,
+        paid_before_kill=paid_before_kill,
+        stored_at_kill=stored_at_kill,
+        in_flight_bound=concurrency,
+    )
+    row = Row(
+        sc.fault,
+        f"SIGKILL of the group at {len(stored_at_kill)} stored; the re-run in a new process "
+        "lists the bucket and generates only the rest",
+        sc.test,
+        n, len(report.records), 0, 0, 0, 0, 0, 0,
+        f"{sum(rerun.values())} (expected {n - len(stored_at_kill)})",
+        in_flight_at_kill=len(in_flight),
+    )  # fmt: skip
+    sc.rows.append(row)
+    print("MATRIX " + _line(row))
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return -1
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_BIN = str(Path(sys.executable).with_name("prefect"))
+POOL = "flux-flows-pool"  # as deployments/prefect.yaml declares the chunk deployment's pool
+CHUNK_DEPLOYMENT = "render-chunk/flux-flows-chunks"
+# The chunk runs' heartbeats (`<chunk>.alive`), every 2 s here instead of 20 s: the batch takes a
+# RUNNING chunk run whose heartbeat stopped for MISSED_BEATS beats for dead and marks it Crashed.
+# No Prefect zombie automation, no Prefect heartbeat setting: an OSS server has neither by default.
+CHUNK_BEAT_S = 2.0
+
+
+def _prefect_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [PREFECT_BIN, *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def _worker_env(tmp_path: Path) -> dict[str, str]:
+    """What a worker host provides (as in test_deployment): this session's Prefect API, the
+    emulator's URL and key, moto's AWS settings, a spill folder; Prefect's defaults otherwise
+    (no flow-run heartbeats)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        PREFECT_HOME=str(tmp_path / "worker-prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_CLI_COLORS="false",
+    )
+    return env
+
+
+def _tree(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _kill_tree(pid: int, *, whole_tree: bool = True) -> None:
+    """SIGKILL every process group in the tree under `pid` (the worker's, and its flow-run
+    process's, which Prefect 3 starts in a session of its own): the machine dies. With
+    `whole_tree=False`, only the group `pid` leads."""
+    groups = {_pgid(p.pid) for p in _tree(pid)} if whole_tree else {_pgid(pid)}
+    groups -= {-1, os.getpgid(0)}
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("scope", ["machine", "worker-group"])
+def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
+    scenario: Callable[..., Scenario],
+    s3_bucket: str,
+    tmp_path: Path,
+    scope: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's chunks run as flow runs of the chunk deployment on a process pool with two
+    workers (each one chunk at a time); one worker is SIGKILLed while its chunk's requests are
+    in flight.
+
+    `machine`: the worker's process group and its flow-run process's (Prefect starts that in a
+    session of its own) die together. The batch still ends: the orphaned run's heartbeat stops,
+    the batch marks it Crashed after MISSED_BEATS beats, its images are ERROR records, every
+    other chunk is stored. `worker-group`: only the worker's own process group is killed; its flow-run process
+    survives it. Either way a re-run in a new process generates only what is missing, and
+    nothing is paid twice but what the killed process had in flight."""
+    import threading
+
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from flux_flows.pools import MISSED_BEATS
+
+    n, chunk_size, concurrency = 15, 3, 8  # each chunk run holds 4 of the batch's 8 slots
+    monkeypatch.setenv("FLUX_FLOWS_CHUNK_HEARTBEAT_S", str(CHUNK_BEAT_S))  # read by the batch
+    sc = scenario(
+        (
+            "pool worker and its flow-run process SIGKILLed mid-chunk"
+            if scope == "machine"
+            else "pool worker's process group SIGKILLed mid-chunk (its flow-run process lives)"
+        )
+        + f" ({n} images, chunks of {chunk_size} on 2 process workers)",
+        f"s3://{s3_bucket}/pool-killed",
+    )
+    prompts = distinct("killed pool worker", n)
+    # Long enough that a chunk's requests are caught in flight; short enough for a quick test.
+    sc.emulator.configure(latency_s=1.5)
+    emulator_port = urlsplit(sc.emulator.base_url).port
+    env = _worker_env(tmp_path)
+    _prefect_cli(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    _prefect_cli(
+        env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
+        CHUNK_DEPLOYMENT.partition("/")[2],
+    )  # fmt: skip
+    workers: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+
+    def tails() -> str:
+        return "\n".join(log.read_text(errors="replace")[-3000:] for log in logs)
+
+    killed: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def chunk_is_stored(run_id: str) -> bool:
+        """Whether every image of the run's chunk is already in the bucket (then its results
+        may be written any moment: too late to catch it mid-chunk)."""
+        with get_client(sync_client=True) as client:
+            chunk_key = client.read_flow_run(run_id).parameters["chunk_key"]
+        body = sc.dest.read(f"{sc.destination}/{chunk_key}") or b""
+        wanted = {ImageRequest.model_validate_json(line).cache_key for line in body.splitlines()}
+        return bool(wanted) and wanted <= _cache_keys(sc.dest.keys("images/"))
+
+    def kill_a_worker_mid_chunk() -> None:
+        """Watch the workers' flow-run processes; SIGKILL the first one caught with requests in
+        flight at the emulator, with its worker; make sure the batch cannot hang after that."""
+        while not stop.is_set() and not killed:
+            for worker in workers:
+                for proc in _tree(worker.pid)[1:]:
+                    with contextlib.suppress(psutil.Error):
+                        busy = [
+                            c
+                            for c in proc.net_connections(kind="tcp")
+                            if c.raddr and c.raddr.port == emulator_port
+                        ]
+                        run_id = proc.environ().get("PREFECT__FLOW_RUN_ID")
+                        if (
+                            busy
+                            and run_id
+                            and sc.emulator.stats.in_flight > 0
+                            and not chunk_is_stored(run_id)
+                        ):
+                            _kill_tree(worker.pid, whole_tree=scope == "machine")
+                            worker.wait(timeout=30)
+                            if scope == "machine":  # SIGKILL is delivered, then acted on
+                                lived = bool(psutil.wait_procs([proc], timeout=10)[1])
+                            else:  # right after its worker died: its images are in flight
+                                try:
+                                    lived = proc.status() != psutil.STATUS_ZOMBIE
+                                except psutil.Error:
+                                    lived = False
+                            killed.update(worker=worker, run_id=run_id, chunk_process_lived=lived)
+                            break
+                if killed:
+                    break
+            stop.wait(0.05)
+        # The batch waits for the orphaned run to reach a final state; if it never marks it, end
+        # it here so the test fails instead of hanging 6 hours.
+        if killed and not stop.wait(MISSED_BEATS * CHUNK_BEAT_S + 60):
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(killed["run_id"]).state
+                if state is None or not state.is_final():
+                    killed["forced"] = state.name if state else "no state"
+                    client.set_flow_run_state(killed["run_id"], Crashed(), force=True)
+
+    watcher = threading.Thread(target=kill_a_worker_mid_chunk, daemon=True)
+    worker_command = [PREFECT_BIN, "worker", "start", "--pool", POOL, "--type", "process"]
+    worker_command += ["--limit", "1"]  # one chunk at a time: what one kill can cost is bounded
+    names = [f"fault-worker-{scope}-{i}-{os.getpid()}" for i in range(2)]
+    try:
+        for i, log in enumerate(logs):
+            with log.open("wb") as sink:
+                workers.append(
+                    subprocess.Popen(
+                        [*worker_command, "--name", names[i]],
+                        env=env,
+                        cwd=PROJECT_ROOT,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while True:
+                online = [
+                    w.name
+                    for w in client.read_workers_for_work_pool(POOL)
+                    if w.status and w.status.value == "ONLINE" and w.name in names
+                ]
+                if len(online) == 2:
+                    break
+                assert all(w.poll() is None for w in workers), tails()
+                assert time.monotonic() < deadline, f"workers not online: {online}\n{tails()}"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    workers[0].wait(timeout=0.2)  # a poll interval that returns if it dies
+        watcher.start()
+        before, _ = generated_snapshot(sc.emulator)
+        started = time.monotonic()
+        state = generate_images(
+            prompts,
+            sc.destination,
+            chunk_size=chunk_size,
+            max_concurrency=concurrency,
+            chunk_deployment=CHUNK_DEPLOYMENT,
+            return_state=True,
+        )
+        batch_s = time.monotonic() - started
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)
+        for worker in workers:
+            if worker.poll() is None:
+                _kill_tree(worker.pid)
+            worker.wait(timeout=30)
+    assert killed, "no worker was caught mid-chunk:\n" + tails()
+    assert "forced" not in killed, (
+        f"the killed worker's run stayed {killed['forced']} until the test's deadline: nothing "
+        f"marked it final\n{tails()}"
+    )
+    assert killed["worker"].returncode == -signal.SIGKILL
+    report: BatchReport = state.result()
+    paid_before_rerun, _ = generated_snapshot(sc.emulator)
+    paid_before_rerun -= sc.start
+    first = paid_before_rerun - (before - sc.start)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[CHUNK_DEPLOYMENT.partition("/")[2]])
+            )
+        )
+        limits = [x.name for x in client.read_global_concurrency_limits(limit=100)]
+    # This batch's chunk runs (the session's API keeps other tests' runs): its bucket's.
+    bucket = f"s3://{s3_bucket}/"
+    states = {str(r.id): r.state for r in runs if r.parameters["destination"].startswith(bucket)}
+    assert len(states) == -(-n // chunk_size), states
+    killed_state = states[killed["run_id"]]
+    others = [s for run_id, s in states.items() if run_id != killed["run_id"]]
+    assert all(s.type is StateType.COMPLETED for s in others), others
+    assert not [name for name in limits if name.startswith("flux-flows-")]
+    errors = [r for r in report.records if r.finish_reason is FinishReason.ERROR]
+    if scope == "machine":
+        # The batch marked the orphaned run Crashed when its heartbeat stopped; its chunk's
+        # images are ERROR records of this run; all the others are stored.
+        assert not killed["chunk_process_lived"]
+        assert killed_state.type is StateType.CRASHED, killed_state
+        assert "stopped answering" in (killed_state.message or ""), killed_state.message
+        assert len(errors) == chunk_size, report.counts
+        assert all("Crashed without results" in (r.error or "") for r in errors)
+    else:
+        # The flow-run process outlived its worker (its own session) and ran on; its run ends
+        # in a final state, its heartbeat beating; its chunk is stored or ERROR whole.
+        assert killed["chunk_process_lived"], "the flow-run process died with its worker's group"
+        assert killed_state.is_final(), killed_state
+        assert len(errors) in (0, chunk_size), report.counts
+    assert report.counts[FinishReason.SUCCESS.value] == n - len(errors)
+    outcomes, _, _ = check_invariants(report, sc.dest, first)
+    assert sc.emulator.stats.max_in_flight <= concurrency
+    # Nothing generated is lost but what the killed process had in flight (paid, never stored).
+    key_of = {r.cache_key: emulator_key(r) for r in report.records}
+    stored_at_end = _cache_keys(sc.dest.keys("images/"))
+    unstored = set(first) - {key_of[ck] for ck in stored_at_end}
+    error_keys = {emulator_key(r) for r in errors}
+    assert unstored <= error_keys and len(unstored) <= chunk_size
+
+    report2, rerun, in_flight = _rerun_after_kill(
+        sc,
+        prompts,
+        tmp_path,
+        paid_before_kill=paid_before_rerun,
+        stored_at_kill=stored_at_end,
+        in_flight_bound=chunk_size,
+    )
+    assert set(rerun) <= error_keys  # the re-run did only the killed chunk's missing images
+    kinds = Counter(outcomes[r.cache_key] for r in report.records)
+    stored_by_killed = len({r.cache_key for r in errors} & stored_at_end)
+    if scope == "machine":
+        behaviour = (
+            f"the batch marks the orphaned chunk run Crashed when its heartbeat stops "
+            f"({CHUNK_BEAT_S:.0f} s beats, dead after {MISSED_BEATS}) and ends in "
+            f"{batch_s:.0f} s with its {chunk_size} images ERROR ({stored_by_killed} of them "
+            "stored before the kill); the re-run generates only the rest"
+        )
+    else:
+        behaviour = (
+            f"the chunk's flow-run process runs on without its worker; its run ends "
+            f"{killed_state.name} ({killed_state.message!r}), the batch in {batch_s:.0f} s with "
+            f"{len(errors)} images ERROR; the re-run generates only the rest"
+        )
+    row = Row(
+        sc.fault,
+        behaviour,
+        sc.test,
+        n, kinds["stored"], 0, kinds["error"], 0, 0, 0, 0,
+        f"{sum(rerun.values())} (expected {n - len(stored_at_end)})",
+        in_flight_at_kill=len(in_flight),
+    )  # fmt: skip
+    assert report2.counts[FinishReason.SUCCESS.value] == n
+    sc.rows.append(row)
+    print("MATRIX " + _line(row))
+
+
+def _running_flow_run() -> Any:
+    """A flow run set RUNNING on the session's API, as a chunk run is while it renders."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="heartbeat-probe")
+    def probe() -> None:  # never run: only its flow run's state is used
+        return None
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(probe)
+        client.set_flow_run_state(run.id, Running(), force=True)
+    return run.id
+
+
+def test_a_chunk_run_whose_heartbeat_stops_is_crashed_by_the_batch(tmp_path: Path) -> None:
+    """`pools._wait_for` on a RUNNING run whose heartbeat never changes: Crashed, with a message,
+    after MISSED_BEATS beats (here 4 x 0.25 s), not after WAIT_FOR_CHUNK_S."""
+    from flux_flows.pools import MISSED_BEATS, _wait_for
+    from flux_flows.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "dest"))
+    # written once, then silence
+    storage.put("runs/x/chunks/chunk-00001.alive", b'{"beat": 1}', content_type="application/json")
+    run_id = _running_flow_run()
+    beat = 0.25
+    started = time.monotonic()
+    state = _wait_for(run_id, storage, "runs/x/chunks/chunk-00001.alive", beat)
+    waited = time.monotonic() - started
+    assert state.is_crashed(), state
+    assert "stopped answering" in (state.message or "")
+    assert MISSED_BEATS * beat <= waited < 60, waited
+
+
+def test_a_chunk_run_that_beats_is_waited_for(tmp_path: Path) -> None:
+    """A run whose heartbeat keeps changing is alive however long it takes: `_wait_for` returns
+    its own final state (here Completed, set once it has outlived many dead-after deadlines)."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    from flux_flows.pools import MISSED_BEATS, _heartbeat, _wait_for
+    from flux_flows.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "dest"))
+    key = "runs/x/chunks/chunk-00001.alive"
+    run_id = _running_flow_run()
+    beat = 0.25
+    outlived = threading.Event()
+
+    def finish_later() -> None:
+        outlived.wait(3 * MISSED_BEATS * beat)  # a duration to outlive, not a synchronisation
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Completed(), force=True)
+
+    finisher = threading.Thread(target=finish_later, daemon=True)
+    with _heartbeat(storage, key, beat):
+        finisher.start()
+        state = _wait_for(run_id, storage, key, beat)
+    finisher.join(timeout=30)
+    assert state.is_completed(), state
+    assert not storage.exists(key)  # the heartbeat is removed at the end
