@@ -179,6 +179,7 @@ def render_on_pool(
                     "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
                     "heartbeat_s": beat,
                     "concurrency_limit": options.concurrency_limit,
+                    "thumbnails": options.thumbnails,
                     "credentials_block": _block_name(options.credentials),
                     "aws_credentials_block": _block_name(options.aws_credentials),
                     "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
@@ -332,6 +333,7 @@ def render_chunk(
     requests_per_minute: float | None = None,
     heartbeat_s: float = HEARTBEAT_S,
     concurrency_limit: str | None = None,
+    thumbnails: bool = True,
     credentials_block: str | None = None,
     aws_credentials_block: str | None = None,
     parent_flow_run_id: str | None = None,
@@ -365,6 +367,7 @@ def render_chunk(
             aws_credentials=aws,
             flow_run_id=parent_flow_run_id,
             concurrency_limit=concurrency_limit,
+            thumbnails=thumbnails,
         )
         with _holding(in_flight, share):
             if requests_per_minute:
