@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +154,28 @@ def cli_env(flow_env: object, tmp_path: object) -> dict[str, str]:
         "COLUMNS": "200",
     }
     return env
+
+
+def wait_for_online_workers(
+    client: Any,
+    pool: str,
+    names: list[str],
+    workers: list[subprocess.Popen[Any]],
+    describe: Callable[[], str] = lambda: "",
+    timeout_s: float = 60.0,
+) -> None:
+    """Until every named worker of `pool` is ONLINE at the API (a batch sizes its chunks' shares
+    from them); fails at once if one of the worker processes exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        online = [
+            w.name
+            for w in client.read_workers_for_work_pool(pool)
+            if w.status and w.status.value == "ONLINE" and w.name in names
+        ]
+        if len(online) == len(names):
+            return
+        assert all(w.poll() is None for w in workers), f"a worker exited\n{describe()}"
+        assert time.monotonic() < deadline, f"workers not online: {online}\n{describe()}"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            workers[0].wait(timeout=0.2)  # a poll interval that returns if it dies

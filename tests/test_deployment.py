@@ -31,7 +31,7 @@ import boto3
 import httpx
 import pytest
 
-from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port
+from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port, wait_for_online_workers
 
 pytestmark = pytest.mark.deployment
 
@@ -382,20 +382,8 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
     prompts = [f"a pooled lantern {i}" for i in range(10)]
     try:
         # Both workers ONLINE first: the batch reads them to size each chunk's share (1 of 2).
-        deadline = time.monotonic() + 60
         with prefect_client(prefect_server) as client:
-            while True:
-                online = [
-                    w.name
-                    for w in client.read_workers_for_work_pool(POOL)
-                    if w.status and w.status.value == "ONLINE" and w.name in names
-                ]
-                if len(online) == 2:
-                    break
-                assert all(w.poll() is None for w in workers), "a worker exited"
-                assert time.monotonic() < deadline, f"workers not online: {online}"
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    workers[0].wait(timeout=0.2)  # returns early if it dies
+            wait_for_online_workers(client, POOL, names, workers)
         with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
             try:
                 report = generate_images(

@@ -45,7 +45,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from PIL import Image
 
-from conftest import TEST_API_KEY
+from conftest import TEST_API_KEY, wait_for_online_workers
 from flux_flows.client import FluxClient, RetryPolicy
 from flux_flows.errors import APITimeoutError, ResponseError, ServerError, StorageError
 from flux_flows.flows import generate_images
@@ -1246,20 +1246,8 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
                         start_new_session=True,
                     )
                 )
-        deadline = time.monotonic() + 60
         with get_client(sync_client=True) as client:
-            while True:
-                online = [
-                    w.name
-                    for w in client.read_workers_for_work_pool(POOL)
-                    if w.status and w.status.value == "ONLINE" and w.name in names
-                ]
-                if len(online) == 2:
-                    break
-                assert all(w.poll() is None for w in workers), tails()
-                assert time.monotonic() < deadline, f"workers not online: {online}\n{tails()}"
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    workers[0].wait(timeout=0.2)  # a poll interval that returns if it dies
+            wait_for_online_workers(client, POOL, names, workers, tails)
         watcher.start()
         before, _ = generated_snapshot(sc.emulator)
         started = time.monotonic()
