@@ -7,7 +7,6 @@ real run: the plan a user sees is the plan that runs.
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from flux_flows import layout
-from flux_flows.claims import ClaimBook
 from flux_flows.images_in import (
     describe_reference,
     hash_input_images,
@@ -304,34 +302,6 @@ def plan_run(
         prices=price_table(settings.prices),
         budget_usd=settings.budget_usd,
     )
-
-
-def await_other_runs(
-    plan: BatchPlan,
-    storage: Storage,
-    claims: ClaimBook,
-    waiting_for: set[str],
-    *,
-    poll_s: float = 2.0,
-) -> list[str]:
-    """Wait for the images other live runs claimed; return those nobody is making any more.
-
-    Each image that appears is added to the plan as stored, so its record says "cached" and
-    this run pays nothing for it.
-    """
-    remaining = set(waiting_for)
-    pause = threading.Event()
-    while remaining:
-        stored = find_stored(storage)
-        for key in remaining & stored.keys():
-            plan.stored[key] = stored[key]
-        remaining -= stored.keys()
-        if not remaining:
-            break
-        if not claims.claimed_by_others(remaining):
-            break  # their run ended without them (failed, or killed): make them here
-        pause.wait(poll_s)
-    return [key for key in plan.to_generate if key in remaining]
 
 
 @dataclass

@@ -1,16 +1,28 @@
-"""Runs that overlap in one destination never pay twice for an image (issue 16).
+"""Runs that overlap in one destination never pay twice for an image: a lease per image.
 
-A nightly run that is still going when the next starts, or two workers given the same prompts,
-would each list the destination, each miss the same images and each pay for them. Before it
-generates, a run writes a claim, `claims/<run_id>.json`, naming the cache keys it is about to
-pay for, and only then reads the other runs' claims. Every run orders the claims the same way
-(oldest first, then by run id), so for each key exactly one live run generates it and the others
-wait for it to appear in the destination, whatever the interleaving: a run that listed before
-another wrote is the older one, and the younger one sees its claim.
+The protocol (written down in RELIABILITY.md, "The claims protocol"):
 
-A claim lives for `CLAIM_TTL_S` unless its run renews it (a background thread does, every third
-of that); a run on this machine whose process is gone is dead at once. A run that waited for
-an image another run was making and then finds that run gone without it generates it itself.
+- Before it pays for an image, a process creates `claims/<cache_key>.<epoch>.lease` with an
+  atomic create-if-absent (S3 `If-None-Match: *`, a hard link on disk). Only one writer can
+  create a given name, so two processes can never both hold one image. The lease names its
+  *holder*, and is deleted once the image is stored (or has failed).
+- After it holds the lease, the process checks the destination once more: an image stored
+  by a run that released its lease a moment ago is taken as found, never paid for again.
+- A holder is one process of one run. It writes `claims/holder-<token>.json` before its first
+  lease and rewrites it every `lease_s / 4` while it holds any; it deletes it after its last.
+- A process that finds a lease taken reads its holder's file. The holder is alive while that
+  file was rewritten within `lease_s`, judged by the store's clock (S3 `Last-Modified` against
+  the `Date` of the same answer; a file's mtime against a probe's), never by either writer's
+  own clock. A holder on this same machine and PID namespace (same boot id, same
+  `/proc/self/ns/pid`) whose process is gone, or is another process now, is dead at once.
+- A dead holder's image is taken over by creating the next epoch's lease, again atomically.
+- A lease is held only while its image is being generated and stored, never while its holder
+  waits for anything, so no two runs can wait on each other: the batch comes back to an image
+  whose lease was live after its own work, and takes it over once the holder stops renewing.
+
+Anything in `claims/` may have been written by another process, or by hand: files are read up
+to `MAX_CLAIM_BYTES`, their fields' types checked, and a bad one is logged by name and taken
+for no holder.
 """
 
 from __future__ import annotations
@@ -19,125 +31,361 @@ import contextlib
 import json
 import logging
 import os
+import re
+import secrets
 import socket
 import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from flux_flows import layout
 from flux_flows.errors import StorageError
 from flux_flows.storage import Storage
 
 logger = logging.getLogger("flux_flows.claims")
 
 CLAIMS = "claims/"
-CLAIM_TTL_S = 15 * 60.0
+LEASE_S = 120.0
+MAX_CLAIM_BYTES = 4096
+_TAKEOVER_ATTEMPTS = 5
+_LEASE_RE = re.compile(r"^claims/([0-9a-f]{32})\.(\d{1,6})\.lease$")
+_TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
+JSON = "application/json"
+
+
+def lease_s() -> float:
+    """How long a silent holder keeps its images: FLUX_FLOWS_CLAIM_LEASE_S, else LEASE_S."""
+    with contextlib.suppress(ValueError):
+        value = float(os.environ.get("FLUX_FLOWS_CLAIM_LEASE_S") or LEASE_S)
+        if value > 0:
+            return value
+    return LEASE_S
+
+
+class ClaimsUnwritableError(StorageError):
+    """The destination's `claims/` folder cannot be written: no image can be claimed safely."""
+
+
+def _read_proc(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    with contextlib.suppress(OSError):
+        return os.readlink("/proc/self/ns/pid")
+    return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None if there is none: with the
+    PID, it names one process, not whichever process has that number now."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    with contextlib.suppress(IndexError, ValueError):
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    return None
 
 
 @dataclass(frozen=True)
-class Claim:
+class Holder:
+    """One process of one run that holds leases; what others need to judge whether it lives."""
+
+    token: str
     run_id: str
     host: str
+    boot_id: str
+    pid_ns: str
     pid: int
-    created: float
-    expires: float
-    keys: tuple[str, ...]
+    start_ticks: int | None
 
-    def alive(self, now: float) -> bool:
-        if now > self.expires:
+    @classmethod
+    def of_this_process(cls, run_id: str) -> Holder:
+        pid = os.getpid()
+        return cls(
+            token=secrets.token_hex(16),
+            run_id=run_id,
+            host=socket.gethostname(),
+            boot_id=_read_proc("/proc/sys/kernel/random/boot_id"),
+            pid_ns=_pid_namespace(),
+            pid=pid,
+            start_ticks=_start_ticks(pid),
+        )
+
+    @classmethod
+    def from_json(cls, body: bytes) -> Holder:
+        """A holder file as written by `to_json`; anything else raises ValueError."""
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        text = ("token", "run_id", "host", "boot_id", "pid_ns")
+        for name in text:
+            if not isinstance(data.get(name), str):
+                raise ValueError(f"{name!r} must be a string")
+        if not _TOKEN_RE.match(data["token"]):
+            raise ValueError("'token' must be 32 hex digits")
+        pid, ticks = data.get("pid"), data.get("start_ticks")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValueError("'pid' must be a positive integer")
+        if ticks is not None and (not isinstance(ticks, int) or isinstance(ticks, bool)):
+            raise ValueError("'start_ticks' must be an integer or null")
+        return cls(**{name: data[name] for name in text}, pid=pid, start_ticks=ticks)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    def provably_dead(self) -> bool:
+        """True only when this holder ran on this machine, in this PID namespace, and its process
+        is gone or is another process now; a PID from anywhere else proves nothing."""
+        me = _this_machine()
+        if not self.boot_id or self.start_ticks is None or (self.boot_id, self.pid_ns) != me:
             return False
-        if self.host == socket.gethostname():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        return True
+        return _start_ticks(self.pid) != self.start_ticks
 
-    def order(self) -> tuple[float, str]:
-        return (self.created, self.run_id)
+    def describe(self) -> str:
+        return f"run {self.run_id} (pid {self.pid} on {self.host})"
 
 
-def _key(run_id: str) -> str:
-    return f"{CLAIMS}{layout.slug(run_id, 80)}.json"
+def _this_machine() -> tuple[str, str]:
+    return _read_proc("/proc/sys/kernel/random/boot_id"), _pid_namespace()
 
 
-class ClaimBook:
-    """This run's claim, and what other live runs are generating."""
+def lease_key(cache_key: str, epoch: int) -> str:
+    return f"{CLAIMS}{cache_key}.{epoch}.lease"
 
-    def __init__(self, storage: Storage, run_id: str, *, ttl_s: float = CLAIM_TTL_S) -> None:
+
+def holder_key(token: str) -> str:
+    return f"{CLAIMS}holder-{token}.json"
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Another live process holds the image: who, as far as its files say."""
+
+    cache_key: str
+    holder: str
+
+
+class Heartbeat:
+    """This process's holder file for one run in one destination, renewed while leases are held.
+
+    Shared by every thread of the process that renders for the run (`heartbeat_for`), so the
+    store sees one rewrite per `lease_s / 4`, not one per image. It lingers one renewal after
+    the last lease is released (the next image usually follows at once), then is deleted.
+    """
+
+    def __init__(self, storage: Storage, run_id: str, lease: float) -> None:
         self.storage = storage
-        self.run_id = run_id
-        self.ttl_s = ttl_s
-        self.created = time.time()
-        self.keys: tuple[str, ...] = ()
+        self.holder = Holder.of_this_process(run_id)
+        self.lease_s = lease
+        self._lock = threading.Lock()
+        self._held = 0
+        self._running = False
         self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
 
     def _write(self) -> None:
-        claim = Claim(
-            self.run_id,
-            socket.gethostname(),
-            os.getpid(),
-            self.created,
-            time.time() + self.ttl_s,
-            self.keys,
-        )
-        body = json.dumps(asdict(claim)).encode("utf-8")
-        self.storage.put(_key(self.run_id), body, content_type="application/json")
+        try:
+            self.storage.put(
+                holder_key(self.holder.token), self.holder.to_json(), content_type=JSON
+            )
+        except (StorageError, OSError) as exc:
+            raise ClaimsUnwritableError(
+                f"cannot write in {self.storage.uri_for(CLAIMS)}, where runs into this "
+                f"destination coordinate so none pays twice: {exc}"
+            ) from exc
 
-    def others(self) -> list[Claim]:
-        """The live claims of other runs (unreadable or stale ones are skipped)."""
-        now, found = time.time(), []
-        for key in self.storage.list_keys(CLAIMS):
-            if key == _key(self.run_id) or not key.endswith(".json"):
-                continue
-            try:
-                data = json.loads(self.storage.get(key))
-                claim = Claim(**{**data, "keys": tuple(data["keys"])})
-            except (StorageError, OSError, ValueError, TypeError, KeyError):
-                continue  # being replaced, or not a claim: it protects nothing
-            if claim.alive(now):
-                found.append(claim)
-        return found
-
-    def stake(self, keys: Iterable[str]) -> set[str]:
-        """Claim `keys`; return those an older live run claimed first (this run must wait)."""
-        self.keys = tuple(keys)
-        if not self.keys:
-            return set()
-        self._write()
-        self._start_renewing()
-        mine = set(self.keys)
-        me = (self.created, self.run_id)
-        taken: set[str] = set()
-        for claim in self.others():
-            if claim.order() < me:
-                taken |= mine.intersection(claim.keys)
-        return taken
-
-    def claimed_by_others(self, keys: set[str]) -> set[str]:
-        """Which of `keys` a live run still claims (the rest: nobody is making them)."""
-        held: set[str] = set()
-        for claim in self.others():
-            held |= keys.intersection(claim.keys)
-        return held
-
-    def _start_renewing(self) -> None:
-        def renew() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
-                with contextlib.suppress(StorageError, OSError):
-                    self._write()
-
-        self._renewer = threading.Thread(target=renew, name="flux-claim-renewer", daemon=True)
-        self._renewer.start()
+    def acquire(self) -> None:
+        """Count one more lease; the holder file exists when this returns."""
+        with self._lock:
+            if not self._running:
+                self._write()
+                self._running = True
+                self._stop.clear()
+                threading.Thread(target=self._renew, name="flux-claims", daemon=True).start()
+            self._held += 1
 
     def release(self) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join(timeout=5)
-        if self.keys:
+        with self._lock:
+            self._held = max(0, self._held - 1)
+
+    def _renew(self) -> None:
+        idle_ticks = 0
+        while not self._stop.wait(self.lease_s / 4):
+            with self._lock:
+                if self._held == 0:
+                    idle_ticks += 1
+                    if idle_ticks >= 2:
+                        self._running = False
+                        self._delete()
+                        return
+                else:
+                    idle_ticks = 0
+                with contextlib.suppress(StorageError):
+                    self._write()
+
+    def _delete(self) -> None:
+        with contextlib.suppress(StorageError, OSError):
+            self.storage.delete(holder_key(self.holder.token))
+
+    def close(self) -> None:
+        """Stop renewing and delete the holder file (its leases must be released first)."""
+        with self._lock:
+            self._stop.set()
+            if self._running:
+                self._running = False
+                self._delete()
+
+
+_HEARTBEATS: dict[tuple[str, str], Heartbeat] = {}
+_HEARTBEATS_LOCK = threading.Lock()
+
+
+def heartbeat_for(storage: Storage, run_id: str) -> Heartbeat:
+    """The process's one heartbeat for (destination, run): a Dask or pool worker rendering
+    chunks of one run holds all its leases under one holder."""
+    key = (storage.root_uri, run_id)
+    with _HEARTBEATS_LOCK:
+        beat = _HEARTBEATS.get(key)
+        if beat is None:
+            beat = _HEARTBEATS[key] = Heartbeat(storage, run_id, lease_s())
+        return beat
+
+
+def close_heartbeat(storage: Storage, run_id: str) -> None:
+    with _HEARTBEATS_LOCK:
+        beat = _HEARTBEATS.pop((storage.root_uri, run_id), None)
+    if beat is not None:
+        beat.close()
+
+
+def _read_untrusted(storage: Storage, key: str) -> bytes | None:
+    """At most MAX_CLAIM_BYTES of a file another process wrote; None if it is gone or too big."""
+    try:
+        return storage.get(key, max_bytes=MAX_CLAIM_BYTES)
+    except (StorageError, OSError) as exc:
+        if storage.age_s(key) is not None:
+            logger.warning("ignoring %s: %s", storage.uri_for(key), exc)
+        return None
+
+
+def _epochs(storage: Storage, cache_key: str) -> list[int]:
+    found = []
+    for key in storage.list_keys(f"{CLAIMS}{cache_key}."):
+        match = _LEASE_RE.match(key)
+        if match and match.group(1) == cache_key:
+            found.append(int(match.group(2)))
+    return sorted(found)
+
+
+def holder_of(storage: Storage, key: str, me: Holder) -> Holder | None:
+    """The live holder of lease `key`, or None when it has none (gone, silent, dead, unreadable).
+
+    A lease of this very process and run is never "held" against it: only a chunk retried in a
+    process that survived its first attempt meets one, and that attempt is over.
+    """
+    body = _read_untrusted(storage, key)
+    if body is None:
+        return None
+    token = body.decode("ascii", "replace").strip()
+    if not _TOKEN_RE.match(token):
+        logger.warning("ignoring %s: not a claims lease", storage.uri_for(key))
+        return None
+    if token == me.token:
+        return None
+    age = storage.age_s(holder_key(token))
+    if age is None or age > lease_s():
+        return None
+    found = _read_untrusted(storage, holder_key(token))
+    if found is None:
+        return None
+    try:
+        holder = Holder.from_json(found)
+    except (ValueError, UnicodeDecodeError) as exc:
+        logger.warning(
+            "ignoring %s: not a claims holder (%s)", storage.uri_for(holder_key(token)), exc
+        )
+        return None
+    if holder.token != token or holder.provably_dead():
+        return None
+    return holder
+
+
+class Lease:
+    """One image held by this process: release it once the image is stored or has failed."""
+
+    def __init__(
+        self, storage: Storage, cache_key: str, epochs: list[int], beat: Heartbeat
+    ) -> None:
+        self.storage = storage
+        self.cache_key = cache_key
+        self.epochs = epochs
+        self.beat = beat
+
+    def release(self) -> None:
+        """Delete this lease and any dead ones below it; a failed delete leaves a lease whose
+        holder file will go silent, which others then take over."""
+        for epoch in reversed(self.epochs):
             with contextlib.suppress(StorageError, OSError):
-                self.storage.delete(_key(self.run_id))
+                self.storage.delete(lease_key(self.cache_key, epoch))
+        self.beat.release()
+
+
+def acquire(storage: Storage, run_id: str, cache_key: str) -> Lease | Taken:
+    """Hold `cache_key` for this process, or say which live holder has it."""
+    beat = heartbeat_for(storage, run_id)
+    beat.acquire()
+    me = beat.holder
+    token = me.token.encode()
+    try:
+        epoch = 0
+        for _ in range(_TAKEOVER_ATTEMPTS):
+            if storage.create(lease_key(cache_key, epoch), token, content_type="text/plain"):
+                return Lease(storage, cache_key, list(range(epoch + 1)), beat)
+            epochs = _epochs(storage, cache_key)
+            if not epochs:
+                epoch = 0  # released between our create and our listing: try again
+                continue
+            top = epochs[-1]
+            holder = holder_of(storage, lease_key(cache_key, top), me)
+            if holder is not None:
+                beat.release()
+                return Taken(cache_key, holder.describe())
+            epoch = top + 1
+        beat.release()
+        return Taken(cache_key, "other runs (the lease kept changing hands)")
+    except ClaimsUnwritableError:
+        beat.release()
+        raise
+    except (StorageError, OSError) as exc:
+        beat.release()
+        raise ClaimsUnwritableError(
+            f"cannot claim images in {storage.uri_for(CLAIMS)}, where runs into this "
+            f"destination coordinate so none pays twice: {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def holding(storage: Storage, run_id: str | None, cache_key: str) -> Iterator[Lease | Taken | None]:
+    """`acquire` as a context: the lease (released on exit), a `Taken`, or None for no run."""
+    if run_id is None:
+        yield None
+        return
+    outcome = acquire(storage, run_id, cache_key)
+    try:
+        yield outcome
+    finally:
+        if isinstance(outcome, Lease):
+            outcome.release()
+
+
+def is_taken(storage: Storage, run_id: str, cache_key: str) -> str | None:
+    """Who holds `cache_key` now (None: nobody live), without taking it."""
+    me = heartbeat_for(storage, run_id).holder
+    epochs = _epochs(storage, cache_key)
+    if not epochs:
+        return None
+    holder = holder_of(storage, lease_key(cache_key, epochs[-1]), me)
+    return holder.describe() if holder else None

@@ -237,7 +237,7 @@ INTERRUPTED = "not attempted: the run was interrupted (Ctrl-C)"
 
 
 @contextlib.contextmanager
-def _first_ctrl_c_stops_submitting() -> Iterator[threading.Event]:
+def first_ctrl_c_stops() -> Iterator[threading.Event]:
     """While images are submitted from the main thread, the first Ctrl-C only sets an event the
     loop reads (a KeyboardInterrupt could land inside a Prefect API call that swallows it); the
     second raises KeyboardInterrupt as usual."""
@@ -280,7 +280,7 @@ def render_windowed(
     window = AdaptiveWindow(max_concurrency)
     abort: str | None = None
     in_flight = 0
-    with _first_ctrl_c_stops_submitting() as pressed:
+    with first_ctrl_c_stops() as pressed:
         while pending or in_flight:
             if pressed.is_set() and abort != INTERRUPTED:
                 # Ctrl-C: stop submitting, let what is in flight (paid for) finish and be

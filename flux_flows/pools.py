@@ -42,6 +42,7 @@ from prefect import flow, get_run_logger
 
 from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials
+from flux_flows.claims import close_heartbeat
 from flux_flows.errors import StorageError
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import RPM_HEADROOM
@@ -183,6 +184,7 @@ def render_on_pool(
                     "credentials_block": _block_name(options.credentials),
                     "aws_credentials_block": _block_name(options.aws_credentials),
                     "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
+                    "run_id": make_job.keywords.get("run_id"),
                 }
                 run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
                 active.append((run.id, key, chunk))
@@ -337,6 +339,7 @@ def render_chunk(
     credentials_block: str | None = None,
     aws_credentials_block: str | None = None,
     parent_flow_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> int:
     """Render one chunk of a batch on this worker; started by the batch, not by hand.
 
@@ -368,6 +371,7 @@ def render_chunk(
             flow_run_id=parent_flow_run_id,
             concurrency_limit=concurrency_limit,
             thumbnails=thumbnails,
+            run_id=run_id,
         )
         with _holding(in_flight, share):
             if requests_per_minute:
@@ -385,6 +389,8 @@ def render_chunk(
                 )
             finally:
                 runner.shutdown()
+                if run_id:
+                    close_heartbeat(storage, run_id)
         body = b"".join(r.to_json() + b"\n" for r in results.values())
         storage.put(_results_key(chunk_key), body, content_type=NDJSON)
     get_run_logger().info("chunk %s: %d images rendered", chunk_key, len(results))

@@ -15,6 +15,8 @@ logger = logging.getLogger("flux_flows.progress")
 
 Listener = Callable[[int, int], None]
 _listeners: list[Listener] = []
+StatusListener = Callable[[str], None]
+_status_listeners: list[StatusListener] = []
 
 
 @contextlib.contextmanager
@@ -25,6 +27,22 @@ def listening(listener: Listener) -> Iterator[None]:
         yield
     finally:
         _listeners.remove(listener)
+
+
+@contextlib.contextmanager
+def listening_status(listener: StatusListener) -> Iterator[None]:
+    """Call `listener(text)` whenever the batch says what it is doing besides rendering (waiting
+    for another run, say); "" means it is rendering again. The CLI shows it beside its bar."""
+    _status_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _status_listeners.remove(listener)
+
+
+def say_status(text: str) -> None:
+    for listener in list(_status_listeners):
+        listener(text)
 
 
 class ProgressReporter:

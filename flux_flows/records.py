@@ -63,7 +63,8 @@ def record_of(
     result = results[key]
     success = result.finish_reason is FinishReason.SUCCESS
     uri = storage.uri_for(result.object_key) if result.object_key else None
-    paid = first and not result.recovered_from_spill and result.finish_reason != FinishReason.ERROR
+    unpaid = result.recovered_from_spill or result.already_stored
+    paid = first and not unpaid and result.finish_reason != FinishReason.ERROR
     return ImageRecord.for_request(
         request,
         **base,
@@ -73,7 +74,7 @@ def record_of(
         thumbnail_uri=storage.uri_for(layout.thumbnail_key(key))
         if success and result.thumbnail
         else None,
-        cached=not first or result.recovered_from_spill,
+        cached=not first or unpaid,
         error=result.error,
         spill_path=result.spill_path,
         width=result.width,

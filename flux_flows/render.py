@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from flux_flows import layout
+from flux_flows import claims, layout
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import FinishReason, ImageRequest
@@ -64,6 +64,7 @@ class RenderJob:
     concurrency_limit: str | None = None  # a Prefect global concurrency limit, a slot per call
     known_key: str | None = None  # the request's cache key, when the plan already has it
     thumbnails: bool = True  # make the contact sheet's thumbnail of each SUCCESS image
+    run_id: str | None = None  # the run whose lease on the image is taken first (`claims`)
 
     @property
     def cache_key(self) -> str:
@@ -96,6 +97,8 @@ class RenderResult:
     api_calls: int = 0
     throttled: int = 0
     error: str | None = None
+    already_stored: bool = False  # found in the destination once its lease was held: not paid
+    taken_by: str | None = None  # another live run holds its lease: the batch comes back to it
 
     def to_json(self) -> bytes:
         fields = {name: getattr(self, name) for name in _RESULT_FIELDS}
@@ -292,17 +295,53 @@ def _recover_spilled(job: RenderJob) -> RenderResult | None:
     return _with_thumbnail(storage, stored, data, finish)
 
 
+def found_stored(storage: Storage, request: ImageRequest, cache_key: str) -> RenderResult | None:
+    """The image if the destination holds it now (a retried chunk's first attempt, or another
+    run that stored it since this run listed): two HEADs, no API call."""
+    for finish in (FinishReason.SUCCESS, FinishReason.CONTENT_FILTERED):
+        key = layout.image_key(request, finish)
+        if storage.exists(key):
+            return RenderResult(
+                cache_key=cache_key,
+                finish_reason=finish,
+                object_key=key,
+                thumbnail=finish is FinishReason.SUCCESS,
+                already_stored=True,
+            )
+    return None
+
+
+def taken_result(cache_key: str, holder: str) -> RenderResult:
+    return RenderResult(
+        cache_key=cache_key,
+        finish_reason=FinishReason.ERROR,
+        error=f"not generated: {holder} is generating it into this destination",
+        taken_by=holder,
+    )
+
+
 def render(job: RenderJob) -> RenderResult:
-    """Generate and store one image; a FluxError propagates with its attempt count."""
+    """Generate and store one image; a FluxError propagates with its attempt count.
+
+    The image's lease (`claims`) is held from before the last look at the destination until
+    it is stored, so no other run or retried chunk pays for it meanwhile.
+    """
     recovered = _recover_spilled(job)
     if recovered is not None:
         return recovered
-    client = shared_client(job.credentials)
-    with _api_slot(job):
-        # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
-        image = client.generate(job.request, aws_credentials=job.aws_credentials)
-    result = RenderResult(cache_key=job.cache_key, throttled=image.throttled, **image.facts())
-    return _store_or_spill(job, image, result)
+    with claims.holding(job.storage, job.run_id, job.cache_key) as lease:
+        if isinstance(lease, claims.Taken):
+            return taken_result(job.cache_key, lease.holder)
+        if lease is not None:
+            found = found_stored(job.storage, job.request, job.cache_key)
+            if found is not None:
+                return found
+        client = shared_client(job.credentials)
+        with _api_slot(job):
+            # A Kontext edit's s3:// input is read with the run's AWS credentials, at send time.
+            image = client.generate(job.request, aws_credentials=job.aws_credentials)
+        result = RenderResult(cache_key=job.cache_key, throttled=image.throttled, **image.facts())
+        return _store_or_spill(job, image, result)
 
 
 @task(name="render-image", retries=0, cache_policy=NO_CACHE, persist_result=False)

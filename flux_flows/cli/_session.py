@@ -108,7 +108,7 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
 def progress_bar(label: str) -> Iterator[None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from flux_flows.progress import listening
+    from flux_flows.progress import listening, listening_status
 
     with Progress(
         "[progress.description]{task.description}",
@@ -123,7 +123,10 @@ def progress_bar(label: str) -> Iterator[None]:
         def update(done: int, total: int) -> None:
             bar.update(task_id, completed=done, total=total)
 
-        with listening(update):
+        def status(text: str) -> None:
+            bar.update(task_id, description=text or label)
+
+        with listening(update), listening_status(status):
             yield
 
 

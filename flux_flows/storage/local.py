@@ -187,8 +187,55 @@ class LocalStorage:
             raise StorageError(f"could not write {target}: {_reason(exc)}") from exc
         return str(target)
 
-    def get(self, key: str) -> bytes:
-        return read_file(self._path(key))
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return read_file(self._path(key), max_bytes=max_bytes)
+
+    def create(self, key: str, data: bytes, *, content_type: str) -> bool:
+        """Write `key` only if nothing is there, atomically: True if this call created it.
+
+        The bytes go to a temp file first and are then hard-linked into place, so no reader
+        ever sees a half-written object and exactly one of two racing writers wins (`link`
+        fails with EEXIST for the other, on a local disk and on NFS alike).
+        """
+        path = self.uri_for(key)
+        folder, name = os.path.split(path)
+        temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(temp, "xb") as handle:
+                handle.write(data)
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"could not write {path}: {_reason(exc)}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        return True
+
+    def age_s(self, key: str) -> float | None:
+        """Seconds since `key` was last written, by the file system's own clock (None: absent).
+
+        "Now" is the mtime of a probe file written beside it, so writers on other machines
+        sharing this disk (NFS sets mtimes from the server's clock) are judged on one clock.
+        """
+        path = self._path(key)
+        try:
+            written = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"could not check {path}: {_reason(exc)}") from exc
+        probe = path.parent / f".clock.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
+        try:
+            probe.write_bytes(b"")
+            now = probe.stat().st_mtime
+        except OSError as exc:
+            raise StorageError(f"could not write in {path.parent}: {_reason(exc)}") from exc
+        finally:
+            probe.unlink(missing_ok=True)
+        return max(0.0, now - written)
 
     def delete(self, key: str) -> None:
         try:

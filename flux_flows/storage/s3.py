@@ -322,8 +322,62 @@ class S3Storage:
             ) from exc
         return f"s3://{self.bucket}/{object_key}"
 
-    def get(self, key: str) -> bytes:
-        return read_object(self.bucket, self._object_key(key), aws_credentials=self.aws_credentials)
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return read_object(
+            self.bucket,
+            self._object_key(key),
+            aws_credentials=self.aws_credentials,
+            max_bytes=max_bytes,
+        )
+
+    def create(self, key: str, data: bytes, *, content_type: str) -> bool:
+        """PUT with `If-None-Match: *`: True if this call created `key`, False if it existed.
+
+        S3 decides atomically which of two racing writers wins (412 for the loser; 409 when the
+        two overlap in flight, which also means "someone else is writing it").
+        """
+        from botocore.exceptions import ClientError
+
+        object_key = self._object_key(key)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=object_key,
+                Body=data,
+                ContentType=content_type,
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
+        except _boto_errors() as exc:
+            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
+        return True
+
+    def age_s(self, key: str) -> float | None:
+        """Seconds since `key` was last written, by S3's own clock: its `Last-Modified` against
+        the `Date` of the same answer (one clock, whatever this machine's says). None: absent."""
+        from email.utils import parsedate_to_datetime
+
+        from botocore.exceptions import ClientError
+
+        object_key = self._object_key(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=object_key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="check") from exc
+        except _boto_errors() as exc:
+            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="check") from exc
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            raise StorageError(f"S3 answered no Date header for {self.uri_for(key)}")
+        now = parsedate_to_datetime(date)
+        return max(0.0, (now - head["LastModified"]).total_seconds())
 
     def delete(self, key: str) -> None:
         object_key = self._object_key(key)
