@@ -66,6 +66,23 @@ class ClaimsUnwritableError(StorageError):
     """The destination's `claims/` folder cannot be written: no image can be claimed safely."""
 
 
+def _unwritable(storage: Storage, exc: Exception) -> ClaimsUnwritableError:
+    return ClaimsUnwritableError(
+        f"cannot write in {storage.uri_for(CLAIMS.rstrip('/'))}, where runs into this "
+        f"destination coordinate so that none pays twice: {exc}"
+    )
+
+
+def check_claims_writable(storage: Storage) -> None:
+    """Write and delete a probe in `claims/`: found before any spend, not at the first image."""
+    probe = f"{CLAIMS}probe-{secrets.token_hex(8)}.tmp"
+    try:
+        storage.put(probe, b"", content_type="text/plain")
+        storage.delete(probe)
+    except (StorageError, OSError) as exc:
+        raise _unwritable(storage, exc) from exc
+
+
 def _read_proc(path: str) -> str:
     try:
         return Path(path).read_text().strip()
@@ -192,10 +209,7 @@ class Heartbeat:
                 holder_key(self.holder.token), self.holder.to_json(), content_type=JSON
             )
         except (StorageError, OSError) as exc:
-            raise ClaimsUnwritableError(
-                f"cannot write in {self.storage.uri_for(CLAIMS)}, where runs into this "
-                f"destination coordinate so none pays twice: {exc}"
-            ) from exc
+            raise _unwritable(self.storage, exc) from exc
 
     def acquire(self) -> None:
         """Count one more lease; the holder file exists when this returns."""
@@ -361,10 +375,7 @@ def acquire(storage: Storage, run_id: str, cache_key: str) -> Lease | Taken:
         raise
     except (StorageError, OSError) as exc:
         beat.release()
-        raise ClaimsUnwritableError(
-            f"cannot claim images in {storage.uri_for(CLAIMS)}, where runs into this "
-            f"destination coordinate so none pays twice: {exc}"
-        ) from exc
+        raise _unwritable(storage, exc) from exc
 
 
 @contextlib.contextmanager

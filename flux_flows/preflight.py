@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from prefect import get_run_logger
 
 from flux_flows.blocks import shared_client
+from flux_flows.claims import check_claims_writable
 from flux_flows.settings import BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage
@@ -20,6 +21,8 @@ def preflight(options: BatchOptions, storage: Storage, spill: SpillFolder) -> No
     """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
     storage.check_writable()
     if not options.dry_run:
+        # Overlapping runs coordinate in claims/: unwritable, no image could be held safely.
+        check_claims_writable(storage)
         # The fallback for a failed upload must work before an image is paid for.
         spill.check_writable()
         shared_client(options.credentials)

@@ -2,7 +2,8 @@
 
 User mistakes end with a one-line message and a documented exit code, never a traceback, so the
 commands can be scripted: 0 done, 1 some images failed, 2 bad input, 3 credentials, 4 API or
-network failure, 5 the image was content-filtered. Nothing here imports Prefect: `--help` and
+network failure, 5 the image was content-filtered, 6 the destination (or its `claims/` folder)
+cannot be read or written. Nothing here imports Prefect: `--help` and
 argument errors answer at once.
 """
 
@@ -23,6 +24,7 @@ from flux_flows.errors import (
     InvalidRequestError,
     MissingCredentialsError,
     PromptSourceError,
+    StorageError,
 )
 from flux_flows.models import ALL_MODELS, KONTEXT_MODELS, describe_validation_error
 
@@ -36,6 +38,7 @@ class ExitCode(IntEnum):
     CREDENTIALS = 3
     API_FAILURE = 4
     FILTERED = 5
+    STORAGE = 6
 
 
 console = Console(stderr=True)
@@ -52,6 +55,8 @@ def exit_code_for(error: Exception) -> ExitCode:
         return ExitCode.BAD_INPUT
     if isinstance(error, MissingCredentialsError | AuthenticationError):
         return ExitCode.CREDENTIALS
+    if isinstance(error, StorageError):
+        return ExitCode.STORAGE
     return ExitCode.API_FAILURE
 
 
