@@ -54,6 +54,8 @@ class ProgressReporter:
         self._artifact_id = None
         self._last_percent = 0.0
         self._last_at = 0.0
+        for listener in list(_listeners):
+            listener(0, total)  # the bar knows its total before the first image lands
         if total:
             self._artifact_id = self._create()
 

@@ -123,8 +123,14 @@ def progress_bar(label: str) -> Iterator[None]:
         def update(done: int, total: int) -> None:
             bar.update(task_id, completed=done, total=total)
 
+        shown = [""]
+
         def status(text: str) -> None:
-            bar.update(task_id, description=text or label)
+            """A wait is said once where logs go too (a terminal also shows it on the bar)."""
+            if text and not shown[0]:
+                bar.console.print(text, highlight=False, soft_wrap=True)
+            shown[0] = text
+            bar.update(task_id, description=text.split(" (", 1)[0][:60] if text else label)
 
         with listening(update), listening_status(status):
             yield
