@@ -42,6 +42,7 @@ from flux_flows.emulator.errors import (
     _new_request_id,
     _retry_after_headers,
 )
+from flux_flows.emulator.limits import BodyLimit
 from flux_flows.emulator.markers import _Markers, _parse_markers
 from flux_flows.emulator.parsing import (
     _check_auth,
@@ -404,7 +405,8 @@ def create_app(
             Route("/_emulator/config", guarded(change_config, change=True), methods=["POST"]),
             Route("/_emulator/reset", guarded(reset, change=True), methods=["POST"]),
         ],
-        middleware=[Middleware(_Meter, stats=stats)],
+        # The meter outside, so a refused body is counted like any other answer.
+        middleware=[Middleware(_Meter, stats=stats), Middleware(BodyLimit)],
         exception_handlers={404: http_error, 405: http_error},
     )
     app.router.redirect_slashes = False  # the real API answers 404, not a redirect
