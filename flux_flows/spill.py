@@ -5,6 +5,11 @@ One folder per destination (named by a hash of its canonical root, so `/x`, `/x/
 where the bytes were going. A later run into the same destination uploads them without paying
 again, and also finds images spilled under another spelling by earlier versions (by the
 destination their sidecars name).
+
+The images were paid for and may be private, so the folders are 0700 and the files 0600 (the
+default root `~/.flux-flows/spill` and `~/.flux-flows` too), whatever the umask. A folder found
+with looser bits is tightened when it belongs to this user; one that belongs to someone else is
+left as it is (its per-destination folder inside is still 0700).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +26,45 @@ from flux_flows.errors import StorageError
 from flux_flows.storage import probe_writable, write_atomically
 
 SPILL_ENV = "FLUX_FLOWS_SPILL_DIR"
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def _home_folder() -> Path:
+    return Path.home() / ".flux-flows"
 
 
 def default_spill_root() -> Path:
-    return Path(os.environ.get(SPILL_ENV) or Path.home() / ".flux-flows" / "spill").expanduser()
+    return Path(os.environ.get(SPILL_ENV) or _home_folder() / "spill").expanduser()
+
+
+def _tighten(folder: Path) -> None:
+    """Take group and other bits off a folder of this user's (someone else's is left alone)."""
+    try:
+        info = folder.stat()
+    except FileNotFoundError:
+        return
+    loose = stat.S_IMODE(info.st_mode) & ~FOLDER_MODE
+    if loose and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+        os.chmod(folder, stat.S_IMODE(info.st_mode) & FOLDER_MODE)
+
+
+def private_folder(folder: Path, *, tighten: tuple[Path, ...] = ()) -> None:
+    """Create `folder` and any missing parent 0700 (chmod after mkdir: the umask may take owner
+    bits, never add group ones), then tighten `folder` and the `tighten` folders if loose."""
+    missing: list[Path] = []
+    current = folder
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:  # made meanwhile by another run: tightened below if ours
+            continue
+        os.chmod(path, FOLDER_MODE)
+    for path in (*tighten, folder):
+        _tighten(path)
 
 
 def canonical_destination(destination: str) -> str:
@@ -45,6 +86,17 @@ class SpillFolder:
         self.path = self.root / digest
         self.destination = destination
         self._folders: list[Path] | None = None
+        self._private: set[Path] = set()
+
+    def _ensure_private(self, folder: Path) -> None:
+        """`folder` exists, 0700, and so do the spill root and (for the default root) the
+        ~/.flux-flows folder above it; checked once per folder and instance."""
+        if folder in self._private and folder.is_dir():
+            return
+        home = _home_folder().expanduser().resolve()
+        parents = (home, self.root) if self.root.is_relative_to(home) else (self.root,)
+        private_folder(folder, tighten=parents)
+        self._private.add(folder)
 
     def folders(self) -> list[Path]:
         """This destination's folder, then any folder an earlier spelling of it left behind."""
@@ -90,14 +142,16 @@ class SpillFolder:
     ) -> Path:
         """Write bytes then sidecar, each atomically: a sidecar always means complete bytes."""
         target = self.data_path(cache_key)
-        write_atomically(target, data)
+        self._ensure_private(target.parent)
+        write_atomically(target, data, mode=FILE_MODE)
         meta = {
             "destination": self.destination,
             "object_key": object_key,
             "content_type": content_type,
             "metadata": metadata or {},
         }
-        write_atomically(self._meta_path(cache_key), json.dumps(meta).encode("utf-8"))
+        meta_bytes = json.dumps(meta).encode("utf-8")
+        write_atomically(self._meta_path(cache_key), meta_bytes, mode=FILE_MODE)
         return target
 
     def load(self, cache_key: str) -> tuple[bytes, dict[str, Any]] | None:
@@ -114,6 +168,7 @@ class SpillFolder:
     def check_writable(self) -> None:
         """Fail before any spend if paid-for images could not be kept here when an upload fails."""
         try:
+            self._ensure_private(self.path)
             probe_writable(self.path)
         except OSError as exc:
             raise StorageError(
@@ -124,8 +179,11 @@ class SpillFolder:
     def keep_manifest(self, run_id: str, manifest: Path) -> Path:
         """A run's manifest that could not be stored in the destination (copied, not read whole)."""
         target = self.path / f"manifest-{run_id}.jsonl"
-        self.path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(manifest, target)
+        self._ensure_private(self.path)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "wb") as out, manifest.open("rb") as source:
+            os.fchmod(out.fileno(), FILE_MODE)  # an older copy may have been looser
+            shutil.copyfileobj(source, out)
         return target
 
     def cache_keys(self) -> set[str]:

@@ -33,9 +33,10 @@ _TEMP_SUFFIX = ".flux-tmp"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}" + re.escape(_TEMP_SUFFIX) + "$")
 
 
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o666) -> None:
     """Temp file beside the target, fsync, then `os.replace`: a killed process leaves either the
     old file or the new one, never half an image. Leftover temp files end in `_TEMP_SUFFIX`.
+    `mode` is the new file's (before the umask): the spill folder's files are 0600 from birth.
 
     Plain `os.path` strings, not `pathlib`: this runs per image, and Python 3.11's pathlib
     interns every path segment it parses (CPU, and an interned-string table that only grows).
@@ -44,7 +45,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
