@@ -72,17 +72,20 @@ def product_shots(
     destination: str,
     style: str = "product photo, soft studio light, plain background",
     aspect_ratio: str = "4:3",
-    seed: int = 7,
+    base_seed: int = 7,
     credentials_block: str | None = None,
 ) -> dict[str, str | None]:
     """Render one picture per product into `destination` and return {sku: image URI}.
 
-    `seed` is a base seed: each image's own seed is derived from (seed, prompt), so the same
-    catalogue always yields the same requests, and a re-run is served from the cache.
+    `base_seed`: each image's own seed is derived from (base_seed, prompt), so the same
+    catalogue always yields the same requests, and a re-run is served from the cache. (`seed=`
+    would send that one seed as is for every product.)
     """
     credentials = FireworksCredentials.load(credentials_block) if credentials_block else None
     prompts = describe_product.map(products, unmapped(style))
-    requests = build_request.map(prompts, aspect_ratio=unmapped(aspect_ratio), seed=unmapped(seed))
+    requests = build_request.map(
+        prompts, aspect_ratio=unmapped(aspect_ratio), base_seed=unmapped(base_seed)
+    )
     images = generate_image.map(requests, credentials=unmapped(credentials))
     records = upload_image.map(images, unmapped(destination))
     catalogue = publish_catalogue(products, records.result())

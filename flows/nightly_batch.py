@@ -102,7 +102,8 @@ def nightly_batch(
     """Generate tonight's images from the prompt file `source` into `<destination>/<date>/`.
 
     `source` is `s3://bucket/key.jsonl` (or `.csv`/`.txt`, or a local path); per-line keys
-    override `model`, `aspect_ratio`, `seed` and the other request fields. Images already under
+    override `model`, `aspect_ratio`, `seed` and the other request fields (`seed` is sent as
+    is, its variants step from it: seed + 1, ...). Images already under
     tonight's prefix are not generated again, so a re-run only does what is missing.
     `concurrency_limit` names a Prefect global concurrency limit shared by every run that uses
     this Fireworks account (`prefect gcl create fireworks-api --limit 8`). `fail_on_error=True`

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         StorageError,
     )
     from flux_flows.flows import generate_images, generate_images_from_file, replay_failed
-    from flux_flows.models import FinishReason, ImageRequest, derive_seed
+    from flux_flows.models import FinishReason, ImageRequest, derive_seed, step_seed
     from flux_flows.results import BatchReport, GeneratedImage, ImageRecord
     from flux_flows.tasks import build_request, generate_image, upload_image
 
@@ -56,7 +56,7 @@ _MODULE_OF = {
         "errors",
     ),
     **dict.fromkeys(("generate_images", "generate_images_from_file", "replay_failed"), "flows"),
-    **dict.fromkeys(("FinishReason", "ImageRequest", "derive_seed"), "models"),
+    **dict.fromkeys(("FinishReason", "ImageRequest", "derive_seed", "step_seed"), "models"),
     **dict.fromkeys(("BatchReport", "GeneratedImage", "ImageRecord"), "results"),
     **dict.fromkeys(("build_request", "generate_image", "upload_image"), "tasks"),
 }
@@ -92,6 +92,7 @@ __all__ = [
     "generate_images",
     "generate_images_from_file",
     "replay_failed",
+    "step_seed",
     "upload_image",
 ]
 

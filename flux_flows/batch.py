@@ -159,13 +159,17 @@ def expand(
     rows: Iterable[PromptRow],
     *,
     defaults: Mapping[str, Any],
-    base_seed: int | None,
     variants: int,
+    seed: int | None = None,
+    base_seed: int | None = None,
     input_images: Sequence[str] | None = None,
     aws_credentials: Any = None,
 ) -> list[PlannedImage]:
     """Validate every row x variant up front; all problems are reported at once, with where.
 
+    Seeds follow the one rule of `flux_flows.seeds`: a row's own seed, else `seed`, is sent as
+    is for variant 0 and steps by one per variant; without one, seeds are derived from
+    (`base_seed`, prompt, variant).
     With `input_images` (a FLUX Kontext edit batch) every prompt is paired with every image.
     Input images are read here, once each, to hash their content (`aws_credentials` for S3).
     """
@@ -180,7 +184,7 @@ def expand(
         for variant in range(variants):
             try:
                 request = request_for(
-                    fields, defaults=defaults, base_seed=base_seed, variant=variant
+                    fields, defaults=defaults, seed=seed, base_seed=base_seed, variant=variant
                 )
             except ValidationError as exc:
                 problems.append(f"{where}: {describe_validation_error(exc)}")
@@ -271,7 +275,8 @@ def plan_images(
     return expand(
         rows,
         defaults=settings.defaults,
-        base_seed=settings.seed,
+        seed=settings.seed,
+        base_seed=settings.base_seed,
         variants=settings.variants,
         input_images=None
         if settings.input_images is None

@@ -13,6 +13,7 @@ from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr
 
 from flux_flows.client import (
+    BASE_URL_ENV,
     DEFAULT_BASE_URL,
     AsyncFluxClient,
     FluxClient,
@@ -46,9 +47,15 @@ class FireworksCredentials(CredentialsBlock):
     api_key: SecretStr = Field(
         default=..., title="API key", description="A Fireworks API key (fw-...)."
     )
-    base_url: str = Field(
-        default=DEFAULT_BASE_URL,
-        description="Inference base URL; point it at `flux-flows emulator` to work offline.",
+    # Unset (None) stays unset in the saved document: it is resolved where the client is built,
+    # from that machine's FIREWORKS_BASE_URL, else the public API. An explicit value wins.
+    base_url: str | None = Field(
+        default=None,
+        title="Base URL",
+        description=(
+            f"Inference base URL; unset: {BASE_URL_ENV} where the flow runs, else "
+            f"{DEFAULT_BASE_URL}. Point it at `flux-flows emulator` to work offline."
+        ),
     )
     timeout_s: float = Field(
         default=60.0, gt=0, description="Seconds to wait for one answer before retrying it."
@@ -57,19 +64,24 @@ class FireworksCredentials(CredentialsBlock):
         default=4, ge=0, description="Retries of a 429, 5xx, timeout or network error per image."
     )
 
+    def resolved_base_url(self) -> str:
+        """The base URL a client built here and now uses: `base_url` if set, else
+        FIREWORKS_BASE_URL, else the public API."""
+        return resolve_base_url(self.base_url)
+
     def client_options(self) -> dict[str, Any]:
         return {"timeout_s": self.timeout_s, "retry": RetryPolicy(max_retries=self.max_retries)}
 
     def get_client(self, **kwargs: Any) -> FluxClient:
         """A synchronous FluxClient; keyword arguments go to FluxClient (timeouts, retries)."""
         return FluxClient(
-            self.api_key, base_url=self.base_url, **{**self.client_options(), **kwargs}
+            self.api_key, base_url=self.resolved_base_url(), **{**self.client_options(), **kwargs}
         )
 
     def get_async_client(self, **kwargs: Any) -> AsyncFluxClient:
         """An AsyncFluxClient with the same settings."""
         return AsyncFluxClient(
-            self.api_key, base_url=self.base_url, **{**self.client_options(), **kwargs}
+            self.api_key, base_url=self.resolved_base_url(), **{**self.client_options(), **kwargs}
         )
 
 
@@ -83,7 +95,7 @@ def shared_client(credentials: FireworksCredentials | None = None) -> FluxClient
         return _cached_client(resolve_api_key(None).get_secret_value(), resolve_base_url(None))
     return _cached_client(
         credentials.api_key.get_secret_value(),
-        credentials.base_url,
+        credentials.resolved_base_url(),
         credentials.timeout_s,
         credentials.max_retries,
     )

@@ -36,7 +36,7 @@ from flux_flows.images_in import (
     resolve_input_image,
     sha256_hex,
 )
-from flux_flows.seeds import MAX_SEED, derive_seed
+from flux_flows.seeds import MAX_SEED, derive_seed, step_seed
 
 SCHNELL = "flux-1-schnell-fp8"
 DEV = "flux-1-dev-fp8"
@@ -402,28 +402,45 @@ def request_for(
     prompt: str | Mapping[str, Any],
     *,
     defaults: Mapping[str, Any] | None = None,
+    seed: int | None = None,
     base_seed: int | None = None,
     variant: int = 0,
 ) -> ImageRequest:
     """The request for one prompt (string or dict of overrides) and variant, always seeded.
 
-    Precedence: the prompt's own overrides, then `defaults` (a batch's settings). The seed is the
-    prompt's explicit seed for variant 0, else derived from (explicit seed or `base_seed`,
-    prompt, variant), so K variants get K distinct, reproducible seeds.
+    Precedence: the prompt's own overrides, then `defaults` (a batch's settings). The seed
+    follows the one rule of `flux_flows.seeds`: a given seed (the prompt's own, else `seed`) is
+    sent as is for variant 0 and variant v gets seed + v (wrapping within 1..2^32-1); without
+    one it is derived from (`base_seed`, prompt, variant), so K variants get K distinct,
+    reproducible seeds.
     """
     fields: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
+    fields.pop("seed", None)
     if isinstance(prompt, str):
         fields["prompt"] = prompt
     else:
         fields.update({k: v for k, v in prompt.items() if v is not None and k != "id"})
     text = fields.get("prompt")
-    own_seed = prompt.get("seed") if not isinstance(prompt, str) else None
-    if isinstance(text, str):
-        text = text.strip()
-        if own_seed is not None and variant == 0:
-            fields["seed"] = own_seed  # validated as given: a bad seed is named, not crashed on
-        elif own_seed is not None:  # variants step from the row's own seed, never back onto it
-            fields["seed"] = derive_seed(int(own_seed), text, variant, first=int(own_seed))
-        else:
-            fields["seed"] = derive_seed(base_seed, text, variant)
+    own_seed = fields.pop("seed", None)
+    given = own_seed if own_seed is not None else seed
+    if given is not None and variant == 0:
+        fields["seed"] = given  # validated as given: a bad seed is named, not crashed on
+    elif given is not None:
+        fields["seed"] = _stepped(given, variant)
+    elif isinstance(text, str):
+        fields["seed"] = derive_seed(base_seed, text.strip(), variant)
     return ImageRequest.model_validate(fields)
+
+
+def _stepped(seed: Any, variant: int) -> Any:
+    """Variant `variant` of a given seed; a seed that is no valid number is passed on as is,
+    for the request's validation to name it."""
+    try:
+        number = int(seed)
+    except (TypeError, ValueError):
+        return seed
+    if isinstance(seed, bool) or (number != seed and not isinstance(seed, str)):
+        return seed  # True, 7.5: not a seed
+    if not 1 <= number <= MAX_SEED:
+        return seed
+    return step_seed(number, variant)

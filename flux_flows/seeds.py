@@ -1,5 +1,14 @@
 """Seeds: the API reads seed 0 as "random", so every request carries an explicit, reproducible
-seed derived from what the user gave; the same inputs always make the same request."""
+seed; the same inputs always make the same request.
+
+The one rule, everywhere (CLI, tasks, flows, prompt files):
+
+- A seed the user gives (`seed=`, `--seed`, a row's `seed`) is the seed the API gets for variant
+  0; variant v gets seed + v, wrapping within 1..2^32-1 (`step_seed`).
+- Without one, the seed is derived from (prompt, variant), or from (`base_seed`, prompt,
+  variant) when the user asks for a base (`base_seed=`, `--base-seed`): `derive_seed`.
+- A row's own seed wins over a batch's `seed` and `base_seed`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +20,19 @@ MAX_SEED = 2**32 - 1
 _DERIVED_SEED_SPAN = 2**31 - 1
 
 
-def derive_seed(
-    base_seed: int | None, prompt: str, variant: int = 0, *, first: int | None = None
-) -> int:
+def step_seed(seed: int, variant: int = 0) -> int:
+    """The seed of variant `variant` of a given seed: seed, seed + 1, ..., wrapping from
+    2^32 - 1 back to 1 (never 0, which the API reads as "pick one at random").
+
+    The seed itself must be in 1..2^32-1 (the contract's range; the request validates it).
+    """
+    return (int(seed) - 1 + variant) % MAX_SEED + 1
+
+
+def derive_seed(base_seed: int | None, prompt: str, variant: int = 0) -> int:
     """A seed that depends only on its inputs, so a re-run sends exactly the same requests.
+    Used only when no seed is given (see the module's rule); `base_seed` is that of
+    `base_seed=` / `--base-seed`, None without one.
 
     Guaranteed: the variants of one (base_seed, prompt) never share a seed, whatever their
     number (up to 2^32 - 1), and every seed is in 1..2^32-1 (never 0, which the API reads as
@@ -32,8 +50,7 @@ def derive_seed(
     """
     payload = json.dumps([base_seed, prompt, 0], ensure_ascii=True, separators=(",", ":"))
     digest = hashlib.sha256(payload.encode("ascii")).digest()
-    if first is None:  # `first`: a row's own seed, from which its further variants step
-        first = int.from_bytes(digest[:8], "big") % _DERIVED_SEED_SPAN + 1
+    first = int.from_bytes(digest[:8], "big") % _DERIVED_SEED_SPAN + 1
     if variant == 0:
         return first
     stride = _coprime_stride(int.from_bytes(digest[8:16], "big") % MAX_SEED)

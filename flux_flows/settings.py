@@ -15,6 +15,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from flux_flows.models import DEFAULT_GUIDANCE, SCHNELL
+from flux_flows.seeds import MAX_SEED
 
 DEFAULT_DESTINATION = "./flux-flows-output"
 
@@ -59,7 +60,11 @@ class RequestDefaults(BaseModel):
 class BatchSettings(RequestDefaults):
     """How a batch runs: seeds, variants, limits, spend, where failed uploads wait."""
 
+    # The seed rule (flux_flows/seeds.py): `seed` is sent as is for each prompt's variant 0, its
+    # variants step from it (seed + 1, ...); `base_seed` derives each image's seed from
+    # (base_seed, prompt, variant). Neither: derived from (prompt, variant). A row's seed wins.
     seed: int | None = None
+    base_seed: int | None = None
     variants: int = 1
     max_concurrency: int = 8
     requests_per_minute: float | None = None
@@ -91,6 +96,32 @@ class BatchSettings(RequestDefaults):
         floor, allowed, says = _LOWER_BOUNDS[name]
         if isinstance(value, int | float) and (value < floor or (value == floor and not allowed)):
             raise ValueError(f"{name} {says}, got {value}")
+        return value
+
+    @field_validator("seed", "base_seed", mode="before")
+    @classmethod
+    def _a_seed(cls, value: Any, info: ValidationInfo) -> Any:
+        """A seed is an integer; the one sent as is must be in the API's range."""
+        if value is None:
+            return value
+        name = info.field_name or ""
+        _number(name, value)
+        if name == "seed" and value == 0:
+            raise ValueError(
+                "seed 0 asks the API for a random seed, which can be neither reproduced nor "
+                "cached; omit the seed to get a stable one derived from the prompt"
+            )
+        if name == "seed" and isinstance(value, int | float) and not 1 <= value <= MAX_SEED:
+            raise ValueError(f"seed must be in 1..{MAX_SEED} (0 would mean random)")
+        return value
+
+    @field_validator("base_seed")
+    @classmethod
+    def _one_kind_of_seed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("seed") is not None:
+            raise ValueError(
+                "give seed (sent as is) or base_seed (seeds derived from it), not both"
+            )
         return value
 
     @property

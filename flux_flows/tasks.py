@@ -46,7 +46,11 @@ def _request_cache_key(_context: Any, parameters: Mapping[str, Any]) -> str | No
     if request.needs_input_hash:
         return None
     credentials = parameters.get("credentials")
-    base_url = credentials.base_url if credentials is not None else resolve_base_url(None)
+    given = credentials.base_url if credentials is not None else None
+    try:
+        base_url = resolve_base_url(given)
+    except ValueError:  # a malformed URL: the client names it when it is built
+        base_url = str(given)
     api = hashlib.sha256(base_url.encode("utf-8")).hexdigest()[:12]
     return f"flux-flows-generate-{api}-{request.cache_key}"
 
@@ -63,6 +67,7 @@ def build_request(
     safety_check: bool | None = None,
     output_format: str | None = None,
     variant: int = 0,
+    base_seed: int | None = None,
     input_image: str | None = None,
     safety_tolerance: int | None = None,
     prompt_upsampling: bool | None = None,
@@ -70,7 +75,9 @@ def build_request(
 ) -> ImageRequest:
     """Validate one prompt into an ImageRequest with an explicit, reproducible seed.
 
-    `seed` is a base: the image's seed is derived from (seed, prompt, variant), so the same
+    `seed` is the seed the API gets for variant 0; variant v gets seed + v (wrapping within
+    1..2^32-1). `base_seed` instead derives the seed from (base_seed, prompt, variant); with
+    neither, from (prompt, variant). A prompt dict's own "seed" wins over both. So the same
     inputs always make the same request, and so the same cache key. For a FLUX Kontext edit
     (`input_image`), an `s3://` or URL input is read once here to hash its content (with
     `aws_credentials` for S3), so the cache key depends on the image, not its name.
@@ -86,7 +93,11 @@ def build_request(
     """
     given = locals()
     defaults = {name: given[name] for name in (*REQUEST_FIELDS, "input_image")}
-    request = request_for(prompt, defaults=defaults, base_seed=seed, variant=variant)
+    if seed is not None and base_seed is not None:
+        raise ValueError("give seed (sent as is) or base_seed (seeds derived from it), not both")
+    request = request_for(
+        prompt, defaults=defaults, seed=seed, base_seed=base_seed, variant=variant
+    )
     if request.needs_input_hash and request.input_image is not None:
         digest = hash_input_images([request.input_image], aws_credentials)[request.input_image]
         request = request.model_copy(update={"input_image_sha256": digest})

@@ -274,3 +274,15 @@ def test_overlapping_runs_into_one_destination_pay_once(
         records = [json.loads(x) for x in manifest.read_text().splitlines()]
         assert len(records) == 40 and all(r["finish_reason"] == "SUCCESS" for r in records)
     assert not list((out / "claims").iterdir())  # both claims released
+
+
+def test_emulator_default_port_is_clear_of_dask_and_the_same_everywhere() -> None:
+    """8787 is Dask's dashboard; the command, `serve` and the constant agree on one port."""
+    import inspect
+
+    from flux_flows.cli import tools
+    from flux_flows.emulator import DEFAULT_PORT, serve
+
+    command_default = inspect.signature(tools.emulator).parameters["port"].default
+    assert command_default == inspect.signature(serve).parameters["port"].default == DEFAULT_PORT
+    assert DEFAULT_PORT not in {4200, 5000, 8000, 8080, 8786, 8787, 8888}

@@ -75,13 +75,22 @@ def test_identical_requests_in_one_batch_are_generated_once(tmp_path: Path, flow
 
 
 def test_variants_get_distinct_stable_seeds(tmp_path: Path, flow_env: Any) -> None:
-    report, _ = run(["a fox", "a cat"], str(tmp_path), variants=3, seed=11)
+    report, _ = run(["a fox", "a cat"], str(tmp_path), variants=3)
     seeds = [(r.index, r.variant, r.seed) for r in report.records]
     assert len(report.records) == 6 and len({s for _, _, s in seeds}) == 6
-    again, _ = run(["a fox", "a cat"], str(tmp_path / "second"), variants=3, seed=11)
+    again, _ = run(["a fox", "a cat"], str(tmp_path / "second"), variants=3)
     assert [(r.index, r.variant, r.seed) for r in again.records] == seeds
-    other, _ = run(["a fox"], str(tmp_path / "third"), variants=1, seed=12)
-    assert other.records[0].seed != seeds[0][2]
+
+
+def test_a_given_seed_is_sent_as_is_and_variants_step_from_it(
+    tmp_path: Path, flow_env: Any
+) -> None:
+    report, _ = run(["a fox", "a cat"], str(tmp_path), variants=3, seed=11)
+    assert [(r.index, r.variant, r.seed) for r in report.records] == [
+        (i, v, 11 + v) for i in range(2) for v in range(3)
+    ]
+    assert len({r.uri for r in report.records}) == 6  # the prompt is in the cache key
+    assert flow_env.stats.generations == 6
 
 
 def test_per_prompt_overrides_and_ids(tmp_path: Path, flow_env: Any) -> None:

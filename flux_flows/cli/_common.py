@@ -72,7 +72,21 @@ ModelOpt = Annotated[
 AspectOpt = Annotated[str, typer.Option("--aspect-ratio", "-a", help="e.g. 1:1, 16:9, 9:16.")]
 SeedOpt = Annotated[
     int | None,
-    typer.Option("--seed", "-s", help="Fixed seed (1..2^32-1); default: from the prompt."),
+    typer.Option(
+        "--seed",
+        "-s",
+        help="Seed sent to the API as is (1..2^32-1); variants take seed+1, seed+2, ...; "
+        "default: derived from the prompt.",
+    ),
+]
+BaseSeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--base-seed",
+        help="Derive each image's seed from (this base, prompt, variant) instead (what --seed "
+        "used to do). Not with --seed.",
+        show_default=False,
+    ),
 ]
 StepsOpt = Annotated[
     int | None, typer.Option("--steps", help="Inference steps; default 4 (schnell) / 28 (dev).")

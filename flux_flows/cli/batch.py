@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from flux_flows.cli._common import (
     AspectOpt,
+    BaseSeedOpt,
     BudgetOpt,
     ConcurrencyOpt,
     DestOpt,
@@ -204,6 +205,7 @@ def run(
     model: ModelOpt = D.model,
     aspect_ratio: AspectOpt = D.aspect_ratio,
     seed: SeedOpt = D.seed,
+    base_seed: BaseSeedOpt = D.base_seed,
     variants: VariantsOpt = D.variants,
     steps: StepsOpt = D.num_inference_steps,
     guidance: GuidanceOpt = D.guidance_scale,
@@ -251,6 +253,7 @@ def plan(
     model: ModelOpt = D.model,
     aspect_ratio: AspectOpt = D.aspect_ratio,
     seed: SeedOpt = D.seed,
+    base_seed: BaseSeedOpt = D.base_seed,
     variants: VariantsOpt = D.variants,
     steps: StepsOpt = D.num_inference_steps,
     guidance: GuidanceOpt = D.guidance_scale,

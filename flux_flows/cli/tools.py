@@ -95,7 +95,8 @@ def generate(
 
 
 def emulator(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8787,
+    # flux_flows.emulator.DEFAULT_PORT, spelled out so `--help` needs no emulator import
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8737,
     api_key: Annotated[
         str | None,
         typer.Option(help="Accept only this key (default: any key).", show_default=False),

@@ -44,6 +44,7 @@ from flux_flows.client._wire import (
     parse_poll,
     parse_response,
     parse_submit,
+    shown_base_url,
     text_to_image_request,
 )
 from flux_flows.errors import APIConnectionError, APITimeoutError, FluxError, RateLimitError
@@ -114,17 +115,22 @@ def _offload(call: Callable[[], R]) -> Flow[R]:
     return result
 
 
-def transport_error(exc: httpx.TransportError, attempts: int) -> APIConnectionError:
-    """What a failure to send means to the caller; retried like a 5xx."""
+def transport_error(
+    exc: httpx.TransportError, attempts: int, base_url: str | None = None
+) -> APIConnectionError:
+    """What a failure to send means to the caller; retried like a 5xx. `base_url`: the one the
+    client actually uses (its block's, FIREWORKS_BASE_URL's or the default), named as is."""
     after = after_attempts(attempts)
     if isinstance(exc, httpx.TimeoutException):
         return APITimeoutError(
             f"No answer from Fireworks in time{after} ({type(exc).__name__}). Raise the timeout "
             "or lower the concurrency."
         )
+    where = f" at {shown_base_url(base_url)}" if base_url else ""
     return APIConnectionError(
-        f"Network error talking to Fireworks{after}: {type(exc).__name__}: {exc}. Check "
-        "connectivity and FIREWORKS_BASE_URL."
+        f"Network error talking to Fireworks{where}{after}: {type(exc).__name__}: {exc}. "
+        "Check connectivity and the base URL (a FireworksCredentials block's base_url, else "
+        "FIREWORKS_BASE_URL)."
     )
 
 
@@ -227,7 +233,7 @@ class _Generation:
         self,
         build: Callable[[], httpx.Request | Follow],
         parse: Callable[[httpx.Response], T],
-        on_status: StatusMapper = error_for_status,
+        on_status: StatusMapper | None = None,
     ) -> Flow[T]:
         """One HTTP exchange, retried per the RetryPolicy: the one retry loop of the client.
 
@@ -236,6 +242,9 @@ class _Generation:
         anyone can print it.
         """
         tally, retry_index = self.tally, 0
+        base_url = self.config.base_url
+        if on_status is None:
+            on_status = functools.partial(error_for_status, base_url=base_url)
         while True:
             attempt = retry_index + 1
             tally.attempts += 1
@@ -243,7 +252,7 @@ class _Generation:
             try:
                 response = yield from _send(build())
             except httpx.TransportError as exc:
-                outcome: T | FluxError = transport_error(exc, attempt)
+                outcome: T | FluxError = transport_error(exc, attempt, base_url)
             else:
                 outcome = self._settle(response, attempt, parse, on_status)
             if not isinstance(outcome, FluxError):

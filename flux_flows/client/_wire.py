@@ -68,6 +68,13 @@ def kontext_poll_request(build: RequestBuilder, model: str, request_id: str) -> 
     return build("POST", path, json={"id": request_id})
 
 
+def shown_base_url(base_url: str) -> str:
+    """A base URL fit for a message: without any user:password@ or query it may carry."""
+    parts = urlsplit(base_url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else base_url
+
+
 def same_origin(url: str, base_url: str) -> bool:
     """Whether `url` is on the API's own origin (scheme, host, port): only then may it see the key.
 
@@ -156,8 +163,12 @@ def after_attempts(attempts: int) -> str:
     return f" after {attempts} attempts" if attempts > 1 else ""
 
 
-def error_for_status(response: httpx.Response, attempts: int) -> FluxError:
-    """Map a non-2xx answer to the exception whose name tells the caller what to do."""
+def error_for_status(
+    response: httpx.Response, attempts: int, *, base_url: str | None = None
+) -> FluxError:
+    """Map a non-2xx answer to the exception whose name tells the caller what to do.
+
+    `base_url`: the one the client actually uses, named in a 404's message."""
     status = response.status_code
     detail = api_error_message(response)
     rid = request_id_of(response)
@@ -194,7 +205,9 @@ def error_for_status(response: httpx.Response, attempts: int) -> FluxError:
         )
     if status == 404:
         return InvalidRequestError(
-            f"Not found: {detail}. Check the model name and FIREWORKS_BASE_URL.",
+            f"Not found: {detail}. Check the model name and the base URL"
+            + (f" ({shown_base_url(base_url)})" if base_url else " (FIREWORKS_BASE_URL)")
+            + ".",
             status_code=status,
             request_id=rid,
         )

@@ -49,6 +49,7 @@ from flux_flows.emulator.config import API_PREFIX as API_PREFIX
 from flux_flows.emulator.config import DEFAULT_ASPECT_RATIO as DEFAULT_ASPECT_RATIO
 from flux_flows.emulator.config import DEFAULT_GUIDANCE as DEFAULT_GUIDANCE
 from flux_flows.emulator.config import DEFAULT_JPEG_QUALITY as DEFAULT_JPEG_QUALITY
+from flux_flows.emulator.config import DEFAULT_PORT as DEFAULT_PORT
 from flux_flows.emulator.config import GENERATION_PATH, EmulatorConfig, EmulatorStats
 from flux_flows.emulator.config import (
     KONTEXT_DEFAULT_SAFETY_TOLERANCE as KONTEXT_DEFAULT_SAFETY_TOLERANCE,

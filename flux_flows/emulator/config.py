@@ -23,6 +23,9 @@ _GENERATION_RE = re.compile(
     r"^/inference/v1/workflows/accounts/fireworks/models/[^/]+(/text_to_image|/get_result)?$"
 )
 API_PREFIX = "/inference/v1"
+# `flux-flows emulator`'s port: clear of Dask (8786 scheduler, 8787 dashboard), Prefect (4200),
+# moto (5000) and the usual dev servers (3000, 5173, 8000, 8080, 8888).
+DEFAULT_PORT = 8737
 
 DEFAULT_ASPECT_RATIO = "1:1"
 DEFAULT_GUIDANCE = 3.5

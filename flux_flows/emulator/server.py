@@ -19,7 +19,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from flux_flows.emulator.app import _install_log_filter, create_app
-from flux_flows.emulator.config import API_PREFIX, EmulatorConfig, EmulatorStats
+from flux_flows.emulator.config import API_PREFIX, DEFAULT_PORT, EmulatorConfig, EmulatorStats
 from flux_flows.emulator.control import CONTROL_TOKEN_HEADER
 from flux_flows.emulator.state import _EmulatorState
 
@@ -218,7 +218,7 @@ class Emulator:
 
 def serve(
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: int = DEFAULT_PORT,
     config: EmulatorConfig | None = None,
     *,
     control_token: str | None = None,
