@@ -235,6 +235,7 @@ def generate_images(
     model: str = D.model,
     aspect_ratio: str = D.aspect_ratio,
     seed: int | None = D.seed,
+    base_seed: int | None = D.base_seed,
     variants: int = D.variants,
     guidance_scale: float = D.guidance_scale,
     num_inference_steps: int | None = D.num_inference_steps,
@@ -275,6 +276,9 @@ def generate_images(
     DaskTaskRunner(...))`) the plan is cut into chunks of up to `chunk_size` images, one task run
     each, rendered on threads in the worker with a share of the batch's limits.
     `per_image_tasks=True` makes one task run per image instead (visible in the UI, slower).
+    `seed` is sent as is for each prompt's first image, its variants step from it (seed + 1,
+    ...); `base_seed` derives the seeds from (base_seed, prompt, variant) instead; a prompt's
+    own seed wins (README "Seeds").
     `thumbnails=False` skips the contact sheet's 256 px thumbnails (~3.5 ms of CPU and one more
     PUT per image); the sheet then shows the full images.
 
@@ -310,6 +314,7 @@ def generate_images_from_file(
     model: str = D.model,
     aspect_ratio: str = D.aspect_ratio,
     seed: int | None = D.seed,
+    base_seed: int | None = D.base_seed,
     variants: int = D.variants,
     guidance_scale: float = D.guidance_scale,
     num_inference_steps: int | None = D.num_inference_steps,
