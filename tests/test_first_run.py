@@ -137,12 +137,19 @@ def test_without_an_api_the_cli_starts_one_local_server_and_reuses_it(
         assert json.loads((home / "flux-flows-server.json").read_text()) == state
         assert fireworks_env.stats.generations == 1  # the second run was a cache hit
 
-        # The run is recorded on that server, with its logs, for the UI link printed.
+        # The run is recorded on that server, with its logs, for the UI link printed; the
+        # server admits only its user (issue 28), so we ask with the CLI's secret.
+        from flux_flows.local_server import auth_headers, auth_secret
+
+        auth = auth_headers(auth_secret(home) or "")
         run_id = UI_PAGE_RE.search(second.stdout).group(2)  # type: ignore[union-attr]
         api = f"{page.group(1)}/api"
-        assert httpx.get(f"{api}/flow_runs/{run_id}").json()["state_type"] == "COMPLETED"
+        run = httpx.get(f"{api}/flow_runs/{run_id}", headers=auth).json()
+        assert run["state_type"] == "COMPLETED"
         logs = httpx.post(
-            f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}
+            f"{api}/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [run_id]}}},
+            headers=auth,
         ).json()
         assert logs, "no logs reached the local server"
 

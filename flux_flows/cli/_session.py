@@ -60,9 +60,11 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
 
     With no API configured (no PREFECT_API_URL, no profile naming one), the CLI's own background
     server is used, started on first use: Prefect's temporary server would migrate a database on
-    every command and can time out on a small machine.
+    every command and can time out on a small machine. That server admits only its user, so the
+    CLI's calls carry its auth string (PREFECT_API_AUTH_STRING).
     """
     from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
         PREFECT_SERVER_ANALYTICS_ENABLED,
         get_current_settings,
@@ -85,6 +87,7 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
                     "up to a minute; `flux-flows server stop` stops it)..."
                 ),
             )
+            secret = local_server.auth_secret(server.home)
         except (local_server.ServerStartError, ValueError, OSError) as exc:
             fail(str(exc), ExitCode.API_FAILURE)
         if time.monotonic() - started > 1:
@@ -92,7 +95,9 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
                 f"Prefect server ready at {server.url} ({time.monotonic() - started:.0f} s)",
                 highlight=False,
             )
+        # The server has proven it is ours (local_server.probe): only now may it see the secret.
         overrides[PREFECT_API_URL] = server.api_url
+        overrides[PREFECT_API_AUTH_STRING] = secret
     with temporary_settings(overrides):  # type: ignore[arg-type]
         ui = get_current_settings().ui_url
 
