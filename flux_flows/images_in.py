@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -68,6 +69,10 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
 URL_TIMEOUT_S = 30.0
 URL_DEADLINE_S = 120.0
+# A list of references in a file (`staging` writes one for a list too long for a parameter):
+# data URIs in it may be ~27 MB each.
+LIST_FILE_SUFFIX = ".jsonl"
+MAX_LIST_FILE_BYTES = 1024 * 1024 * 1024
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -294,6 +299,37 @@ def _list_images(uri: str, source: str, aws_credentials: Any = None) -> list[str
     return [ref for ref in listed if _is_image_name(ref)]
 
 
+def _is_list_file(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() == LIST_FILE_SUFFIX
+
+
+def _read_list_file(uri: str, source: str, aws_credentials: Any) -> list[str]:
+    """A `.jsonl` list of references, one JSON string a line (how `staging` sends a long list)."""
+    try:
+        raw = read_uri(
+            uri,
+            aws_credentials=aws_credentials,
+            max_bytes=MAX_LIST_FILE_BYTES,
+            action="read the input image list",
+        )
+    except ReadError as exc:
+        raise ValueError(f"cannot read the input image list {source}: {exc.reason}") from exc
+    refs = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            ref = json.loads(line)
+        except ValueError:
+            ref = None
+        if not isinstance(ref, str):
+            raise ValueError(f"input image list {source} line {number}: not a JSON string")
+        refs.append(normalize_reference(ref))
+    if not refs:
+        raise ValueError(f"the input image list {source} is empty; nothing to edit")
+    return refs
+
+
 def _list_s3(source: str, aws_credentials: Any) -> list[str]:
     bucket, prefix = split_s3_uri(source)
     if not bucket:
@@ -301,12 +337,16 @@ def _list_s3(source: str, aws_credentials: Any) -> list[str]:
     if prefix and not prefix.endswith("/"):
         if _is_image_name(prefix):
             return [f"s3://{bucket}/{prefix}"]
+        if _is_list_file(prefix):
+            return _read_list_file(f"s3://{bucket}/{prefix}", source, aws_credentials)
         prefix += "/"
     return _list_images(f"s3://{bucket}/{prefix}", source, aws_credentials)
 
 
 def _list_folder(source: str) -> list[str]:
     path = Path(source).expanduser().absolute()
+    if path.is_file() and _is_list_file(path.name):
+        return _read_list_file(str(path), source, None)
     return [str(path)] if path.is_file() else _list_images(str(path), source)
 
 
@@ -315,7 +355,9 @@ def list_input_images(source: str | Iterable[str], aws_credentials: Any = None) 
 
     A list is taken as given (local paths made absolute). A string is a folder or an
     `s3://bucket/prefix/`, listed (not recursively for folders) for .jpg/.jpeg/.png/.webp; a
-    string naming one image file or object is that image alone.
+    string naming one image file or object is that image alone, and one naming a `.jsonl` file
+    or object is the list it holds, one reference a line as a JSON string (a list too long for
+    a flow-run parameter is sent that way, see `staging`).
     """
     if isinstance(source, str):
         text = source.strip()

@@ -18,9 +18,14 @@ T = TypeVar("T")
 
 
 def preflight(options: BatchOptions, storage: Storage, spill: SpillFolder) -> None:
-    """Fail before any spend: an unwritable destination or a missing key costs nothing to find."""
-    storage.check_writable()
+    """Fail before any spend: an unwritable destination or a missing key costs nothing to find.
+
+    A dry run writes nothing into its destination (its staged parameters go to a temporary
+    folder, see `staging`), so a read-only destination is fine for one: only what it reads is
+    checked, by reading it.
+    """
     if not options.dry_run:
+        storage.check_writable()
         # Overlapping runs coordinate in claims/: unwritable, no image could be held safely.
         check_claims_writable(storage)
         # The fallback for a failed upload must work before an image is paid for.

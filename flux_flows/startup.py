@@ -1,5 +1,5 @@
 """The batch flows' Flow class: Prefect's start-up failure told in this library's words, and
-prompt lists of any size.
+parameters of any size (see `staging`).
 
 A Python user with no Prefect server configured gets Prefect's temporary one, which must create and
 migrate a database within 20 s; a small machine can miss that and the user then sees only "Timed out
@@ -37,22 +37,24 @@ def explain_startup_error(exc: BaseException) -> PrefectStartupError | None:
 
 
 class FluxFlow(Flow[Any, Any]):
-    """A Prefect flow whose start-up timeout says what to do, and whose big prompt lists are
-    staged as a file before the run is created (see `staging`)."""
+    """A Prefect flow whose start-up timeout says what to do, and whose parameters, when too
+    big for a flow run together, are staged as files before the run is created (see `staging`)."""
 
     def __call__(
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
-        from flux_flows.staging import stage_large_prompts
+        from flux_flows.staging import staged_arguments
 
-        args, kwargs = stage_large_prompts(self.fn, args, kwargs)
-        try:
-            return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
-        except RuntimeError as exc:
-            error = explain_startup_error(exc)
-            if error is None:
-                raise
-            raise error from exc
+        with staged_arguments(self.fn, args, kwargs) as (args, kwargs):
+            try:
+                return super().__call__(
+                    *args, return_state=return_state, wait_for=wait_for, **kwargs
+                )
+            except RuntimeError as exc:
+                error = explain_startup_error(exc)
+                if error is None:
+                    raise
+                raise error from exc
 
     def with_options(self, *args: Any, **kwargs: Any) -> FluxFlow:
         # Prefect builds a plain Flow here; keep the class so the README's scale-out call
