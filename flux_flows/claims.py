@@ -226,19 +226,21 @@ class Heartbeat:
             self._held = max(0, self._held - 1)
 
     def _renew(self) -> None:
+        """Rewrite the holder file while leases are held; after two idle beats (at most half a
+        lease since the last rewrite, so a new lease finds it fresh), delete it and stop."""
         idle_ticks = 0
         while not self._stop.wait(self.lease_s / 4):
             with self._lock:
-                if self._held == 0:
-                    idle_ticks += 1
-                    if idle_ticks >= 2:
-                        self._running = False
-                        self._delete()
-                        return
-                else:
+                if self._held:
                     idle_ticks = 0
-                with contextlib.suppress(StorageError):
-                    self._write()
+                    with contextlib.suppress(StorageError):
+                        self._write()
+                    continue
+                idle_ticks += 1
+                if idle_ticks >= 2:
+                    self._running = False
+                    self._delete()
+                    return
 
     def _delete(self) -> None:
         with contextlib.suppress(StorageError, OSError):
@@ -273,6 +275,24 @@ def close_heartbeat(storage: Storage, run_id: str) -> None:
         beat = _HEARTBEATS.pop((storage.root_uri, run_id), None)
     if beat is not None:
         beat.close()
+
+
+def remove_run_holders(storage: Storage, run_id: str) -> None:
+    """At the end of a run, delete the holder files its other processes left (a Dask worker
+    that exited, or was killed, before its idle clean-up): its images are all settled now."""
+    try:
+        keys = storage.list_keys(f"{CLAIMS}holder-")
+    except (StorageError, OSError):
+        return
+    for key in keys:
+        body = _read_untrusted(storage, key)
+        try:
+            holder = Holder.from_json(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            continue  # not ours to judge, and not ours to delete
+        if holder is not None and holder.run_id == run_id:
+            with contextlib.suppress(StorageError, OSError):
+                storage.delete(key)
 
 
 def _read_untrusted(storage: Storage, key: str) -> bytes | None:
@@ -354,13 +374,21 @@ def acquire(storage: Storage, run_id: str, cache_key: str) -> Lease | Taken:
     me = beat.holder
     token = me.token.encode()
     try:
-        epoch = 0
+        epoch, unlisted = 0, 0
         for _ in range(_TAKEOVER_ATTEMPTS):
             if storage.create(lease_key(cache_key, epoch), token, content_type="text/plain"):
                 return Lease(storage, cache_key, list(range(epoch + 1)), beat)
             epochs = _epochs(storage, cache_key)
-            if not epochs:
-                epoch = 0  # released between our create and our listing: try again
+            if epoch not in epochs:
+                # Released between our create and our listing: try again, once. Twice means
+                # something that is not a lease file (a folder) sits at that name: step past it.
+                unlisted += 1
+                if unlisted >= 2:
+                    logger.warning(
+                        "ignoring %s: not a claims lease",
+                        storage.uri_for(lease_key(cache_key, epoch)),
+                    )
+                    epoch, unlisted = max([epoch, *epochs]) + 1, 0
                 continue
             top = epochs[-1]
             holder = holder_of(storage, lease_key(cache_key, top), me)

@@ -217,7 +217,7 @@ def _render_chunks(
             ]
         results.update((r.cache_key, r) for r in finished)
         on_results(finished)
-        progress.update(len(results))
+        progress.add(sum(1 for r in finished if not r.taken_by))
     return results
 
 
@@ -330,8 +330,8 @@ def render_windowed(
             if len(unflushed) >= flush_every:
                 on_results(unflushed)
                 unflushed = []
-            if progress is not None:
-                progress.update(len(results))
+            if progress is not None and not result.taken_by:
+                progress.add(1)
     if unflushed:
         on_results(unflushed)
     if window.decreases:

@@ -20,7 +20,7 @@ from prefect.states import Completed, Failed, State
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, PlannedImage, plan_run
 from flux_flows.blocks import FireworksCredentials
-from flux_flows.claims import close_heartbeat
+from flux_flows.claims import close_heartbeat, remove_run_holders
 from flux_flows.dispatch import INTERRUPTED, render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
@@ -92,6 +92,7 @@ def run_batch(rows: Iterable[PromptRow], options: BatchOptions) -> State:
             results = _render(plan, options, storage, spill, flow_run_id, parts, run_id)
         finally:
             close_heartbeat(storage, run_id)
+            remove_run_holders(storage, run_id)
     spool = ManifestSpool(keep_all=options.dry_run)
     try:
         for record in iter_records(plan, storage, results):
@@ -172,7 +173,7 @@ def _render(
         where = f"{work_dir}again-{next(passes)}/"
         return render_all(again, options, progress, make_job, write_part, where)
 
-    results = settle_taken(plan, storage, run_id, results, render_again)
+    results = settle_taken(plan, storage, run_id, results, render_again, progress)
     progress.finish()
     return results
 

@@ -19,7 +19,7 @@ from flux_flows import claims
 from flux_flows.batch import BatchPlan, PlannedImage, StoredImage
 from flux_flows.dispatch import INTERRUPTED, first_ctrl_c_stops
 from flux_flows.models import FinishReason
-from flux_flows.progress import say_status
+from flux_flows.progress import ProgressReporter, say_status
 from flux_flows.render import RenderResult, found_stored
 from flux_flows.storage import Storage
 
@@ -46,16 +46,25 @@ def settle_taken(
     run_id: str,
     results: dict[str, RenderResult],
     render_again: RenderAgain,
+    progress: ProgressReporter,
     *,
     poll_s: float = POLL_S,
 ) -> dict[str, RenderResult]:
     """Resolve every `taken_by` result: found stored (moved into `plan.stored`), rendered here
-    once its holder lets go, or, after a Ctrl-C, an ERROR saying it was not attempted."""
+    once its holder lets go, or, after a Ctrl-C, an ERROR saying it was not attempted.
+
+    Each round looks at every waited-for image once, then pauses `poll_s` (a Ctrl-C ends the
+    pause), so an image that keeps coming back taken costs one look a second, not a busy loop.
+    """
     interrupted = any(r.error == INTERRUPTED for r in results.values())
     since = time.time()
     last_log = 0.0
+    first = True
     with first_ctrl_c_stops() as pressed:
         while taken := {k: r.taken_by for k, r in results.items() if r.taken_by}:
+            if not first:
+                pressed.wait(poll_s)
+            first = False
             if interrupted or pressed.is_set():
                 for key in taken:
                     results[key] = RenderResult(
@@ -69,11 +78,10 @@ def settle_taken(
                 logger.info("%s", line)
                 last_log = time.monotonic()
             free = _settle_once(plan, storage, run_id, results, taken)
+            progress.add(sum(1 for key in taken if key not in results))  # found stored
             if free:
                 say_status("")
                 results |= render_again([plan.unique[key] for key in free])
-            elif any(r.taken_by for r in results.values()):
-                pressed.wait(poll_s)
     say_status("")
     return results
 

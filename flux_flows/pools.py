@@ -231,7 +231,7 @@ def render_on_pool(
             finished = _read_results(storage, key, chunk, state)
             results.update((r.cache_key, r) for r in finished)
             on_results(finished)
-            progress.update(len(results))
+            progress.add(sum(1 for r in finished if not r.taken_by))
     return results
 
 

@@ -51,6 +51,7 @@ class ProgressReporter:
         self.min_interval_s = min_interval_s
         self.min_step = min_step
         self.updates = 0
+        self.done = 0
         self._artifact_id = None
         self._last_percent = 0.0
         self._last_at = 0.0
@@ -71,6 +72,13 @@ class ProgressReporter:
         except Exception as exc:  # a progress bar must never stop paid work
             logger.warning("could not create the progress artifact: %s", exc)
             return None
+
+    def add(self, settled: int) -> None:
+        """Count images that reached their end (stored, filtered, failed), across every pass of
+        the run; an image another run holds is not one of them until it is found or made."""
+        self.done += settled
+        if settled:
+            self.update(self.done)
 
     def update(self, done: int, *, force: bool = False) -> None:
         for listener in list(_listeners):
