@@ -141,6 +141,19 @@ def _private_folder(folder: Path) -> None:
         os.chmod(folder, 0o700)
 
 
+def _keep_private(home: Path) -> None:
+    """The server's database and log (every prompt, destination and parameter) are the user's
+    alone: a home folder of ours is made 0700 and the files already in it 0600."""
+    with contextlib.suppress(OSError):
+        if os.lstat(home).st_uid != os.getuid():
+            return
+        os.chmod(home, 0o700)
+        for name in ("prefect.db", "prefect.db-wal", "prefect.db-shm", LOG_FILE):
+            path = home / name
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, 0o600)
+
+
 def _read_secret(path: Path) -> str | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -417,7 +430,9 @@ def _launch(home: Path, secret: str) -> LocalServer:
     )
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST]
     command += ["--port", str(port)]
-    with open(home / LOG_FILE, "ab") as log:
+    _keep_private(home)
+    log_fd = os.open(home / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(log_fd, "ab") as log:
         process = subprocess.Popen(
             command,
             env=env,
@@ -426,6 +441,7 @@ def _launch(home: Path, secret: str) -> LocalServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives this command and ignores its Ctrl-C
             cwd=home,
+            umask=0o077,  # its database holds every prompt and destination: the user's only
         )
     started = _start_time(process.pid) or ""  # fork time: set before Popen returns
     server = LocalServer(pid=process.pid, port=port, home=home, started=started, token=token)

@@ -265,6 +265,10 @@ def test_the_secret_stays_private(started: Started) -> None:
     argv = Path(f"/proc/{started.state['pid']}/cmdline").read_bytes()
     assert secret.encode() not in argv
     assert secret not in (started.home / local_server.STATE_FILE).read_text()
+    # The database and the log hold every prompt and destination: the user's alone.
+    assert stat.S_IMODE(started.home.stat().st_mode) == 0o700
+    for name in ("prefect.db", local_server.LOG_FILE):
+        assert stat.S_IMODE((started.home / name).stat().st_mode) == 0o600, name
 
 
 def test_status_says_how_to_log_in_to_the_ui(started: Started) -> None:
