@@ -192,8 +192,24 @@ def render_all(
                 progress=progress,
                 on_results=on_results,
             )
+    _warn_without_a_shared_api()
     chunks = chunks_of(images, options, make_job, _parallel_slots(chosen, len(images)))
     return _render_chunks(chunks, chosen, progress, on_results)
+
+
+def _warn_without_a_shared_api() -> None:
+    """With no Prefect API configured, each Dask worker process would start a temporary Prefect
+    server of its own (and may leave it behind): say what to set instead of letting it happen
+    silently."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    get_run_logger().warning(
+        "no Prefect API is configured (PREFECT_API_URL): every worker of this task runner "
+        "starts a temporary Prefect server of its own. Point the batch and its workers at one "
+        'server first, e.g. `eval "$(flux-flows server env)"` in the shell that starts them.'
+    )
 
 
 def _render_chunks(
