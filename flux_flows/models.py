@@ -60,7 +60,7 @@ AspectRatio = Literal[
     "1:1", "21:9", "16:9", "3:2", "5:4", "4:5", "2:3", "9:16", "9:21", "4:3", "3:4"
 ]
 # Sizes from the published list of supported resolutions; 5:4 and 4:5 are not listed there, so
-# these two are our choice (see shared/fireworks-api.md).
+# these two are our choice (see docs/fireworks-api.md).
 ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "21:9": (1536, 640),

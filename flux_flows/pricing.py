@@ -2,7 +2,7 @@
 
 Figures (USD): Fireworks bills FLUX.1 serverless per inference step: schnell about $0.00035/step
 (4 steps = $0.0014/image), dev about $0.0005/step; Kontext pro/max about $0.04/$0.08 per image
-(third-party figures). Source: shared/fireworks-api.md, gathered from Fireworks' pricing page and
+(third-party figures). Source: docs/fireworks-api.md, gathered from Fireworks' pricing page and
 third-party clients, 2025-11. Override per run (`prices=`) or with FLUX_FLOWS_PRICES as JSON,
 e.g. FLUX_FLOWS_PRICES='{"flux-1-dev-fp8": 0.0006}'.
 """
