@@ -1,9 +1,11 @@
 """The batch flows: prompts in; images, a manifest and artifacts out; nothing paid for twice.
 
 Order of a run: validate every prompt (bad input costs nothing), check the destination is
-writable and the key is set, list what the destination already holds, then submit one
-`render_image` per distinct missing image with at most `max_concurrency` in flight (and at most
-`requests_per_minute`), record every outcome, and write the manifest next to the images.
+writable and the key is set, list what the destination already holds, then render each distinct
+missing image (on threads here, or in chunks on Dask workers or work-pool runs: `dispatch`) with
+at most `max_concurrency` in flight (and at most `requests_per_minute`), each leased first so no
+other run pays for it too (`claims`), record every outcome, and write the manifest next to the
+images.
 """
 
 from __future__ import annotations

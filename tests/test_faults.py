@@ -755,13 +755,15 @@ def test_s3_permanent_put_failure_of_the_manifest(
         first = sc.run(prompts, manifest_expected=False)
     assert first.kinds == {"stored": 3}
     assert first.report.manifest_uri is None and len(faults.attempts) == 1
-    # Downstream jobs still read the earlier run's manifest (see the xfail test below).
+    # The destination's manifest.jsonl is not replaced: downstream jobs still read the
+    # earlier run's (the run says so: see the next test).
     assert first.state.is_completed()
     stale = sc.dest.manifest() or b""
     assert [json.loads(line)["prompt"] for line in stale.splitlines()] == earlier
     sc.record(
-        "images stored; the manifest is not written, the run still ends Completed with no word "
-        "of it, and `manifest.jsonl` keeps listing the earlier run (bug 1)"
+        "images stored; the manifest is not written, so `manifest.jsonl` keeps listing the "
+        "earlier run; the run keeps a copy in the spill folder and names it in its problems "
+        "(`test_unstored_manifest_is_reported_and_kept_locally`)"
     )
 
 
