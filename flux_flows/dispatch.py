@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import queue
 import signal
@@ -23,6 +24,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows.errors import AuthenticationError
+from flux_flows.limits import AccountLimits, SharedLimits, sharing
 from flux_flows.models import FinishReason
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
@@ -109,6 +111,7 @@ class Chunk:
     make_job: JobFactory
     max_concurrency: int
     requests_per_minute: float | None
+    limits: AccountLimits | None = None  # the user's shared limits, held by the chunk for its life
 
     def job_for(self, planned: PlannedImage) -> RenderJob:
         return self.make_job(request=planned.request, known_key=planned.cache_key)
@@ -123,6 +126,7 @@ def render_chunk(chunk: Chunk) -> list[RenderResult]:
         max_concurrency=chunk.max_concurrency,
         requests_per_minute=chunk.requests_per_minute,
         runner=_PlainRunner(chunk.max_concurrency),
+        limits=chunk.limits,
     )
     return list(results.values())
 
@@ -145,8 +149,9 @@ def chunks_of(
     size = max(1, min(options.chunk_size, -(-len(images) // parallel)))
     share = max(1, options.max_concurrency // parallel)
     rpm = options.requests_per_minute / parallel if options.requests_per_minute else None
+    limits = account_limits(options)
     return [
-        Chunk(n, tuple(images[start : start + size]), make_job, share, rpm)
+        Chunk(n, tuple(images[start : start + size]), make_job, share, rpm, limits)
         for n, start in enumerate(range(0, len(images), size), start=1)
     ]
 
@@ -191,10 +196,17 @@ def render_all(
                 runner=runner,
                 progress=progress,
                 on_results=on_results,
+                limits=account_limits(options),
             )
     _warn_without_a_shared_api()
     chunks = chunks_of(images, options, make_job, _parallel_slots(chosen, len(images)))
     return _render_chunks(chunks, chosen, progress, on_results)
+
+
+def account_limits(options: BatchOptions) -> AccountLimits | None:
+    """The user's shared limits named in the options, if any."""
+    limits = AccountLimits(options.concurrency_limit, options.rate_limit)
+    return limits or None
 
 
 def _warn_without_a_shared_api() -> None:
@@ -274,6 +286,28 @@ def first_ctrl_c_stops() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+# Put into a loop's queue of finished futures when its shared limits granted slots or tokens.
+_WAKE = object()
+
+
+def _without_slot(job_for: Callable[[K], RenderJob], held: str) -> Callable[[K], RenderJob]:
+    """The jobs of a loop that holds `held` itself: they must not take a slot of it per call."""
+
+    def job(item: K) -> RenderJob:
+        made = job_for(item)
+        if made.concurrency_limit == held:
+            return dataclasses.replace(made, concurrency_limit=None)
+        return made
+
+    return job
+
+
+def _holder() -> str | None:
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    return str(run.id) if run else None
+
+
 def render_windowed(
     items: Sequence[K],
     job_for: Callable[[K], RenderJob],
@@ -284,13 +318,48 @@ def render_windowed(
     progress: ProgressReporter | None = None,
     on_results: Callable[[list[RenderResult]], None] = lambda results: None,
     flush_every: int = 200,
+    limits: AccountLimits | None = None,
 ) -> dict[str, RenderResult]:
-    """Submit images with a bounded, adaptive window and an even pace; collect as they finish."""
+    """Submit images with a bounded, adaptive window and an even pace; collect as they finish.
+
+    With `limits`, the user's account-wide limits are held for the loop's life (`limits`
+    module): a request is submitted only while the loop holds a slot and a rate token for it.
+    """
+    done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    with sharing(limits, max_concurrency, lambda: done.put(_WAKE), _holder()) as shared:
+        if shared is not None and shared.concurrency:
+            job_for = _without_slot(job_for, shared.concurrency)
+        return _windowed(
+            items,
+            job_for,
+            done,
+            shared,
+            max_concurrency=max_concurrency,
+            requests_per_minute=requests_per_minute,
+            runner=runner,
+            progress=progress,
+            on_results=on_results,
+            flush_every=flush_every,
+        )
+
+
+def _windowed(
+    items: Sequence[K],
+    job_for: Callable[[K], RenderJob],
+    done: queue.SimpleQueue[Any],
+    shared: SharedLimits | None,
+    *,
+    max_concurrency: int,
+    requests_per_minute: float | None,
+    runner: Any,
+    progress: ProgressReporter | None,
+    on_results: Callable[[list[RenderResult]], None],
+    flush_every: int,
+) -> dict[str, RenderResult]:
     logger = get_run_logger()
     results: dict[str, RenderResult] = {}
     unflushed: list[RenderResult] = []
     pending = deque(items)
-    done: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
     keys_by_run: dict[Any, str] = {}
     pacer = Pacer(requests_per_minute)
     window = AdaptiveWindow(max_concurrency)
@@ -306,8 +375,18 @@ def render_windowed(
                     "interrupted: no new images; waiting for %d in flight (Ctrl-C again to abort)",
                     in_flight,
                 )
+            if shared is not None:
+                if abort is None and shared.error:
+                    abort = f"not attempted: {shared.error}"
+                    logger.error("stopping: %s", shared.error)
+                live = len(pending) if abort is None else 0
+                shared.want(in_flight, min(window.limit, in_flight + live), live)
+            blocked = False  # on the shared limits: woken by _WAKE, not by a timer
             while pending and abort is None and in_flight < window.limit:
                 if pacer.wait_s() > 0:
+                    break
+                if shared is not None and not shared.may_send(in_flight):
+                    blocked = True
                     break
                 item = pending.popleft()
                 future = runner.submit(render_image, {"job": job_for(item)})
@@ -315,6 +394,8 @@ def render_windowed(
                 future.add_done_callback(done.put)
                 in_flight += 1
                 pacer.take()
+                if shared is not None:
+                    shared.sent()
             if abort is not None and pending:
                 for item in pending:
                     result = RenderResult(
@@ -323,12 +404,15 @@ def render_windowed(
                     results[item.cache_key] = result
                     unflushed.append(result)
                 pending.clear()
-            if not in_flight:
+            if not in_flight and not pending:
                 continue
-            wait = pacer.wait_s() if pending and in_flight < window.limit else 1.0
+            free = pending and in_flight < window.limit and not blocked
+            wait = pacer.wait_s() if free else 1.0
             try:
                 future = done.get(timeout=max(wait, 0.005))
             except queue.Empty:
+                continue
+            if future is _WAKE:
                 continue
 
             in_flight -= 1
@@ -355,5 +439,11 @@ def render_windowed(
             "the API answered 429: in-flight requests were cut %d time(s), to %d at the end",
             window.decreases,
             window.limit,
+        )
+    if shared is not None:
+        logger.debug(
+            "shared limits: %d Prefect call(s), at most %s slot(s) held",
+            shared.calls,
+            shared.max_held,
         )
     return results

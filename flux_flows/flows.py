@@ -253,6 +253,7 @@ def generate_images(
     prices: dict[str, float] | None = D.prices,
     spill_dir: str | None = D.spill_dir,
     concurrency_limit: str | None = D.concurrency_limit,
+    rate_limit: str | None = D.rate_limit,
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
     thumbnails: bool = D.thumbnails,
@@ -332,6 +333,7 @@ def generate_images_from_file(
     prices: dict[str, float] | None = D.prices,
     spill_dir: str | None = D.spill_dir,
     concurrency_limit: str | None = D.concurrency_limit,
+    rate_limit: str | None = D.rate_limit,
     fail_on_error: bool = D.fail_on_error,
     per_image_tasks: bool = D.per_image_tasks,
     thumbnails: bool = D.thumbnails,
@@ -393,6 +395,7 @@ def replay_failed(
     prices: dict[str, float] | None = D.prices,
     spill_dir: str | None = D.spill_dir,
     concurrency_limit: str | None = D.concurrency_limit,
+    rate_limit: str | None = D.rate_limit,
     fail_on_error: bool = D.fail_on_error,
 ) -> BatchReport:
     """Re-submit exactly the ERROR (and, if asked, SKIPPED_BUDGET) records of an earlier manifest.

@@ -25,8 +25,9 @@ renders with `share` threads, pacing itself in-process at `share / max_concurren
 `requests_per_minute`. At most `max_concurrency / share` chunks hold slots at once, so the
 whole batch stays under both limits however the chunks land on the workers. (A slot per image
 costs a round trip to the Prefect server each: ~10 images/s at most, measured in
-benchmarks/RESULTS.md.) The user's own account-wide `concurrency_limit` is shared with other
-flows, so it is still taken per image.
+benchmarks/RESULTS.md.) The user's own account-wide `concurrency_limit` and `rate_limit`, shared
+with other flows, are held the same way as by any batch (`limits`): each chunk run takes leased
+blocks of slots and batches of rate tokens as its window needs them, for its whole life.
 
 A chunk run whose machine dies stays RUNNING in Prefect (an OSS server detects no "zombie" runs
 by itself), so each chunk run writes a heartbeat beside its chunk (`<chunk>.alive`, every
@@ -60,6 +61,7 @@ from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials
 from flux_flows.claims import close_heartbeat
 from flux_flows.errors import StorageError
+from flux_flows.limits import AccountLimits
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import RPM_HEADROOM
 from flux_flows.progress import ProgressReporter
@@ -218,6 +220,7 @@ def render_on_pool(
                     "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
                     "heartbeat_s": beat,
                     "concurrency_limit": options.concurrency_limit,
+                    "rate_limit": options.rate_limit,
                     "thumbnails": options.thumbnails,
                     "credentials_block": _block_name(options.credentials),
                     "aws_credentials_block": _block_name(options.aws_credentials),
@@ -618,6 +621,7 @@ def render_chunk(
     requests_per_minute: float | None = None,
     heartbeat_s: float = HEARTBEAT_S,
     concurrency_limit: str | None = None,
+    rate_limit: str | None = None,
     thumbnails: bool = True,
     credentials_block: str | None = None,
     aws_credentials_block: str | None = None,
@@ -631,8 +635,9 @@ def render_chunk(
     its SHA-256 is `requests_sha256`, the batch's own (None, from a batch older than the check:
     not checked); a file that differs is refused (`ChunkFileChanged`), the run ends Failed and
     nothing is paid. Then it holds `share` slots of the batch's `in_flight` limit while it
-    renders on `share` threads at `requests_per_minute` (its share of the batch's pace), taking
-    a slot of the user's `concurrency_limit` per image; beats `<chunk>.alive` every
+    renders on `share` threads at `requests_per_minute` (its share of the batch's pace), holding
+    blocks of the user's `concurrency_limit` and tokens of its `rate_limit` as its window needs
+    them (`limits`); beats `<chunk>.alive` every
     `heartbeat_s`; writes `<chunk>.results.jsonl` beside it. Returns how many it rendered.
     """
     from prefect.blocks.core import Block
@@ -668,6 +673,7 @@ def render_chunk(
                     max_concurrency=share,
                     requests_per_minute=requests_per_minute,
                     runner=runner,
+                    limits=AccountLimits(concurrency_limit, rate_limit) or None,
                 )
             finally:
                 runner.shutdown()

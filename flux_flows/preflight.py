@@ -10,6 +10,7 @@ from prefect import get_run_logger
 
 from flux_flows.blocks import shared_client
 from flux_flows.claims import check_claims_writable
+from flux_flows.limits import check_rate_limit
 from flux_flows.settings import BatchOptions
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage
@@ -33,6 +34,8 @@ def preflight(options: BatchOptions, storage: Storage, spill: SpillFolder) -> No
         shared_client(options.credentials)
         if options.concurrency_limit:
             check_concurrency_limit(options.concurrency_limit)
+        if options.rate_limit:
+            check_rate_limit(options.rate_limit)
         if options.chunk_deployment:
             check_chunk_deployment(options.chunk_deployment)
 

@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from flux_flows import claims, layout
+from flux_flows import claims, layout, limits
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import FinishReason, ImageRequest
@@ -61,7 +61,9 @@ class RenderJob:
     credentials: FireworksCredentials | None = None
     aws_credentials: Any = None  # reads a Kontext edit's s3:// input image at send time
     flow_run_id: str | None = None
-    concurrency_limit: str | None = None  # a Prefect global concurrency limit, a slot per call
+    # A Prefect global concurrency limit to take a slot of around the call. The batch's loop
+    # holds the user's limit in blocks itself (`limits`) and sends its jobs without it.
+    concurrency_limit: str | None = None
     known_key: str | None = None  # the request's cache key, when the plan already has it
     thumbnails: bool = True  # make the contact sheet's thumbnail of each SUCCESS image
     run_id: str | None = None  # the run whose lease on the image is taken first (`claims`)
@@ -122,18 +124,19 @@ _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(RenderResult))
 
 
 # How long a slot taken from a Prefect global concurrency limit outlives a holder that stopped
-# renewing it (Prefect renews it every 3/4 of this while it is held): a killed process's slots
-# come back after a minute, not Prefect's default five.
-SLOT_LEASE_S = 60.0
+# renewing it: a killed process's slots come back after a minute, not Prefect's default five
+# (the server's minimum; `limits.lease_s` reads FLUX_FLOWS_SLOT_LEASE_S).
+SLOT_LEASE_S = limits.SLOT_LEASE_S
 
 
 @contextlib.contextmanager
 def _api_slot(job: RenderJob) -> Iterator[None]:
     """Hold a slot of the job's Prefect global concurrency limit, if any, around the API call.
 
-    This is how several flow runs, on any number of machines, share one account's budget (a
-    user's `concurrency_limit`). A batch spread over a work pool does not take a slot per image
-    for its own limits: each chunk run holds its share of them for its whole life (`pools`).
+    Only for a job rendered on its own: a batch (its loop, a Dask chunk, a work-pool chunk run)
+    holds the user's `concurrency_limit` in leased blocks of many slots for its life and sends
+    its jobs without the name (`limits`, `dispatch.render_windowed`): a slot per image costs two
+    Prefect calls and held a batch to ~10 images/s (benchmarks/RESULTS.md).
     """
     if not job.concurrency_limit:
         yield
@@ -147,7 +150,7 @@ def _api_slot(job: RenderJob) -> Iterator[None]:
         job.concurrency_limit,
         occupy=1,
         strict=True,
-        lease_duration=SLOT_LEASE_S,
+        lease_duration=limits.lease_s(),
         raise_on_lease_renewal_failure=False,
     ):
         yield

@@ -73,6 +73,9 @@ class BatchSettings(RequestDefaults):
     prices: dict[str, float] | None = None
     spill_dir: str | None = None
     concurrency_limit: str | None = None
+    # A Prefect global concurrency limit with slot decay: the account's requests per minute,
+    # shared by every run and worker (`limits`); `requests_per_minute` paces this run alone.
+    rate_limit: str | None = None
     fail_on_error: bool = False
     per_image_tasks: bool = False
     # A 256 px thumbnail per image for the contact sheet: ~3.5 ms of CPU and a second PUT per

@@ -1,17 +1,22 @@
-"""Several flow runs share one Fireworks budget through a Prefect global concurrency limit.
+"""Several flow runs share one Fireworks budget through Prefect global concurrency limits.
 
 Each run is its own process, as runs of a deployment on different workers would be, so the
 only thing they share is the Prefect API (the session's test server) and the emulator, which
-counts how many generations are in flight at once. The runs start together (each waits on
-stdin after its imports) and each asks for more concurrency than the limit allows, under an
-emulator latency long enough that their API calls must overlap.
+counts how many generations are in flight at once and, given an `rpm_limit`, answers 429 past
+it. The runs start together (each waits on stdin after its imports) and each asks for more
+than the limits allow, so their API calls must compete.
+
+A run holds the user's `concurrency_limit` in leased blocks of many slots and takes its
+`rate_limit` (a limit with slot decay) in batches of tokens (`flux_flows/limits.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +32,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
 
 from flux_flows import FinishReason
+from flux_flows.emulator import state as emulator_state
 from flux_flows.flows import generate_images
+from flux_flows.limits import RENEW_FRACTION, lease_s
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 
@@ -50,6 +57,7 @@ state = generate_images(
     args["destination"],
     max_concurrency=args["max_concurrency"],
     concurrency_limit=args["concurrency_limit"],
+    rate_limit=args.get("rate_limit"),
     return_state=True,
 )
 report = state.result()
@@ -130,29 +138,51 @@ def child_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def global_limit(limit: int, decay: float = 0.0) -> Iterator[str]:
+    """A fresh global concurrency limit (a rate limit with `decay`), removed afterwards."""
+    name = f"fireworks-test-{uuid.uuid4().hex[:8]}"
+    create = GlobalConcurrencyLimitCreate(name=name, limit=limit, slot_decay_per_second=decay)
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(create)
+    try:
+        yield name
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(name)
+
+
 @pytest.fixture
 def shared_limit() -> Iterator[str]:
-    """A fresh global concurrency limit of LIMIT slots, removed afterwards."""
-    name = f"fireworks-test-{uuid.uuid4().hex[:8]}"
+    """A fresh global concurrency limit of LIMIT slots."""
+    with global_limit(LIMIT) as name:
+        yield name
+
+
+def active_slots(name: str) -> int:
     with get_client(sync_client=True) as client:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=LIMIT))
-    yield name
-    with get_client(sync_client=True) as client:
-        client.delete_global_concurrency_limit_by_name(name)
+        return int(client.read_global_concurrency_limit_by_name(name).active_slots)
 
 
 def run_two_batches(
-    tmp_path: Path, env: dict[str, str], concurrency_limit: str | None
+    tmp_path: Path,
+    env: dict[str, str],
+    concurrency_limit: str | None,
+    *,
+    images: int = IMAGES_PER_RUN,
+    max_concurrency: int = PER_RUN_CONCURRENCY,
+    rate_limit: str | None = None,
 ) -> list[dict[str, Any]]:
     """Start two batch runs in separate processes at the same moment; return their results."""
     runs = []
     try:
         for n in range(2):
             args = {
-                "prompts": [f"run {n} image {i}" for i in range(IMAGES_PER_RUN)],
+                "prompts": [f"run {n} image {i}" for i in range(images)],
                 "destination": str(tmp_path / f"out-{n}"),
-                "max_concurrency": PER_RUN_CONCURRENCY,
+                "max_concurrency": max_concurrency,
                 "concurrency_limit": concurrency_limit,
+                "rate_limit": rate_limit,
             }
             # cwd outside the checkout: the child imports the installed flux_flows, not ./
             runs.append(FlowRunProcess(args, env, tmp_path / f"run-{n}.log", cwd=tmp_path))
@@ -218,3 +248,179 @@ def test_a_missing_limit_never_runs_unlimited(tmp_path: Path, flow_env: Any) -> 
         assert report.counts[FinishReason.SUCCESS] == 0
         assert all("no-such-limit-here" in (r.error or "") for r in report.records)
     assert flow_env.stats.requests == 0
+
+
+# Two runs of 8 in flight each on a limit of 6: each holds blocks of 2 slots (a quarter of its
+# window), so between them they must fill the limit without ever passing it.
+BLOCK_LIMIT = 6
+BLOCK_RUN_CONCURRENCY = 8
+BLOCK_IMAGES = 24
+
+
+def test_two_runs_share_a_limit_in_blocks(
+    tmp_path: Path, flow_env: Any, child_env: dict[str, str]
+) -> None:
+    flow_env.configure(latency_s=LATENCY_S)
+    with global_limit(BLOCK_LIMIT) as name:
+        results = run_two_batches(
+            tmp_path,
+            child_env,
+            name,
+            images=BLOCK_IMAGES,
+            max_concurrency=BLOCK_RUN_CONCURRENCY,
+        )
+        for result in results:
+            assert result["counts"][FinishReason.SUCCESS] == BLOCK_IMAGES
+            assert result["api_calls"] == BLOCK_IMAGES
+        assert flow_env.stats.max_in_flight == BLOCK_LIMIT
+        assert active_slots(name) == 0, "every block taken must be given back"
+
+
+# A rate limit of RPM a minute, checked by the emulator over a window shortened to WINDOW_S so
+# that a test of ~25 s sends more than one window's worth: the emulator answers 429 as soon as
+# more than RPM * WINDOW_S / 60 requests arrive within any WINDOW_S. The Prefect limit allows a
+# burst of BURST and DECAY a second after it: BURST + WINDOW_S * DECAY stays within the window.
+RPM = 600
+WINDOW_S = 20.0
+BURST = 10
+DECAY = 9.3
+RATE_IMAGES = 110  # per run: 220 in all, more than the 200 one window allows
+
+
+def test_two_runs_share_a_rate_limit(
+    tmp_path: Path,
+    flow_env: Any,
+    child_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    in_window = int(RPM * WINDOW_S / 60)
+    assert in_window >= BURST + WINDOW_S * DECAY
+    monkeypatch.setattr(emulator_state, "RATE_WINDOW_S", WINDOW_S)
+    flow_env.configure(latency_s=0.05, rpm_limit=in_window)
+    arrivals: list[float] = []
+    stats = flow_env.stats
+    record_start = stats.record_start
+
+    def timed_start() -> None:
+        arrivals.append(time.monotonic())
+        record_start()
+
+    monkeypatch.setattr(stats, "record_start", timed_start)
+    with global_limit(BURST, DECAY) as name:
+        results = run_two_batches(
+            tmp_path, child_env, None, images=RATE_IMAGES, max_concurrency=8, rate_limit=name
+        )
+    for result in results:
+        assert result["counts"][FinishReason.SUCCESS] == RATE_IMAGES
+        assert result["api_calls"] == RATE_IMAGES
+    assert stats.by_status.get(429, 0) == 0, stats.as_dict()
+    assert len(arrivals) == 2 * RATE_IMAGES > in_window
+    # Within the limit in every window, and close to it: the pace the runs reached together.
+    arrivals.sort()
+    most = max(
+        sum(1 for t in arrivals[i:] if t < start + WINDOW_S) for i, start in enumerate(arrivals)
+    )
+    assert most <= in_window
+    per_s = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    print(f"rate limit: {most} in the busiest {WINDOW_S:.0f} s (of {in_window}), {per_s:.2f}/s")
+    assert per_s >= 0.9 * RPM / 60, f"{per_s:.2f} requests/s"
+
+
+# The Prefect server refuses leases under 60 s, so the lease cannot be made shorter than that
+# (FLUX_FLOWS_SLOT_LEASE_S only lengthens it). The session's test server is an ephemeral one,
+# which runs no repossessor (expired leases would never be freed), so this test starts a real
+# `prefect server start` whose repossessor looks for expired leases every second.
+KILL_LIMIT = 4
+SERVER_START_S = 240.0
+
+
+@pytest.fixture
+def server_with_repossessor(tmp_path: Path) -> Iterator[str]:
+    """The API URL of a `prefect server start` of its own, stopped afterwards."""
+    import httpx
+
+    from conftest import free_port
+
+    home = tmp_path / "prefect-server"
+    home.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="1",
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_FOREMAN_ENABLED="false",
+    )
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--no-ui"]
+    with (home / "server.log").open("w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                    break
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Prefect server did not start"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=0.5)  # a poll interval that returns if it dies
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_a_killed_holders_slots_come_back_with_its_lease(
+    tmp_path: Path,
+    flow_env: Any,
+    child_env: dict[str, str],
+    server_with_repossessor: str,
+) -> None:
+    from prefect.settings import temporary_settings
+
+    lease = lease_s()
+    flow_env.configure(latency_s=20.0)  # still in flight when the holder is killed
+    env = {**child_env, "PREFECT_API_URL": server_with_repossessor}
+    with (
+        temporary_settings(updates={PREFECT_API_URL: server_with_repossessor}),
+        global_limit(KILL_LIMIT) as name,
+    ):
+        args = {
+            "prompts": [f"killed {i}" for i in range(2 * KILL_LIMIT)],
+            "destination": str(tmp_path / "out"),
+            "max_concurrency": KILL_LIMIT,
+            "concurrency_limit": name,
+        }
+        run = FlowRunProcess(args, env, tmp_path / "killed.log", cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            run.expect("ready", deadline)
+            run.go()
+            assert flow_env.stats.wait_for(
+                lambda s: s.in_flight == KILL_LIMIT, timeout=RUN_TIMEOUT_S
+            ), run.stderr()
+            assert active_slots(name) == KILL_LIMIT
+            run.proc.send_signal(signal.SIGKILL)
+            run.proc.wait(timeout=30)
+            killed_at = time.monotonic()
+        finally:
+            run.stop()
+        assert active_slots(name) == KILL_LIMIT, "nobody gave them back: the holder is dead"
+        back_by = killed_at + lease + 10.0
+        poll = threading.Event()
+        while active_slots(name) and time.monotonic() < back_by:
+            poll.wait(0.5)  # a poll interval, not a synchronisation: the deadline decides
+        freed_after = time.monotonic() - killed_at
+        print(f"killed holder: {KILL_LIMIT} slots back {freed_after:.1f} s after the kill")
+        assert active_slots(name) == 0, f"slots still held {freed_after:.0f} s after the kill"
+        # Not before the lease ran out: it was last renewed at most RENEW_FRACTION of it ago.
+        assert freed_after >= lease * (1 - RENEW_FRACTION) - 1.0
