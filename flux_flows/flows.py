@@ -124,6 +124,9 @@ def run_batch(rows: Iterable[PromptRow], options: BatchOptions) -> State:
         interrupted=interrupted,
     )
     try:
+        # The contact sheet and the summary artifact show the time so far (all but their own
+        # writing); the report returned says the whole run's.
+        report.wall_time_s = time.perf_counter() - started
         if not options.dry_run:
             _record_run(report, options, storage, spill, run_id, spool, parts, logger)
         report.wall_time_s = time.perf_counter() - started
@@ -404,6 +407,9 @@ def replay_failed(
     first run would have put it; a new manifest records the replay. `destination` defaults to
     the one the manifest was written into.
 
+    With nothing to re-submit, no run is made: the report has `requested == 0`, no API calls,
+    and `manifest_uri` is the manifest it read (still the record of every image).
+
     Example:
         ```python
         replay_failed("s3://assets/products/manifest.jsonl")
@@ -419,8 +425,9 @@ def replay_failed(
             counts=count_outcomes([]),
             api_calls=0,
             cache_hits=0,
-            manifest_uri=None,
+            manifest_uri=manifest_uri,
             destination=target,
+            requested=0,
         )
         return Completed(message="nothing to replay", data=empty)  # type: ignore[return-value]
     # The rows carry every request field of the original records; the batch defaults do not apply.

@@ -39,6 +39,11 @@ class GeneratedImage(BaseModel):
     height: int
     attempts: int = Field(default=1, description="HTTP requests it took, retries included")
     throttled: int = Field(default=0, description="how many of those were answered 429")
+    from_cache: bool = Field(
+        default=False,
+        description="read back from Prefect's result cache (the `generate_image` task): this "
+        "call made no API request; `attempts` are the first call's",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -119,6 +124,10 @@ class ImageRecord(BaseModel):
 class BatchReport(BaseModel):
     """What a batch run returns: counts by outcome, what it cost, where every record is.
 
+    `counts` has one key per finish reason, always all of them (0 when none): `SUCCESS`,
+    `CONTENT_FILTERED`, `ERROR`, `SKIPPED_BUDGET`, and `PLANNED`, which only a dry run
+    (`dry_run=True`) uses, for the images it would generate; a real run's `PLANNED` is 0.
+
     A small run keeps its records in memory; a big one does not (100,000 records would cost
     hundreds of MB): `records` then reads them back from the manifest on first use, and
     `iter_records()` streams them without holding them.
@@ -127,7 +136,10 @@ class BatchReport(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     kept_records: list[ImageRecord] | None = Field(default=None, alias="records", repr=False)
-    counts: dict[str, int]
+    counts: dict[str, int] = Field(
+        description="records by finish reason, every reason a key: SUCCESS, CONTENT_FILTERED, "
+        "ERROR, SKIPPED_BUDGET and PLANNED (dry runs only)"
+    )
     api_calls: int
     cache_hits: int
     manifest_uri: str | None

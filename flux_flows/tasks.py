@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.context import TaskRunContext
+from prefect.serializers import PickleSerializer
+from pydantic import Field
 
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.client import resolve_base_url
 from flux_flows.images_in import hash_input_images
 from flux_flows.models import FinishReason, ImageRequest, request_for
+from flux_flows.pricing import estimate_cost
 from flux_flows.render import store_with_thumbnail
 from flux_flows.results import GeneratedImage, ImageRecord
 from flux_flows.settings import REQUEST_FIELDS
@@ -53,6 +56,23 @@ def _request_cache_key(_context: Any, parameters: Mapping[str, Any]) -> str | No
         base_url = str(given)
     api = hashlib.sha256(base_url.encode("utf-8")).hexdigest()[:12]
     return f"flux-flows-generate-{api}-{request.cache_key}"
+
+
+class CachedImageSerializer(PickleSerializer[Any]):
+    """Prefect's pickle serializer, except that an image read back from the result store is
+    marked `from_cache`: a Cached `generate_image` run made no API call, and its record says so.
+
+    Only a read from the store goes through `loads`; the run that called the API returns its
+    image as it came. Results stored by an older version (plain "pickle") are not marked.
+    """
+
+    type: str = Field(default="flux-flows-generated-image", frozen=True)
+
+    def loads(self, blob: bytes) -> Any:
+        value = super().loads(blob)
+        if isinstance(value, GeneratedImage):
+            return value.model_copy(update={"from_cache": True})
+        return value
 
 
 @task(name="build-request", retries=0, persist_result=False, cache_policy=None)
@@ -110,6 +130,7 @@ def build_request(
     cache_key_fn=_request_cache_key,
     cache_result_in_memory=False,
     persist_result=True,
+    result_serializer=CachedImageSerializer(),
 )
 def generate_image(
     request: ImageRequest,
@@ -123,7 +144,7 @@ def generate_image(
 
     Cached by the request's cache key: running the same request again, in any flow run that
     shares this Prefect result storage, returns the stored image in a Cached state and makes
-    no API call. Without `credentials`, FIREWORKS_API_KEY / FIREWORKS_BASE_URL are used.
+    no API call; that image has `from_cache=True`. Without `credentials`, FIREWORKS_API_KEY / FIREWORKS_BASE_URL are used.
 
     Example:
         ```python
@@ -147,7 +168,8 @@ def upload_image(
     The object's name comes from the request's cache key, so a batch run into the same
     destination finds it and never pays for it again. A SUCCESS image also gets its thumbnail
     (thumbs/<cache_key>.jpg), made from the bytes in hand; a thumbnail failure is only logged.
-    Returns the manifest record.
+    Returns the manifest record: an image `generate_image` served from Prefect's cache is
+    `cached=True` with 0 API calls and no cost; a new one has its API calls and estimated cost.
 
     Example:
         ```python
@@ -158,6 +180,10 @@ def upload_image(
     storage = open_storage(destination, aws_credentials=aws_credentials)
     uri, thumbnail = store_with_thumbnail(storage, image, flow_run_id=current_flow_run_id())
     stored = image.finish_reason is FinishReason.SUCCESS
+    facts = image.facts()
+    cached = getattr(image, "from_cache", False)  # results pickled before the field existed
+    if cached:
+        facts["api_calls"] = 0
     return ImageRecord.for_request(
         image.request,
         index=0,
@@ -165,5 +191,7 @@ def upload_image(
         uri=uri if stored else None,
         filtered_uri=None if stored else uri,
         thumbnail_uri=thumbnail,
-        **image.facts(),
+        cached=cached,
+        estimated_cost_usd=0.0 if cached else estimate_cost(image.request),
+        **facts,
     )

@@ -190,8 +190,12 @@ def test_demo_runs_offline_and_reruns_for_free(tmp_path: Path, cli_env: dict[str
     assert len(list((tmp_path / "demo" / "images").iterdir())) == 15
     assert len(list((tmp_path / "demo" / "filtered").iterdir())) == 1
     assert "Manifest:" in done.stdout
+    assert "generating 16 images" in done.stderr
     again = cli("demo", "--to", str(tmp_path / "demo"), env=env)
     assert _row(again.stdout, "API calls") == "0"
+    # Issue 22 item 7: the second demo says what really happens, and shows no empty 0/0 bar.
+    assert "16 images already stored: nothing to generate" in again.stderr
+    assert "generating 16" not in again.stderr and "0/0" not in again.stderr
     assert TEST_API_KEY not in done.stdout + done.stderr
 
 

@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -40,17 +41,33 @@ def _root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+            "--version",
+            "-V",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the version and exit.",
         ),
     ] = False,
 ) -> None:
     """Generate images with FLUX.1 on Fireworks AI, from one prompt or thousands."""
 
 
-for command in (tools.generate, tools.emulator, batch.run, batch.plan, batch.replay, batch.demo):
-    app.command()(command)
-app.command()(tools.gallery)
-app.add_typer(server_app, name="server")
+# What `flux-flows --help` lists: short enough that 80 columns show each whole (Click would cut
+# a longer first sentence with "...").
+_SHORT_HELP = {
+    tools.generate: "Generate one image and write it to a file.",
+    tools.emulator: "Run the local Fireworks-compatible emulator.",
+    batch.run: "Generate an image per prompt into a bucket or folder.",
+    batch.plan: "Say what `run` would do and cost, generating nothing.",
+    batch.replay: "Re-submit only the failed images of an earlier run.",
+    batch.demo: "Run a small batch on the built-in emulator, offline.",
+    tools.gallery: "Write a contact sheet page for an earlier run.",
+}
+for command, short_help in _SHORT_HELP.items():
+    app.command(short_help=short_help)(command)
+app.add_typer(
+    server_app, name="server", short_help="The local Prefect server the CLI starts and uses."
+)
 
 
 def main() -> None:

@@ -60,7 +60,17 @@ def exit_code_for(error: Exception) -> ExitCode:
     return ExitCode.API_FAILURE
 
 
+# The library's own message names Python arguments (`api_key=...`); a shell user sets a variable.
+MISSING_KEY_MESSAGE = (
+    "No Fireworks API key: export FIREWORKS_API_KEY=fw-... and run the command again. To try "
+    "it offline: `flux-flows demo`, or start `flux-flows emulator` and export "
+    "FIREWORKS_API_KEY=emulator FIREWORKS_BASE_URL=http://127.0.0.1:8737/inference/v1"
+)
+
+
 def fail_with(error: Exception) -> NoReturn:
+    if isinstance(error, MissingCredentialsError):
+        fail(MISSING_KEY_MESSAGE, ExitCode.CREDENTIALS)
     message = describe_validation_error(error) if isinstance(error, ValidationError) else str(error)
     fail(message, exit_code_for(error))
 

@@ -124,18 +124,19 @@ def progress_bar(label: str) -> Iterator[None]:
         transient=False,
     ) as bar:
         task_id = bar.add_task(label, total=None)
+        shown = [""]
 
         def update(done: int, total: int) -> None:
-            bar.update(task_id, completed=done, total=total)
-
-        shown = [""]
+            # Nothing to generate (every image stored): no empty 0/0 bar, the summary says so.
+            bar.update(task_id, completed=done, total=total, visible=bool(total) or bool(shown[0]))
 
         def status(text: str) -> None:
             """A wait is said once where logs go too (a terminal also shows it on the bar)."""
             if text and not shown[0]:
                 bar.console.print(text, highlight=False, soft_wrap=True)
             shown[0] = text
-            bar.update(task_id, description=text.split(" (", 1)[0][:60] if text else label)
+            described = text.split(" (", 1)[0][:60] if text else label
+            bar.update(task_id, description=described, visible=True if text else None)
 
         with listening(update), listening_status(status):
             yield

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from flux_flows.cli._common import (
     AspectOpt,
     BaseSeedOpt,
+    BaseUrlOpt,
     BudgetOpt,
     ConcurrencyOpt,
     DestOpt,
@@ -127,6 +128,14 @@ def finish(report: BatchReport) -> None:
             "or the credentials block; the same command then finishes the batch",
             ExitCode.CREDENTIALS,
         )
+    if report.failed and report.manifest_uri:
+        console.print(
+            f"{report.failed} image(s) failed: `flux-flows replay "
+            f"{shlex.quote(report.manifest_uri)}` re-submits only those, with their seeds "
+            "(running the same command again does too).",
+            highlight=False,
+            soft_wrap=True,
+        )
     if report.failed or report.problems:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
@@ -189,6 +198,19 @@ def confirm_large_batch(
         fail("aborted: nothing was generated (--yes skips this question)", ExitCode.SOME_FAILED)
 
 
+def use_base_url(base_url: str | None) -> None:
+    """`--base-url` for a batch: the flow runs in this process and builds its client from
+    FIREWORKS_BASE_URL, so the option wins over the variable as it does for `generate`."""
+    if base_url is None:
+        return
+    from flux_flows.client import BASE_URL_ENV, resolve_base_url
+
+    try:
+        os.environ[BASE_URL_ENV] = resolve_base_url(base_url)
+    except ValueError as exc:
+        fail_with(exc)
+
+
 def _settings(options: dict[str, Any], drop: tuple[str, ...]) -> BatchSettings:
     """`run` and `plan` read their options the same way: as the one list of settings."""
     try:
@@ -216,6 +238,7 @@ def run(
     rpm: RpmOpt = D.requests_per_minute,
     budget: BudgetOpt = D.budget_usd,
     thumbnails: ThumbnailsOpt = D.thumbnails,
+    base_url: BaseUrlOpt = None,
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
 ) -> None:
@@ -226,7 +249,8 @@ def run(
     """
     check_prompt_source(prompts, prompt, edit, model)
     check_destination(to)
-    batch = _settings(locals(), drop=("prompts", "to", "prompt", "verbose", "yes"))
+    batch = _settings(locals(), drop=("prompts", "to", "prompt", "base_url", "verbose", "yes"))
+    use_base_url(base_url)
     if not yes and sys.stdin.isatty():
         confirm_large_batch(prompts, prompt, batch, to)
     settings = batch.model_dump(exclude_defaults=True)
@@ -296,6 +320,7 @@ def replay(
     concurrency: ConcurrencyOpt = D.max_concurrency,
     rpm: RpmOpt = D.requests_per_minute,
     budget: BudgetOpt = D.budget_usd,
+    base_url: BaseUrlOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Re-submit only the failed images of an earlier run, with their original seeds."""
@@ -303,6 +328,7 @@ def replay(
 
     if to is not None:
         check_destination(to)
+    use_base_url(base_url)
 
     report, page = run_flow(
         lambda: replay_failed(
@@ -316,7 +342,12 @@ def replay(
         verbose=verbose,
         label="replaying",
     )
+    if not report.requested:  # the flow found nothing to re-submit and ran nothing
+        which = "ERROR or SKIPPED_BUDGET" if include_skipped else "ERROR"
+        out.print(f"nothing to replay: the manifest has no {which} records", highlight=False)
+        return
     print_summary(report, f"flux-flows replay -> {report.destination}")
+    print_contact_sheet(report)
     print_ui_page(page)
     finish(report)
 
@@ -326,19 +357,32 @@ def demo(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a small batch on the built-in emulator into a local folder: no key, no network."""
+    from flux_flows.batch import summarize_plan
     from flux_flows.emulator import Emulator, EmulatorConfig
     from flux_flows.flows import generate_images
     from flux_flows.prompts import read_prompts
+    from flux_flows.storage import open_storage
 
     check_destination(to)
     source = Path(__file__).parent.parent / "examples" / "demo_prompts.txt"
-    prompts = [row.fields for row in read_prompts(source)]
-    console.print(f"Starting the Fireworks emulator and generating {len(prompts)} images...")
+    rows = read_prompts(source)
+    prompts = [row.fields for row in rows]
+    options = {"safety_check": True, "seed": 2026}
+    try:  # what is already there: a second demo generates nothing, and says so
+        the_plan = summarize_plan(rows, BatchSettings(**options), open_storage(to))
+    except (ValidationError, FluxError, ValueError) as exc:
+        fail_with(exc)
+    if the_plan.to_generate:
+        stored = f" ({the_plan.stored} already stored)" if the_plan.stored else ""
+        doing = f"generating {the_plan.to_generate} images{stored}"
+    else:
+        doing = f"{the_plan.stored} images already stored: nothing to generate"
+    console.print(f"Starting the Fireworks emulator; {doing}...", highlight=False)
     with Emulator(EmulatorConfig(latency_s=0.2, jitter_s=0.3)) as emulator:
         os.environ["FIREWORKS_BASE_URL"] = emulator.base_url
         os.environ["FIREWORKS_API_KEY"] = "emulator-demo-key"
         report, page = run_flow(
-            lambda: generate_images(prompts, to, safety_check=True, seed=2026),
+            lambda: generate_images(prompts, to, **options),
             verbose=verbose,
             label="generating",
         )

@@ -18,6 +18,7 @@ from flux_flows.cli._common import ExitCode, console, fail, out
 server_app = typer.Typer(
     help="The local Prefect server the CLI starts on first use (when no PREFECT_API_URL is set).",
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help, as the main app: nothing cut at 80 columns
 )
 
 
@@ -55,7 +56,7 @@ def _ensure(label: str) -> object:
         fail(str(exc), ExitCode.API_FAILURE)
 
 
-@server_app.command()
+@server_app.command(short_help="Which Prefect API the CLI uses, and how to log in.")
 def status() -> None:
     """Say which Prefect API the CLI uses, whether its own server is running, and how to log in."""
     from flux_flows import local_server
@@ -83,7 +84,7 @@ def status() -> None:
     out.print(_login_hint(home), highlight=False, soft_wrap=True)
 
 
-@server_app.command()
+@server_app.command(short_help="Start the local Prefect server now.")
 def start() -> None:
     """Start the local Prefect server now (runs start it on first use anyway)."""
     from flux_flows import local_server
@@ -95,7 +96,7 @@ def start() -> None:
     out.print(_login_hint(server.home), highlight=False, soft_wrap=True)
 
 
-@server_app.command()
+@server_app.command(short_help="Stop the local Prefect server (its database stays).")
 def stop() -> None:
     """Stop the local Prefect server; its database (runs, logs, artifacts) stays."""
     from flux_flows import local_server
@@ -107,7 +108,7 @@ def stop() -> None:
         out.print(f"Stopped the local Prefect server at {server.url} (pid {server.pid}).")
 
 
-@server_app.command()
+@server_app.command(short_help="Print export lines for Prefect's CLI and workers.")
 def env() -> None:
     """Print `export` lines for Prefect's CLI and workers: eval "$(flux-flows server env)".
 
