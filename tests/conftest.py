@@ -30,11 +30,40 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(PREFECT_STA
 os.environ["FLUX_FLOWS_SERVER_TIMEOUT"] = str(PREFECT_START_TIMEOUT_S)
 
 
+# CI promises these families run: with FLUX_FLOWS_REQUIRE_ALL=1 (set by .ci/run) a skip in any
+# of them fails the session instead of letting it go green without them.
+REQUIRED_FAMILIES = ("test_browser.py", "test_dask.py", "test_deployment.py", "dask")
+_required_skips: list[str] = []
+
+
+def _note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and any(family in report.nodeid for family in REQUIRED_FAMILIES):
+        _required_skips.append(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_skip(report)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop any background Prefect server a CLI test left in the session's PREFECT_HOME."""
+    """Stop any background Prefect server a CLI test left in the session's PREFECT_HOME; under
+    FLUX_FLOWS_REQUIRE_ALL=1, fail the session if a promised test family was skipped."""
     from flux_flows.local_server import stop_server
 
     stop_server(Path(TEST_PREFECT_HOME))
+    if os.environ.get("FLUX_FLOWS_REQUIRE_ALL") == "1" and _required_skips:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"FLUX_FLOWS_REQUIRE_ALL: {len(_required_skips)} required test(s) skipped:"]
+        lines += [f"  {nodeid}" for nodeid in _required_skips[:20]]
+        if reporter is not None:
+            reporter.ensure_newline()
+            for line in lines:
+                reporter.write_line(line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
