@@ -253,10 +253,11 @@ def test_ctrl_c_stops_submitting_finishes_in_flight_and_writes_the_manifest(
 def test_overlapping_runs_into_one_destination_pay_once(
     tmp_path: Path, cli_env: dict[str, str], flow_env: Any
 ) -> None:
-    """Issue 16: a second run started while the first is generating waits for its images."""
+    """A second run started while the first is generating waits for its images: the test
+    proves they overlapped (a run said it was waiting), or it fails."""
     import time
 
-    flow_env.configure(latency_s=0.5)  # the first run takes ~5 s: the second starts inside it
+    flow_env.configure(latency_s=1.0)  # the first run takes ~10 s: the second starts inside it
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"an overlapping egret {i}\n" for i in range(40)))
     out = tmp_path / "out"
@@ -270,6 +271,8 @@ def test_overlapping_runs_into_one_destination_pay_once(
     _, first_err = first.communicate(timeout=180)
     assert first.returncode == 0, first_err[-2000:]
     assert second.returncode == 0, second.stderr[-2000:]
+    # They overlapped: at least one met the other's live leases and waited.
+    assert "waiting for" in second.stderr + first_err, (second.stderr[-1500:], first_err[-1500:])
     assert flow_env.stats.generations == 40  # distinct images, each paid once
     assert len(list((out / "images").iterdir())) == 40
     runs = sorted((out / "runs").glob("*/manifest.jsonl"))
