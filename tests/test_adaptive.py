@@ -38,11 +38,21 @@ def test_window_cuts_once_per_cooldown_and_never_below_one() -> None:
     assert tiny.limit == 1
 
 
-def test_pacer_spaces_requests_under_the_limit() -> None:
+def test_pacer_spaces_requests_under_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]  # the pacer's clock, moved by the test: no timing of the machine's own
+    monkeypatch.setattr("flux_flows.pacing.time.monotonic", lambda: clock[0])
     pacer = Pacer(600)
     assert pacer.wait_s() == 0
     pacer.take()
-    assert 0.09 < pacer.wait_s() <= 60 / (600 * 0.98)
+    assert pacer.wait_s() == pytest.approx(60 / (600 * 0.98))  # 600/min with 2% headroom
+    clock[0] += 0.05
+    assert pacer.wait_s() == pytest.approx(60 / (600 * 0.98) - 0.05)
+    clock[0] += 1.0  # late by many intervals: the schedule restarts with one catch-up at most
+    assert pacer.wait_s() == 0
+    pacer.take()
+    assert pacer.wait_s() == 0  # the one catch-up
+    pacer.take()
+    assert pacer.wait_s() == pytest.approx(60 / (600 * 0.98))
     assert Pacer(None).wait_s() == 0
 
 
