@@ -293,3 +293,27 @@ def test_emulator_default_port_is_clear_of_dask_and_the_same_everywhere() -> Non
     command_default = inspect.signature(tools.emulator).parameters["port"].default
     assert command_default == inspect.signature(serve).parameters["port"].default == DEFAULT_PORT
     assert DEFAULT_PORT not in {4200, 5000, 8000, 8080, 8786, 8787, 8888}
+
+
+def test_a_manifest_that_cannot_be_stored_is_said_kept_and_exits_1(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """The images are stored but the destination's manifest.jsonl cannot be (here a folder sits
+    at its name): the CLI says "not recorded", names the kept copy and exits 1, never 0."""
+    out = tmp_path / "out"
+    (out / "manifest.jsonl").mkdir(parents=True)
+    done = cli(
+        "run",
+        "-p",
+        "an unrecorded ibis",
+        "-p",
+        "an unrecorded stork",
+        "--to",
+        str(out),
+        env=cli_env,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "not recorded" in done.stderr and "Traceback" not in done.stderr
+    assert len(list((out / "images").iterdir())) == 2 == flow_env.stats.generations
+    kept = [w for w in done.stderr.split() if w.endswith(".jsonl") and "manifest-" in w]
+    assert kept and Path(kept[0].rstrip(".,;)")).is_file(), done.stderr[-2000:]
