@@ -95,6 +95,7 @@ def nightly_batch(
     max_concurrency: int = 8,
     requests_per_minute: float | None = None,
     concurrency_limit: str | None = None,
+    rate_limit: str | None = None,
     budget_usd: float | None = None,
     fail_on_error: bool = False,
     dask_address: str | None = None,
@@ -106,7 +107,9 @@ def nightly_batch(
     is, its variants step from it: seed + 1, ...). Images already under
     tonight's prefix are not generated again, so a re-run only does what is missing.
     `concurrency_limit` names a Prefect global concurrency limit shared by every run that uses
-    this Fireworks account (`prefect gcl create fireworks-api --limit 8`). `fail_on_error=True`
+    this Fireworks account (`prefect gcl create fireworks-api --limit 8`); `rate_limit` one with
+    slot decay for its requests per minute (`prefect gcl create fireworks-rpm --limit 10
+    --slot-decay-per-second 9`). `fail_on_error=True`
     makes the run Failed when any image failed, so the deployment's alerting fires.
     `dask_address` (`tcp://scheduler:8786`) fans the images out over an existing Dask cluster
     instead of this worker's threads.
@@ -133,6 +136,7 @@ def nightly_batch(
         aws_credentials=load_aws_credentials(aws_credentials_block),
         budget_usd=budget_usd,
         concurrency_limit=concurrency_limit,
+        rate_limit=rate_limit,
         fail_on_error=fail_on_error,
         return_state=True,
     )

@@ -67,6 +67,18 @@ YesOpt = Annotated[
 ]
 
 
+# A Prefect global concurrency limit with slot decay, shared by every run on the account.
+RateLimitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rate-limit",
+        metavar="NAME",
+        help="Share the account's requests per minute with other runs through this Prefect "
+        "limit (prefect gcl create NAME --limit 10 --slot-decay-per-second 9).",
+    ),
+]
+
+
 def print_summary(report: BatchReport, title: str) -> None:
     from rich.table import Table
 
@@ -236,6 +248,7 @@ def run(
     prompt_upsampling: UpsamplingOpt = False,
     concurrency: ConcurrencyOpt = D.max_concurrency,
     rpm: RpmOpt = D.requests_per_minute,
+    rate_limit: RateLimitOpt = D.rate_limit,
     budget: BudgetOpt = D.budget_usd,
     thumbnails: ThumbnailsOpt = D.thumbnails,
     base_url: BaseUrlOpt = None,
