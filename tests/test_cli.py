@@ -317,3 +317,32 @@ def test_a_manifest_that_cannot_be_stored_is_said_kept_and_exits_1(
     assert len(list((out / "images").iterdir())) == 2 == flow_env.stats.generations
     kept = [w for w in done.stderr.split() if w.endswith(".jsonl") and "manifest-" in w]
     assert kept and Path(kept[0].rstrip(".,;)")).is_file(), done.stderr[-2000:]
+
+
+def test_a_second_ctrl_c_aborts_at_once(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """The README's promise: the first Ctrl-C lets what is in flight finish; a second aborts at
+    once, without waiting for the in-flight answers (here 60 s away)."""
+    import signal
+    import time
+
+    flow_env.configure(latency_s=60.0)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "flux_flows.cli", "run", "--to", str(out), "-c", "2"]
+    argv += ["-p", "an aborted heron 1", "-p", "an aborted heron 2", "-p", "an aborted heron 3"]
+    process = subprocess.Popen(argv, env=cli_env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    claims = out / "claims"
+    while not claims.is_dir() or len([p for p in claims.iterdir() if p.suffix == ".lease"]) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # let the first Ctrl-C be handled as the first
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 30, "the second Ctrl-C waited for the in-flight answers"
+    assert process.returncode == 130, stderr[-2000:]
+    assert "aborted: the images in flight are abandoned" in stderr
+    assert flow_env.stats.generations == 0  # nothing was billed: the requests were abandoned
