@@ -282,8 +282,8 @@ def test_two_runs_share_a_limit_in_blocks(
 # burst of BURST and DECAY a second after it: BURST + WINDOW_S * DECAY stays within the window.
 RPM = 600
 WINDOW_S = 20.0
-BURST = 10
-DECAY = 9.3
+BURST = 12
+DECAY = 9.4
 RATE_IMAGES = 110  # per run: 220 in all, more than the 200 one window allows
 
 
@@ -424,3 +424,58 @@ def test_a_killed_holders_slots_come_back_with_its_lease(
         assert active_slots(name) == 0, f"slots still held {freed_after:.0f} s after the kill"
         # Not before the lease ran out: it was last renewed at most RENEW_FRACTION of it ago.
         assert freed_after >= lease * (1 - RENEW_FRACTION) - 1.0
+
+
+# Dask chunks hold the limit the same way: 4 chunks at once (2 workers x 2 threads), each with
+# 2 of the batch's 8 in flight, on a limit of 3: together they must fill it, never pass it.
+DASK_LIMIT = 3
+DASK_IMAGES = 16
+
+
+def test_dask_chunks_hold_the_shared_limit(
+    tmp_path: Path, flow_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import distributed
+    from prefect_dask import DaskTaskRunner
+
+    flow_env.configure(latency_s=LATENCY_S)
+    # The workers inherit it: the same Prefect API as the batch, where the limit is.
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+    with (
+        global_limit(DASK_LIMIT) as name,
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=2,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=40,
+        ) as cluster,
+    ):
+        runner = DaskTaskRunner(address=cluster.scheduler_address)
+        state = generate_images.with_options(task_runner=runner)(
+            [f"dask shared {i}" for i in range(DASK_IMAGES)],
+            str(tmp_path / "out"),
+            max_concurrency=8,
+            chunk_size=4,
+            concurrency_limit=name,
+            return_state=True,
+        )
+        report = state.result()
+        assert report.counts[FinishReason.SUCCESS] == DASK_IMAGES
+        assert flow_env.stats.max_in_flight == DASK_LIMIT
+        assert active_slots(name) == 0
+
+
+def test_cli_run_takes_a_rate_limit_by_name(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """`flux-flows run --rate-limit NAME` reaches the flow: a missing limit stops it unpaid."""
+    command = [sys.executable, "-m", "flux_flows.cli", "run", "--prompt", "a shared fox"]
+    command += ["--to", str(tmp_path / "out"), "--rate-limit", "no-such-rpm-limit"]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=240,
+    )
+    assert done.returncode != 0
+    assert "no-such-rpm-limit" in done.stdout + done.stderr
