@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flux_flows.errors import StorageError
+from flux_flows.settings import seconds_from_env
 from flux_flows.storage import Storage
 
 logger = logging.getLogger("flux_flows.claims")
@@ -55,11 +56,7 @@ JSON = "application/json"
 
 def lease_s() -> float:
     """How long a silent holder keeps its images: FLUX_FLOWS_CLAIM_LEASE_S, else LEASE_S."""
-    with contextlib.suppress(ValueError):
-        value = float(os.environ.get("FLUX_FLOWS_CLAIM_LEASE_S") or LEASE_S)
-        if value > 0:
-            return value
-    return LEASE_S
+    return seconds_from_env("FLUX_FLOWS_CLAIM_LEASE_S", LEASE_S)
 
 
 class ClaimsUnwritableError(StorageError):

@@ -32,13 +32,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
+
+from flux_flows.settings import seconds_from_env
 
 logger = logging.getLogger("flux_flows.limits")
 
@@ -64,11 +65,7 @@ GIVE_UP_S = 300.0
 
 def lease_s() -> float:
     """Seconds a block's lease lasts: FLUX_FLOWS_SLOT_LEASE_S, else SLOT_LEASE_S (>= 60)."""
-    with contextlib.suppress(ValueError):
-        value = float(os.environ.get(LEASE_ENV) or SLOT_LEASE_S)
-        if math.isfinite(value):
-            return max(MIN_LEASE_S, value)
-    return SLOT_LEASE_S
+    return seconds_from_env(LEASE_ENV, SLOT_LEASE_S, minimum=MIN_LEASE_S)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import RPM_HEADROOM
 from flux_flows.progress import ProgressReporter
 from flux_flows.render import SLOT_LEASE_S, RenderJob, RenderResult
-from flux_flows.settings import BatchOptions
+from flux_flows.settings import BatchOptions, seconds_from_env
 from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, TooLargeError, iter_uri_lines, open_storage
 
@@ -109,11 +109,7 @@ def _log() -> Any:
 
 def heartbeat_s() -> float:
     """Seconds between a chunk run's heartbeats: FLUX_FLOWS_CHUNK_HEARTBEAT_S, else HEARTBEAT_S."""
-    with contextlib.suppress(ValueError):
-        value = float(os.environ.get("FLUX_FLOWS_CHUNK_HEARTBEAT_S") or HEARTBEAT_S)
-        if value > 0:
-            return value
-    return HEARTBEAT_S
+    return seconds_from_env("FLUX_FLOWS_CHUNK_HEARTBEAT_S", HEARTBEAT_S)
 
 
 def _block_name(block: Any) -> str | None:

@@ -9,6 +9,7 @@ fill in), so a test holds the signatures to these models field by field.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -157,3 +158,15 @@ class BatchOptions(BatchSettings):
 REQUEST_FIELDS: tuple[str, ...] = tuple(RequestDefaults.model_fields)
 SETTING_FIELDS: tuple[str, ...] = tuple(BatchSettings.model_fields)
 BATCH_DEFAULTS = BatchSettings()
+
+
+def seconds_from_env(name: str, default: float, *, minimum: float = 0.0) -> float:
+    """A duration knob from the environment (leases, heartbeats): a positive, finite number of
+    seconds, at least `minimum`; anything else (unset, empty, "abc", "0", "inf") is `default`."""
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    if not math.isfinite(value) or value <= 0:
+        return default
+    return max(minimum, value)

@@ -80,3 +80,30 @@ def test_options_take_their_fields_from_any_parameters() -> None:
     assert (options.destination, options.variants) == ("s3://b/p", 3)
     assert options.defaults["model"] == "flux-1-dev-fp8"
     assert set(options.defaults) == set(BatchSettings.model_fields) & set(options.defaults)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, 120.0),
+        ("", 120.0),
+        ("abc", 120.0),
+        ("0", 120.0),
+        ("-5", 120.0),
+        ("inf", 120.0),
+        ("nan", 120.0),
+        ("7.5", 7.5),
+        ("2", 5.0),
+    ],
+)
+def test_duration_knobs_from_the_environment(
+    raw: str | None, expected: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases and heartbeats read one way: nonsense falls back to the default, never to 0."""
+    from flux_flows.settings import seconds_from_env
+
+    if raw is None:
+        monkeypatch.delenv("FLUX_FLOWS_TEST_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("FLUX_FLOWS_TEST_SECONDS", raw)
+    assert seconds_from_env("FLUX_FLOWS_TEST_SECONDS", 120.0, minimum=5.0) == expected
