@@ -235,11 +235,36 @@ def test_other_spellings_of_this_machine_are_refused_before_connecting(
 def test_a_dns_answer_that_changes_after_the_check_is_caught_at_the_socket(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DNS rebinding: the name passed the check, then resolved to loopback for the connect."""
-    monkeypatch.setattr(public_urls, "_check_public", lambda url: None)
+    """DNS rebinding: the name resolves to a public address for the check, then to loopback for
+    the connect. The resolver itself changes its answer (`socket.getaddrinfo`, which both the
+    check and the connection ask); nothing in the library is switched off."""
+    import socket
+
+    real_getaddrinfo = socket.getaddrinfo
+    host = "rebinding.example"
+    public, private = "93.184.215.14", "127.0.0.1"  # a global address, then this machine
+    answers: list[str] = []
+
+    def rebinding_dns(name: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if name != host:
+            return real_getaddrinfo(name, port, *args, **kwargs)
+        address = public if not answers else private  # a short TTL: the next answer differs
+        answers.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    assert is_private_address(private) and not is_private_address(public)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    url = f"http://{host}:{server.port}/cat.png"
     with pytest.raises(UrlRefused, match=r"connected to 127\.0\.0\.1.*nothing was sent"):
-        fetch_public_url(server.url("/cat.png"), max_bytes=1024)
+        fetch_public_url(url, max_bytes=1024)
+    # The check saw the public answer, the connection the private one, and nothing reached it.
+    assert answers == [public, private]
     assert server.hits == []
+    # The same through the public entry point a prompt file's input_image takes.
+    answers.clear()
+    with pytest.raises(InputImageError, match=r"connected to 127\.0\.0\.1"):
+        resolve_input_image(url)
+    assert answers == [public, private] and server.hits == []
 
 
 def _loopback_counts_as_public(monkeypatch: pytest.MonkeyPatch) -> None:
