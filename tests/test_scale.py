@@ -78,31 +78,37 @@ def test_a_big_run_streams_its_records_and_its_manifest(
 
 
 def test_parts_are_written_as_images_finish_and_kept_when_the_manifest_fails(
-    tmp_path: Path, flow_env: Any, monkeypatch: Any
+    tmp_path: Path, flow_env: Any
 ) -> None:
-    from flux_flows import dispatch, manifests
-    from flux_flows.errors import StorageError
+    """The destination takes every image, then refuses the manifest: a folder stands where
+    `manifest.jsonl` goes, so the library's real write fails with the OS's own error (no
+    storage call is replaced). The run says so, keeps a copy in the spill folder, and the parts
+    it wrote as images finished (one per `flush_every` records, 200 by default) stay."""
+    import inspect
 
-    original = dispatch.render_windowed
+    from flux_flows.dispatch import render_windowed
 
-    def small_flushes(*args: Any, **kwargs: Any) -> Any:
-        return original(*args, **{**kwargs, "flush_every": 2})
-
-    def refuse(self: Any, storage: Any, run_id: str, **kwargs: Any) -> str:
-        raise StorageError("the disk is full (injected)")
-
-    monkeypatch.setattr(dispatch, "render_windowed", small_flushes)
-    monkeypatch.setattr(manifests.ManifestSpool, "store", refuse)
-    report = generate_images([f"a parted heron {i}" for i in range(5)], str(tmp_path))
-    assert report.manifest_uri is None and report.problems
-    assert "manifest NOT stored (the disk is full (injected))" in report.problems[0]
-    parts = sorted((tmp_path / "runs").glob("*/parts/part-*.jsonl"))
-    assert len(parts) == 3  # 2 + 2 + 1 finished images
+    flush_every = inspect.signature(render_windowed).parameters["flush_every"].default
+    n = 2 * flush_every + 1  # two full parts while the run goes on, and the last one
+    dest = tmp_path / "dest"
+    (dest / "manifest.jsonl").mkdir(parents=True)  # the destination's manifest cannot be written
+    prompts = [f"a parted heron {i}" for i in range(n)]
+    report = generate_images(prompts, str(dest), max_concurrency=16)
+    assert report.counts[FinishReason.SUCCESS] == n and flow_env.stats.generations == n
+    assert report.manifest_uri is None and len(report.problems) == 1
+    problem = report.problems[0]
+    assert problem.startswith(
+        f"manifest NOT stored (could not write {dest / 'manifest.jsonl'}: Is a directory)"
+    ), problem
+    assert (dest / "manifest.jsonl").is_dir() and not list((dest / "manifest.jsonl").iterdir())
+    parts = sorted(dest.glob("runs/*/parts/part-*.jsonl"))
+    assert [len(p.read_text().splitlines()) for p in parts] == [flush_every, flush_every, 1]
     recorded = [json.loads(x) for p in parts for x in p.read_text().splitlines()]
-    assert sorted(r["prompt"] for r in recorded) == [f"a parted heron {i}" for i in range(5)]
-    assert all(r["finish_reason"] == "SUCCESS" and r["uri"] for r in recorded)
-    kept = Path(report.problems[0].rsplit("a copy is kept at ", 1)[1])
-    assert len(kept.read_text().splitlines()) == 5
+    assert sorted(r["prompt"] for r in recorded) == sorted(prompts)
+    assert all(r["finish_reason"] == "SUCCESS" and Path(r["uri"]).is_file() for r in recorded)
+    kept = Path(problem.rsplit("a copy is kept at ", 1)[1])
+    lines = [json.loads(x) for x in kept.read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == prompts  # the whole manifest, in plan order
 
 
 def test_spilled_images_are_found_whatever_the_destination_spelling(
