@@ -1,12 +1,14 @@
 """The scale benchmark still runs end to end, so the figures in RESULTS.md can be reproduced.
 
 It runs the real script (its own stand-in API, Prefect server and moto processes, a Dask
-LocalCluster, a cached re-run and `flux-flows plan`) at a tiny N: this checks the plumbing and
-the RESULT line, not the performance.
+LocalCluster, a process work pool with 2 workers, a cached re-run and `flux-flows plan`) at a
+tiny N: this checks the plumbing and the RESULT line, not the performance. Every row the RESULT
+line reports must have run: the work pool's too (`workpool=ran`, its chunk runs completed).
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import subprocess
 import sys
@@ -57,10 +59,25 @@ def test_scale_benchmark_runs_and_prints_a_parsable_result(tmp_path: Path) -> No
     assert float(result["dask_vs_threads"]) > 0 and float(result["threads_cpu_ms_per_image"]) > 0
     # The cached re-run of the large run made no API call (the report's and the stand-in's count).
     assert float(result["large_rerun_api_calls"]) == 0
-    # Row (d) is either measured or says why it cannot be.
-    assert result["workpool"] in ("ran", "n/a")
-    if result["workpool"] == "n/a":
-        assert "(d) work pool, 2 process workers" in done.stdout and "not available" in done.stdout
+    # Row (d), the work pool, runs here (no --pool-n 0): it must be measured, not explained away.
+    pool_lines = [x for x in lines if "(d) work pool" in x]
+    assert result["workpool"] == "ran", (
+        "row (d) did not run; the benchmark said:\n" + "\n".join(pool_lines) + done.stderr[-2000:]
+    )
+    assert result["workpool_n"] == "12", result
+    for key in ("workpool_img_s", "workpool_cpu_ms_per_image", "workpool_vs_threads"):
+        assert math.isfinite(float(result[key])) and float(result[key]) > 0, (key, lines[-1])
+    # Its chunks ran as flow runs of the chunk deployment on the pool's workers, all completed
+    # (the warm-up's included), and the workers' logs account for every one of them.
+    chunk_line = next(x for x in lines if x.strip().startswith("chunk runs "))
+    states_text, _, workers_text = (
+        chunk_line.strip().removeprefix("chunk runs ").partition(", per worker ")
+    )
+    states, per_worker = ast.literal_eval(states_text), ast.literal_eval(workers_text)
+    assert set(states) == {"COMPLETED"} and states["COMPLETED"] >= 2, chunk_line
+    assert sum(per_worker.values()) == states["COMPLETED"], chunk_line
+    pool_counts = next(x for x in pool_lines if ": stand-in " in x)
+    assert pool_counts.endswith("counts {'SUCCESS': 12}"), pool_counts
     table = done.stdout[done.stdout.index("contender") :]
     for label in ("(a) one process, threads", "(b) Dask", "(c) task run per image", "plan"):
         assert label in table
