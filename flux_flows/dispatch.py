@@ -7,12 +7,9 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
-import os
 import queue
-import signal
-import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -25,6 +22,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows.errors import AuthenticationError
+from flux_flows.interrupts import first_ctrl_c_stops
 from flux_flows.limits import AccountLimits, SharedLimits, sharing
 from flux_flows.models import FinishReason
 from flux_flows.pacing import AdaptiveWindow, Pacer
@@ -263,41 +261,6 @@ def _result_of(future: PrefectFuture[Any], cache_key: str) -> RenderResult:
 
 
 INTERRUPTED = "not attempted: the run was interrupted (Ctrl-C)"
-
-
-# Set by the command line: a second Ctrl-C ends the process at once with this code. Raising
-# KeyboardInterrupt instead (what a library must do) would still wait at exit for the threads
-# whose answers are in flight, for as long as the API takes.
-ABORT_EXIT_CODE: int | None = None
-ABORTED = (
-    "aborted: the images in flight are abandoned (a real API may bill them) and no manifest is "
-    "written; what was stored stays stored, and running the same command again does the rest\n"
-)
-
-
-@contextlib.contextmanager
-def first_ctrl_c_stops() -> Iterator[threading.Event]:
-    """While images are submitted from the main thread, the first Ctrl-C only sets an event the
-    loop reads (a KeyboardInterrupt could land inside a Prefect API call that swallows it); the
-    second raises KeyboardInterrupt as usual, or under the CLI ends the process at once."""
-    pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield pressed
-        return
-
-    def on_ctrl_c(signum: int, frame: Any) -> None:
-        if pressed.is_set():
-            if ABORT_EXIT_CODE is not None:
-                os.write(2, ABORTED.encode())
-                os._exit(ABORT_EXIT_CODE)
-            raise KeyboardInterrupt
-        pressed.set()
-
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        yield pressed
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # Put into a loop's queue of finished futures when its shared limits granted slots or tokens.

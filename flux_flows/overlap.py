@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 
 from flux_flows import claims
 from flux_flows.batch import BatchPlan, PlannedImage, StoredImage
-from flux_flows.dispatch import INTERRUPTED, first_ctrl_c_stops
+from flux_flows.dispatch import INTERRUPTED
+from flux_flows.interrupts import first_ctrl_c_stops
 from flux_flows.models import FinishReason
 from flux_flows.progress import ProgressReporter, say_status
 from flux_flows.render import RenderResult, found_stored

@@ -72,9 +72,9 @@ app.add_typer(
 
 def main() -> None:
     """Console-script entry point."""
-    from flux_flows import dispatch
+    from flux_flows import interrupts
 
-    dispatch.ABORT_EXIT_CODE = 130  # a second Ctrl-C ends a batch at once (README)
+    interrupts.ABORT_EXIT_CODE = 130  # a second Ctrl-C ends a batch at once (README)
     try:
         app()
     except (StorageError, PromptSourceError) as exc:  # raised outside a command's own handling
