@@ -21,15 +21,26 @@ runs neither pay for nor wait on Prefect's temporary per-process server, nor tou
 Everything binds to 127.0.0.1, and every process started here is stopped on exit, error or
 Ctrl-C (each lives in its own process group, ended by id).
 
+Every contender (raw loop, seed loop, each flux-flows child) first does an uncounted 2-image
+warm-up run of its own. The raw loop, the flux-flows run and the thumbnails=False run share the
+servers, so their order can matter: `--repeat K` runs K rounds, each in a rotated order (round 1:
+raw, flow, bare; round 2: flow, bare, raw; ...), and prints the median, min and max of every
+figure, computed here.
+
 Usage:
     python benchmarks/bench_batch.py --n 1000 --latency 1 --concurrency 32 --image-kb 300
+    python benchmarks/bench_batch.py --repeat 3             # 3 rounds, medians and ranges
     python benchmarks/bench_batch.py --n 300 --rpm 600
     python benchmarks/bench_batch.py --n 300 --profile /tmp/prof.txt   # + where the CPU goes
 
 The last line printed is machine-readable:
     RESULT n=.. flow_vs_ideal=.. flow_vs_raw=.. speedup_vs_seed=.. cached_rerun_ratio=..
-    cpu_ms_per_image=.. rss_kb_per_image=.. image_kb=..
+    cpu_ms_per_image=.. cpu_vs_raw=.. rss_kb_per_image=.. image_kb=..
+    [flow_vs_raw_no_thumbnails=.. cpu_vs_raw_no_thumbnails=.. thumbnail_cpu_ms_per_image=..]
+    [standin_images_per_s=.. standin_cpu_ms_per_image=..]
     [rpm=.. sustained_rate_pct=.. peak_60s_requests=.. failed=..]   (with --rpm)
+With --repeat K (K > 1): one `ROUND i/K n=..` line per round, then `RANGE repeat=K key=min-max ..`
+and `RESULT repeat=K key=median ..` (the medians over the rounds) as the last line.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -554,7 +566,7 @@ def run_flow_child(argv: Sequence[str]) -> None:
     # The library's and Prefect's default logging stays on (users pay for it too); only the
     # noisy third-party debug loggers a user would not enable are left at their defaults.
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    out: dict[str, Any] = {"n": args.n}
+    out: dict[str, Any] = {"n": args.n, "profiled": bool(args.profile_out)}
 
     started = time.perf_counter()
     warm = generate_images(
@@ -815,11 +827,15 @@ async def _raw_batch(
 
 
 def run_raw(
-    base_url: str, jobs: Sequence[dict[str, Any]], concurrency: int, rpm: float | None
+    base_url: str,
+    jobs: Sequence[dict[str, Any]],
+    concurrency: int,
+    rpm: float | None,
+    prefix: str = "raw",
 ) -> Phase:
     s3_client(1).list_buckets()  # import and credential resolution, not counted
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    failed = asyncio.run(_raw_batch(base_url, jobs, "raw", concurrency, rpm))
+    failed = asyncio.run(_raw_batch(base_url, jobs, prefix, concurrency, rpm))
     return Phase(
         "raw asyncio+httpx+boto3",
         time.perf_counter() - wall0,
@@ -829,7 +845,9 @@ def run_raw(
     )
 
 
-def run_seed_loop(base_url: str, jobs: Sequence[dict[str, Any]], n: int) -> Phase:
+def run_seed_loop(
+    base_url: str, jobs: Sequence[dict[str, Any]], n: int, prefix: str = "seed"
+) -> Phase:
     """The script users start from: one request, one upload, next; timed on a sample only."""
     import requests
 
@@ -848,7 +866,7 @@ def run_seed_loop(base_url: str, jobs: Sequence[dict[str, Any]], n: int) -> Phas
             response.raise_for_status()
             s3.put_object(
                 Bucket=BUCKET,
-                Key=f"seed/{index:06d}.jpg",
+                Key=f"{prefix}/{index:06d}.jpg",
                 Body=response.content,
                 ContentType="image/jpeg",
             )
@@ -1035,7 +1053,7 @@ def fetch_emulator_jpeg(svc: Services, path: Path) -> int:
 
 
 def measure_standin(
-    args: argparse.Namespace, svc: Services, procs: Processes, workdir: Path
+    args: argparse.Namespace, svc: Services, procs: Processes, workdir: Path, tag: str = ""
 ) -> dict[str, Any]:
     """A fresh flux-flows child against the zero-cost stand-in: the rate one process sustains.
 
@@ -1044,18 +1062,18 @@ def measure_standin(
     nor an emulator's rendering is the limit; the destination is a local folder (default) or
     moto. The stand-in's and moto's CPU are reported so the claim "~0 CPU" can be checked.
     """
-    image_file, port_file = workdir / "standin.jpg", workdir / "standin.port"
+    image_file, port_file = workdir / f"standin{tag}.jpg", workdir / f"standin{tag}.port"
     size = fetch_emulator_jpeg(svc, image_file)
     command = [sys.executable, str(HERE), "_standin", "--image-file", str(image_file)]
     command += ["--latency", str(args.standin_latency), "--port-file", str(port_file)]
-    proc = procs.spawn("standin", command, svc.env)
+    proc = procs.spawn(f"standin{tag}", command, svc.env)
     try:
         wait_until(port_file.exists, "the stand-in API", proc)
         url = f"http://127.0.0.1:{int(port_file.read_text())}"
         dest = (
-            str(workdir / "standin-out")
+            str(workdir / f"standin-out{tag}")
             if args.standin_dest == "local"
-            else f"s3://{BUCKET}/standin"
+            else f"s3://{BUCKET}/standin{tag}"
         )
         pids = {"stand-in": proc.pid, "moto": svc.pids["moto"]}
         cpu0 = {name: process_tree_cpu_s(pid) for name, pid in pids.items()}
@@ -1064,7 +1082,7 @@ def measure_standin(
             procs,
             svc,
             workdir,
-            name="flow-standin",
+            name=f"flow-standin{tag}",
             n=args.standin_n,
             concurrency=args.standin_concurrency,
             rpm=None,
@@ -1300,9 +1318,10 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 @dataclass
 class Measurements:
-    """Everything one benchmark run measured, before it is turned into a table."""
+    """Everything one round of the benchmark measured, before it is turned into a table."""
 
-    phases: list[Phase] = field(default_factory=list)
+    raw: Phase | None = None  # the hand-written asyncio loop
+    seed: Phase | None = None  # the sequential loop, timed on a sample and extrapolated
     main: dict[str, Any] = field(default_factory=dict)  # the N-image flux-flows child
     small: dict[str, Any] | None = None  # the small-N child, for RSS growth
     n_small: int = 0
@@ -1317,71 +1336,116 @@ class Measurements:
     edges_s: tuple[float, float] = (math.nan, math.nan)
     standin: dict[str, Any] | None = None  # the flux-flows child against the stand-in API
     bare: dict[str, Any] | None = None  # the same run with thumbnails=False
+    order: list[str] = field(default_factory=list)  # the contenders' order in this round
+    warmup_s: dict[str, float] = field(default_factory=dict)  # each contender's warm-up run
+
+
+# The contenders whose order can matter (they share the emulator, moto and the Prefect server,
+# whose state grows from one to the next, and the machine's load drifts): each round runs them
+# in a rotated order, so with --repeat K each one runs first, in the middle and last in turn.
+CONTENDERS = ("raw", "flow", "bare")
+
+
+def round_order(args: argparse.Namespace, index: int) -> list[str]:
+    names = [c for c in CONTENDERS if c != "bare" or args.no_thumbnails_row]
+    shift = index % len(names)
+    return names[shift:] + names[:shift]
 
 
 def measure(
-    args: argparse.Namespace, svc: Services, procs: Processes, workdir: Path
+    args: argparse.Namespace, svc: Services, procs: Processes, workdir: Path, index: int = 0
 ) -> Measurements:
-    """Raw loop, seed sample, small-N flow child, then the measured flow child (last)."""
-    n, conc = args.n, args.concurrency
-    jobs = workload(n)
-    out = Measurements(n_small=args.rss_small or (max(2, min(n // 10, 100)) if n > 4 else 0))
+    """One round: seed sample, small-N flow child, then raw / flow / bare in `round_order`.
 
-    reset_emulator(svc)
-    out.phases.append(run_raw(svc.base_url, jobs, conc, args.rpm))
-    if args.rpm:
-        out.rates["raw"] = rate_figures(emulator_log(svc), args.rpm)
-    print(f"  raw loop done: {out.phases[-1].wall_s:.1f} s", flush=True)
+    Every contender first does an uncounted 2-image warm-up run of its own at concurrency 2,
+    as the flux-flows children always did: the raw loop and the seed loop in this process
+    (imports, clients, the servers' first requests), the flux-flows ones in their child. Every
+    round writes under its own prefixes, so no round finds another's images.
+    """
+    n, conc = args.n, args.concurrency
+    tag = f"-r{index + 1}" if args.repeat > 1 else ""
+    jobs = workload(n)
+    warm_jobs = workload(2, tag="warm-up ")
+    out = Measurements(n_small=args.rss_small or (max(2, min(n // 10, 100)) if n > 4 else 0))
+    out.order = round_order(args, index)
 
     if args.seed_sample:
+        out.warmup_s["seed"] = run_seed_loop(
+            svc.base_url, warm_jobs, 2, prefix=f"seed-warmup{tag}"
+        ).wall_s
         reset_emulator(svc)
-        out.phases.append(run_seed_loop(svc.base_url, jobs[: args.seed_sample], n))
-        print(f"  seed loop sample done: {out.phases[-1].wall_s:.0f} s extrapolated", flush=True)
+        out.seed = run_seed_loop(svc.base_url, jobs[: args.seed_sample], n, prefix=f"seed{tag}")
+        print(f"  seed loop sample done: {out.seed.wall_s:.0f} s extrapolated", flush=True)
 
     flow = functools.partial(flow_child, procs, svc, workdir, concurrency=conc, rpm=args.rpm)
     if out.n_small:
         reset_emulator(svc)
-        out.small = flow(name="flow-small", n=out.n_small, dest=f"s3://{BUCKET}/flow-small")
+        out.small = flow(
+            name=f"flow-small{tag}", n=out.n_small, dest=f"s3://{BUCKET}/flow-small{tag}"
+        )
         print(f"  flux-flows at N={out.n_small} (memory baseline) done", flush=True)
 
-    reset_emulator(svc)
-    out.load_before_flow = load_text()
-    busy0, ours0, wall0 = machine_busy_s(), _own_and_children_cpu_s(), time.perf_counter()
-    servers0 = {name: process_tree_cpu_s(pid) for name, pid in svc.pids.items()}
-    profile = str(Path(args.profile).absolute()) if args.profile else None
-    out.main = flow(
-        name="flow-main", n=n, dest=f"s3://{BUCKET}/flow-main", rerun=True, profile_out=profile
-    )
-    servers1 = {name: process_tree_cpu_s(pid) for name, pid in svc.pids.items()}
-    busy1, ours1, wall1 = machine_busy_s(), _own_and_children_cpu_s(), time.perf_counter()
-    out.server_cpu_s = {name: servers1[name] - servers0[name] for name in servers0}
-    ours = sum(out.server_cpu_s.values()) + ours1 - ours0
-    # Whatever else the machine did meanwhile: other people's test suites, on these 2 cores.
-    out.foreign_cores = max(0.0, (busy1 - busy0 - ours) / max(wall1 - wall0, 1e-9))
-
-    log = emulator_log(svc)
-    first_run = out.main["first_started_at"], out.main["first_ended_at"]
-    # The child's warm-up run reached the emulator too: keep only the measured run's requests.
-    measured = [(t, status) for t, status in log if first_run[0] <= t <= first_run[1]]
-    out.rerun_requests = sum(1 for t, _ in log if t > first_run[1])
-    if args.rpm:
-        out.rates["flux-flows"] = rate_figures(measured, args.rpm)
-    if measured:
-        arrivals = sorted(t for t, _ in measured)
-        out.edges_s = (
-            arrivals[0] - first_run[0],
-            first_run[1] - (arrivals[-1] + args.latency),
-        )
-    print("  flux-flows first run and cached re-run done", flush=True)
-    if args.no_thumbnails_row:
+    def raw() -> None:
         reset_emulator(svc)
-        out.bare = flow(name="flow-bare", n=n, dest=f"s3://{BUCKET}/flow-bare", thumbnails=False)
+        warm = run_raw(svc.base_url, warm_jobs, 2, args.rpm, prefix=f"raw-warmup{tag}")
+        out.warmup_s["raw"] = warm.wall_s
+        reset_emulator(svc)
+        out.raw = run_raw(svc.base_url, jobs, conc, args.rpm, prefix=f"raw{tag}")
+        if args.rpm:
+            out.rates["raw"] = rate_figures(emulator_log(svc), args.rpm)
+        print(f"  raw loop done: {out.raw.wall_s:.1f} s", flush=True)
+
+    def main_flow() -> None:
+        reset_emulator(svc)
+        out.load_before_flow = load_text()
+        busy0, ours0, wall0 = machine_busy_s(), _own_and_children_cpu_s(), time.perf_counter()
+        servers0 = {name: process_tree_cpu_s(pid) for name, pid in svc.pids.items()}
+        profile = str(Path(args.profile).absolute()) if args.profile and index == 0 else None
+        out.main = flow(
+            name=f"flow-main{tag}",
+            n=n,
+            dest=f"s3://{BUCKET}/flow-main{tag}",
+            rerun=True,
+            profile_out=profile,
+        )
+        out.warmup_s["flow"] = out.main["warmup_s"]
+        servers1 = {name: process_tree_cpu_s(pid) for name, pid in svc.pids.items()}
+        busy1, ours1, wall1 = machine_busy_s(), _own_and_children_cpu_s(), time.perf_counter()
+        out.server_cpu_s = {name: servers1[name] - servers0[name] for name in servers0}
+        ours = sum(out.server_cpu_s.values()) + ours1 - ours0
+        # Whatever else the machine did meanwhile: other people's test suites, on these cores.
+        out.foreign_cores = max(0.0, (busy1 - busy0 - ours) / max(wall1 - wall0, 1e-9))
+
+        log = emulator_log(svc)
+        first_run = out.main["first_started_at"], out.main["first_ended_at"]
+        # The child's warm-up run reached the emulator too: keep only the measured run's.
+        measured = [(t, status) for t, status in log if first_run[0] <= t <= first_run[1]]
+        out.rerun_requests = sum(1 for t, _ in log if t > first_run[1])
+        if args.rpm:
+            out.rates["flux-flows"] = rate_figures(measured, args.rpm)
+        if measured:
+            arrivals = sorted(t for t, _ in measured)
+            out.edges_s = (
+                arrivals[0] - first_run[0],
+                first_run[1] - (arrivals[-1] + args.latency),
+            )
+        print("  flux-flows first run and cached re-run done", flush=True)
+
+    def bare() -> None:
+        reset_emulator(svc)
+        out.bare = flow(
+            name=f"flow-bare{tag}", n=n, dest=f"s3://{BUCKET}/flow-bare{tag}", thumbnails=False
+        )
+        out.warmup_s["bare"] = out.bare["warmup_s"]
         print("  flux-flows with thumbnails=False done", flush=True)
+
+    steps = {"raw": raw, "flow": main_flow, "bare": bare}
+    print(f"  order of this round: {', '.join(out.order)}", flush=True)
+    for name in out.order:
+        steps[name]()
     if args.standin_n:
-        out.standin = measure_standin(args, svc, procs, workdir)
+        out.standin = measure_standin(args, svc, procs, workdir, tag=tag)
         print("  flux-flows against the zero-cost stand-in done", flush=True)
-    if args.profile:
-        out.components = components_child(procs, svc, workdir, conc)
     return out
 
 
@@ -1402,8 +1466,8 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         failed=n - main["rerun_counts"].get("SUCCESS", 0),
         cpu_s=main["rerun_cpu_s"],
     )
-    raw = m.phases[0]
-    seed = next((p for p in m.phases if p.extrapolated_from), None)
+    raw, seed = m.raw, m.seed
+    assert raw is not None
     ideal = ideal_s(args)
     rss_per_image = math.nan
     if m.small is not None:
@@ -1421,7 +1485,7 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         "rss_kb_per_image": rss_per_image,
         "image_kb": main["bytes"] / max(n - flow.failed, 1) / 1024,
     }
-    rows = [*m.phases, flow, rerun]
+    rows = [raw, *([seed] if seed else []), flow, rerun]
     if m.bare is not None:
         bare = Phase(
             "flux-flows, thumbnails=False",
@@ -1433,6 +1497,8 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         rows.append(bare)
         figures["flow_vs_raw_no_thumbnails"] = bare.wall_s / raw.wall_s
         figures["cpu_vs_raw_no_thumbnails"] = bare.cpu_s / raw.cpu_s if raw.cpu_s else math.nan
+        # What the thumbnails cost: the same images in the same round, with and without them.
+        figures["thumbnail_cpu_ms_per_image"] = 1000 * (flow.cpu_s - bare.cpu_s) / n
     if m.standin is not None:
         stand = m.standin
         figures["standin_images_per_s"] = stand["n"] / stand["first_wall_s"]
@@ -1473,6 +1539,11 @@ def print_report(
             f"{_fmt(1000 * phase.cpu_s / phase.images, 1):>18}"
         )
     print()
+    warm = ", ".join(f"{name} {sec:.1f} s" for name, sec in m.warmup_s.items())
+    print(
+        f"  order: {', '.join(m.order)} (then the stand-in run); each contender's 2-image "
+        f"warm-up run, not counted: {warm}"
+    )
     seed = next((p for p in rows if p.extrapolated_from), None)
     if seed:
         print(f"  seed loop: timed on {seed.extrapolated_from} images, extrapolated to N={n}")
@@ -1524,15 +1595,7 @@ def print_report(
     )
     if m.standin is not None:
         _print_standin(args, m.standin)
-    if m.components:
-        print()
-        print(
-            "  CPU per image of each step alone (process CPU time, 64 calls each, 1,280 for "
-            "the sub-millisecond ones):"
-        )
-        for name, value in m.components.items():
-            print(f"    {value:7.2f} ms  {name}")
-    if args.profile and Path(args.profile).exists():
+    if args.profile and m.main.get("profiled") and Path(args.profile).exists():
         print()
         summary = summarize_profile(
             Path(args.profile),
@@ -1578,9 +1641,11 @@ def orchestrate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     print(f"flux-flows batch benchmark, {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"  command: python benchmarks/bench_batch.py {' '.join(args.argv) or '(defaults)'}")
     print(
         f"  N={args.n} latency={args.latency}s concurrency={args.concurrency} "
-        f"image={args.image_kb} KB rpm={args.rpm or '-'} seed sample={args.seed_sample}"
+        f"image={args.image_kb} KB rpm={args.rpm or '-'} seed sample={args.seed_sample} "
+        f"repeat={args.repeat}"
     )
     print(
         f"  machine: nproc={os.cpu_count()} python={platform.python_version()} "
@@ -1589,28 +1654,118 @@ def orchestrate(args: argparse.Namespace) -> int:
     print(f"  start: {uptime_text()}")
     print(
         "  Prefect API: a `prefect server start` on loopback with a temporary PREFECT_HOME, "
-        "started before timing; each flux-flows child does a 2-image warm-up run first "
+        "started before timing; every contender does a 2-image warm-up run first "
         "(not counted)."
     )
     sys.stdout.flush()
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     procs = Processes(workdir)
+    rounds: list[tuple[Measurements, dict[str, float], list[Phase]]] = []
     try:
         with services(args, workdir, procs) as svc:
             os.environ.update({k: v for k, v in svc.env.items() if k.startswith("AWS_")})
             s3_client(1).create_bucket(Bucket=BUCKET)
             print(f"  services up in {time.perf_counter() - started:.1f} s", flush=True)
-            measured = measure(args, svc, procs, workdir)
+            for index in range(args.repeat):
+                if args.repeat > 1:
+                    print(f"\nround {index + 1}/{args.repeat}", flush=True)
+                measured = measure(args, svc, procs, workdir, index)
+                figures, rows = results(args, measured)
+                print_report(args, measured, figures, rows)
+                if args.repeat > 1:
+                    print()
+                    print(f"ROUND {index + 1}/{args.repeat} " + result_line(figures), flush=True)
+                rounds.append((measured, figures, rows))
+            if args.profile:
+                rounds[-1][0].components = components_child(procs, svc, workdir, args.concurrency)
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-    figures, rows = results(args, measured)
-    print_report(args, measured, figures, rows)
+    if args.profile and rounds[-1][0].components:
+        print()
+        print(
+            "  CPU per image of each step alone (process CPU time, 64 calls each, 1,280 for "
+            "the sub-millisecond ones):"
+        )
+        for name, value in rounds[-1][0].components.items():
+            print(f"    {value:7.2f} ms  {name}")
+    if args.repeat > 1:
+        print_aggregate(args, rounds)
     print(f"  end: {uptime_text()}")
     print(f"  benchmark took {time.perf_counter() - started:.0f} s")
     print()
-    print("RESULT " + " ".join(f"{k}={_fmt_result(v)}" for k, v in figures.items()))
+    if args.repeat == 1:
+        print("RESULT " + result_line(rounds[0][1]))
+    else:
+        keys = list(rounds[0][1])
+        spread = {k: _spread([fig.get(k, math.nan) for _, fig, _ in rounds]) for k in keys}
+        print(
+            f"RANGE repeat={args.repeat} "
+            + " ".join(
+                f"{k}={_fmt_result(lo)}-{_fmt_result(hi)}" for k, (_, lo, hi) in spread.items()
+            )
+        )
+        print(
+            f"RESULT repeat={args.repeat} "
+            + " ".join(f"{k}={_fmt_result(med)}" for k, (med, _, _) in spread.items())
+        )
     return 0
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """Median, min and max of the values that are numbers (NaN where none is)."""
+    kept = sorted(v for v in values if v is not None and not math.isnan(float(v)))
+    if not kept:
+        return math.nan, math.nan, math.nan
+    median = statistics.median(kept)
+    if all(isinstance(v, int) for v in kept) and float(median).is_integer():
+        median = int(median)  # counts stay counts (n, failed)
+    return median, kept[0], kept[-1]
+
+
+def print_aggregate(
+    args: argparse.Namespace, rounds: Sequence[tuple[Measurements, dict[str, float], list[Phase]]]
+) -> None:
+    """Medians and ranges over the rounds, computed here (the RANGE and RESULT lines too)."""
+    k = len(rounds)
+    print()
+    print(f"aggregate over {k} rounds: median [min-max]")
+    print(
+        "  orders: "
+        + "; ".join(f"round {i + 1}: {', '.join(m.order)}" for i, (m, _, _) in enumerate(rounds))
+    )
+    header = f"  {'contender':46} {'wall s':>24} {'client CPU ms/img':>24}"
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+
+    def cell(values: Sequence[float], digits: int) -> str:
+        med, lo, hi = _spread(values)
+        return f"{med:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+
+    names = [phase.name for phase in rounds[0][2]]
+    for row, name in enumerate(names):
+        phases = [rows[row] for _, _, rows in rounds]
+        cpu = [1000 * p.cpu_s / p.images for p in phases]
+        print(f"  {name:46} {cell([p.wall_s for p in phases], 2):>24} {cell(cpu, 2):>24}")
+    others = [m.foreign_cores for m, _, _ in rounds]
+    print(
+        f"  other processes during the flux-flows run, cores: {cell(others, 2)} "
+        f"(rounds: {', '.join(f'{x:.2f}' for x in others)})"
+    )
+    print()
+    print(f"  {'figure':28} {'median':>9} {'min':>9} {'max':>9}   per round")
+    for key in rounds[0][1]:
+        values = [fig.get(key, math.nan) for _, fig, _ in rounds]
+        med, lo, hi = _spread(values)
+        each = " ".join(_fmt_result(v) for v in values)
+        print(
+            f"  {key:28} {_fmt_result(med):>9} {_fmt_result(lo):>9} {_fmt_result(hi):>9}   {each}"
+        )
+    print()
+
+
+def result_line(figures: dict[str, float]) -> str:
+    return " ".join(f"{k}={_fmt_result(v)}" for k, v in figures.items())
 
 
 def _fmt_result(value: float) -> str:
@@ -1649,14 +1804,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also time flux-flows with thumbnails=False, for cpu_vs_raw_no_thumbnails",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="rounds of every contender, in a rotated order each round; prints each round's "
+        "RESULT (as ROUND i/K), then medians and ranges over the rounds (RANGE and RESULT)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         default=None,
         help="py-spy the measured flux-flows run (collapsed stacks to FILE) and print a summary",
     )
     args = parser.parse_args(argv)
-    if args.n < 1 or args.concurrency < 1 or args.latency < 0:
-        parser.error("--n and --concurrency must be >= 1 and --latency >= 0")
+    args.argv = list(argv or [])
+    if args.n < 1 or args.concurrency < 1 or args.latency < 0 or args.repeat < 1:
+        parser.error("--n, --concurrency and --repeat must be >= 1 and --latency >= 0")
     args.seed_sample = min(args.seed_sample, args.n)
     if args.standin_n is None:
         args.standin_n = 2 * args.n

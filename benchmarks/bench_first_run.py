@@ -44,17 +44,50 @@ def fresh_env(home: Path) -> dict[str, str]:
     return env
 
 
+def machine_line() -> str:
+    """Date, commit (and whether flux_flows/ has uncommitted changes) and load, for the raw file."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
+        except OSError:
+            return "?"
+        return done.stdout.strip()
+
+    dirty = (
+        " + uncommitted changes in flux_flows/"
+        if git("status", "--porcelain", "flux_flows")
+        else ""
+    )
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return (
+        f"{when}; flux-flows {git('rev-parse', '--short', 'HEAD')}{dirty}; {os.cpu_count()} cores"
+    )
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--homes", type=int, default=10, help="fresh homes to try")
     args = parser.parse_args()
+    print(f"bench_first_run: {machine_line()}")
+    print(f"load at start: {uptime()}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="flux-first-run-"))
     rows: dict[str, list[tuple[float, float]]] = {
         "first demo": [],
         "second demo": [],
         "cached run": [],
     }
-    failures = 0
+    # Failures per command, so the first demo's count is its own (a failed second demo or
+    # cached run is reported on its own line, not taken off the first demo's successes).
+    failures = dict.fromkeys(rows, 0)
     try:
         help_env = fresh_env(root)
         helps = [timed(["--help"], help_env, root)[:2] for _ in range(5)]
@@ -66,7 +99,7 @@ def main() -> int:
                 for name in ("first demo", "second demo"):
                     wall, cpu, code, tail = timed(["demo"], env, home)
                     if code != 0:
-                        failures += 1
+                        failures[name] += 1
                         print(f"home {n}: {name} exited {code}\n{tail}", file=sys.stderr)
                     rows[name].append((wall, cpu))
                 # One prompt, already stored by the demo: the steady-state cost of a command.
@@ -76,6 +109,7 @@ def main() -> int:
                 run = ["run", "-p", prompt, "--to", "flux-flows-demo", "--seed", "2026"]
                 wall, cpu, code, tail = timed([*run, "--safety-check"], env, home)
                 if code != 0 or not re.search(r"API calls\s*\S\s*0\b", tail):
+                    failures["cached run"] += 1
                     print(f"home {n}: the cached run made API calls\n{tail}", file=sys.stderr)
                 rows["cached run"].append((wall, cpu))
             finally:
@@ -96,15 +130,18 @@ def main() -> int:
             f"{name:<14} {statistics.median(walls):>10.2f} s {max(walls):>8.2f} s "
             f"{statistics.median(cpus):>9.2f} s"
         )
-    ok = args.homes - failures
+    print(f"load at end: {uptime()}")
+    ok = {name: len(rows[name]) - failed for name, failed in failures.items()}
     print(
-        f"RESULT homes={args.homes} first_demo_ok={ok}/{args.homes} "
+        f"RESULT homes={args.homes} first_demo_ok={ok['first demo']}/{args.homes} "
+        f"second_demo_ok={ok['second demo']}/{args.homes} "
+        f"cached_run_ok={ok['cached run']}/{args.homes} "
         f"first_demo_max_s={max(w for w, _ in rows['first demo']):.1f} "
         f"second_demo_max_s={max(w for w, _ in rows['second demo']):.1f} "
         f"cached_run_max_s={max(w for w, _ in rows['cached run']):.1f} "
         f"help_max_s={max(w for w, _ in helps):.2f}"
     )
-    return 0 if failures == 0 else 1
+    return 0 if not any(failures.values()) else 1
 
 
 if __name__ == "__main__":

@@ -939,10 +939,11 @@ def orchestrate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     print(f"flux-flows scale benchmark, {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"  command: python benchmarks/bench_scale.py {' '.join(args.argv) or '(defaults)'}")
     print(
         f"  N={args.n} latency={args.latency}s concurrency={args.concurrency} "
         f"rss-small={args.rss_small} tasks-n={args.tasks_n} s3-n={args.s3_n} "
-        f"n-large={args.n_large or '-'} plan-rows={args.plan_rows or '-'}"
+        f"pool-n={args.pool_n} n-large={args.n_large or '-'} plan-rows={args.plan_rows or '-'}"
     )
     print(
         f"  machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()} "
@@ -1010,6 +1011,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan-rows", type=int, default=0, help="rows for `flux-flows plan`")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args(argv)
+    args.argv = list(argv or [])
     if args.tasks_n is None:
         args.tasks_n = args.n
     if args.pool_n is None:
