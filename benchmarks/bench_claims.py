@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flux_flows import claims
 from flux_flows.models import ImageRequest
@@ -86,6 +87,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--image-kb", type=int, default=300)
     args = parser.parse_args()
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "flux_flows"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    print(
+        f"bench_claims: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; flux-flows "
+        f"{commit or '?'}{' + uncommitted changes in flux_flows/' if dirty else ''}; "
+        f"{os.cpu_count()} cores; load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        flush=True,
+    )
     body = os.urandom(args.image_kb * 1024)
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
