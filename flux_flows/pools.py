@@ -7,16 +7,10 @@ under `runs/<run>/chunks/`, starts one run of the deployment per chunk and waits
 writes its results beside its requests, which the batch reads back. The destination is the only
 thing they share: no result storage, no parameters bigger than a few paths.
 
-Neither side trusts those files, since anyone who can write to the destination can rewrite them:
-- the batch sends the SHA-256 of each requests file it wrote as the run's `requests_sha256`; the
-  chunk run checks it before any spend and refuses a file that differs (`ChunkFileChanged`: the
-  run ends Failed and the batch records the chunk's images as ERROR, with that reason);
-- the batch accepts a result only for an image planned in that chunk (others are dropped with a
-  warning), and a SUCCESS or CONTENT_FILTERED one only if it names the object the plan expects
-  and that object exists now; anything else, and any planned image without a result, becomes an
-  ERROR record saying why (an unverified result keeps the API calls it reports spent). The
-  results file is read up to a size bounded by the chunk's length; a file that is too big or not
-  made of render results makes the whole chunk ERROR. The batch's manifest is written anyway.
+Neither side trusts those files, since anyone who can write to the destination can rewrite
+them: `chunk_files` checks each requests file's SHA-256 before any spend and each result
+against the plan and the destination before the batch records it; the manifest is written
+whatever the files say.
 
 The batch's limits hold across all the workers, at no cost per image: the batch creates a
 Prefect global concurrency limit of `max_concurrency` slots for itself before any spend (and
@@ -39,43 +33,40 @@ only, never as values.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
-import logging
-import math
 import os
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import MissingContextError
 
 from flux_flows import layout
 from flux_flows.blocks import FireworksCredentials
+from flux_flows.chunk_files import (
+    NDJSON,
+    read_requests,
+    read_results,
+    results_key,
+)
 from flux_flows.claims import close_heartbeat
 from flux_flows.errors import StorageError
 from flux_flows.limits import AccountLimits
-from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.pacing import RPM_HEADROOM
 from flux_flows.progress import ProgressReporter
 from flux_flows.render import SLOT_LEASE_S, RenderJob, RenderResult
 from flux_flows.settings import BatchOptions, seconds_from_env
 from flux_flows.spill import SpillFolder
-from flux_flows.storage import Storage, TooLargeError, iter_uri_lines, open_storage
+from flux_flows.storage import Storage, open_storage
 
 if TYPE_CHECKING:
     from flux_flows.batch import PlannedImage
 
-logger = logging.getLogger("flux_flows.pools")
-
-NDJSON = "application/x-ndjson"
 WAIT_FOR_CHUNK_S = 6 * 3600.0
 # How many chunks are taken to run at once when the pool's online workers cannot be read.
 FALLBACK_PARALLEL = 2
@@ -84,27 +75,6 @@ FALLBACK_PARALLEL = 2
 # whose heartbeat has not changed for MISSED_BEATS beats for dead.
 HEARTBEAT_S = 20.0
 MISSED_BEATS = 4
-# A chunk's results file is read whole, up to this much per planned image (one result line is
-# ~0.5 KB; its error text a few KB at most) plus RESULTS_SLACK_BYTES: a bigger one is not a
-# chunk run's and its images are ERROR records.
-RESULT_LINE_MAX_BYTES = 16 * 1024
-RESULTS_SLACK_BYTES = 64 * 1024
-# How many dropped cache keys a warning names (the count is always given).
-NAMED_IN_WARNING = 5
-# HEADs at once when the batch checks that a chunk's stored images exist.
-EXISTS_CHECKS_AT_ONCE = 8
-
-
-class ChunkFileChanged(RuntimeError):
-    """A chunk run's requests file is not the one its batch wrote: nothing is rendered."""
-
-
-def _log() -> Any:
-    """The flow run's logger inside a flow run, the module's outside one."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger
 
 
 def heartbeat_s() -> float:
@@ -227,7 +197,7 @@ def render_on_pool(
                 active.append((run.id, key, chunk))
             run_id, key, chunk = active.popleft()
             state = _wait_for(run_id, storage, _alive_key(key), beat)
-            finished = _read_results(storage, key, chunk, state)
+            finished = read_results(storage, key, chunk, state)
             results.update((r.cache_key, r) for r in finished)
             on_results(finished)
             progress.add(sum(1 for r in finished if not r.taken_by))
@@ -287,273 +257,8 @@ def _crash(client: Any, flow_run_id: Any, dead_after: float) -> Any:
     return client.read_flow_run(flow_run_id).state
 
 
-def _results_key(chunk_key: str) -> str:
-    return chunk_key.removesuffix(".jsonl") + ".results.jsonl"
-
-
 def _alive_key(chunk_key: str) -> str:
     return chunk_key.removesuffix(".jsonl") + ".alive"
-
-
-def _read_results(
-    storage: Storage, chunk_key: str, chunk: Sequence[PlannedImage], state: Any
-) -> list[RenderResult]:
-    """One result per image planned in the chunk, each checked against the plan and the
-    destination (see the module's docstring); never raises for what the file says.
-
-    If the run died without writing its results (or they are not a chunk run's), its images are
-    ERROR records: what it stored before dying is found by the next run's listing, never paid
-    twice.
-    """
-    planned = {p.cache_key: p for p in chunk}
-    key = _results_key(chunk_key)
-    where = storage.uri_for(key)
-    limit = RESULTS_SLACK_BYTES + RESULT_LINE_MAX_BYTES * len(planned)
-    ended = _ended(state)
-    try:
-        body = storage.get(key, max_bytes=limit)
-        reported = [_result_of_line(line) for line in body.splitlines() if line.strip()]
-    except TooLargeError as exc:
-        error = (
-            f"the chunk's results file {where} is {exc.size} bytes, over the {limit} that "
-            f"{len(planned)} results can take: not read; its flow run ended {ended}"
-        )
-        return _all_failed(planned, error)
-    except (StorageError, OSError):
-        name, why = _ended_parts(state)
-        return _all_failed(planned, f"the chunk's flow run ended {name} without results{why}")
-    except (ValueError, RecursionError) as exc:
-        error = (
-            f"the chunk's results file {where} is not a chunk run's ({exc}); its flow run "
-            f"ended {ended}"
-        )
-        return _all_failed(planned, error)
-    accepted: dict[str, RenderResult] = {}
-    unplanned: list[str] = []
-    repeated = 0
-    for result in reported:
-        if result.cache_key not in planned:
-            unplanned.append(result.cache_key)
-        elif result.cache_key in accepted:
-            repeated += 1
-        else:
-            accepted[result.cache_key] = result
-    if unplanned:
-        named = ", ".join(repr(k[:40]) for k in unplanned[:NAMED_IN_WARNING])
-        more = (
-            f" and {len(unplanned) - NAMED_IN_WARNING} more"
-            if len(unplanned) > NAMED_IN_WARNING
-            else ""
-        )
-        _log().warning(
-            "%s: dropped %d result(s) for images this chunk did not plan (%s%s)",
-            where, len(unplanned), named, more,
-        )  # fmt: skip
-    if repeated:
-        _log().warning(
-            "%s: dropped %d repeated result(s), kept each image's first", where, repeated
-        )
-    checked = _verify(storage, planned, accepted, where)
-    missing = f"the chunk's results file {where} has no result for it; its flow run ended {ended}"
-    return [checked.get(k) or _failed(k, missing) for k in planned]
-
-
-def _ended_parts(state: Any) -> tuple[str, str]:
-    """(the chunk run's final state's name, ": the reason Prefect gives" or "" if it completed)."""
-    name = getattr(state, "name", None) or "unknown"
-    message = getattr(state, "message", None)
-    return name, f": {message}" if message and name != "Completed" else ""
-
-
-def _ended(state: Any) -> str:
-    """How the chunk run ended, with the reason Prefect gives when it did not complete."""
-    return "".join(_ended_parts(state))
-
-
-def _failed(cache_key: str, error: str) -> RenderResult:
-    return RenderResult(cache_key=cache_key, finish_reason=FinishReason.ERROR, error=error)
-
-
-def _all_failed(planned: dict[str, PlannedImage], error: str) -> list[RenderResult]:
-    _log().warning("%s", error)
-    return [_failed(k, error) for k in planned]
-
-
-def _unverified(result: RenderResult, error: str) -> RenderResult:
-    """ERROR, saying why; the API calls it reports stay (they were spent), the object goes."""
-    return dataclasses.replace(
-        result,
-        finish_reason=FinishReason.ERROR,
-        object_key=None,
-        thumbnail=False,
-        already_stored=False,
-        recovered_from_spill=False,
-        taken_by=None,
-        error=error,
-    )
-
-
-def _verify(
-    storage: Storage,
-    planned: dict[str, PlannedImage],
-    reported: dict[str, RenderResult],
-    where: str,
-) -> dict[str, RenderResult]:
-    """Each reported result as the batch can vouch for it: a SUCCESS or CONTENT_FILTERED only
-    at the object the plan expects, found in the destination now (one HEAD each, a few at
-    once); anything else ERROR, saying why."""
-    checked: dict[str, RenderResult] = {}
-    refused = 0
-
-    def refuse(cache_key: str, result: RenderResult, error: str) -> None:
-        nonlocal refused
-        refused += 1
-        checked[cache_key] = _unverified(result, error)
-
-    to_check: dict[str, str] = {}  # cache key -> the object the plan expects
-    for cache_key, result in reported.items():
-        said = result.finish_reason
-        if said is FinishReason.ERROR:
-            error = result.error or f"the chunk's results file {where} says ERROR, without why"
-            checked[cache_key] = dataclasses.replace(
-                result, object_key=None, thumbnail=False, error=error
-            )
-        elif said not in (FinishReason.SUCCESS, FinishReason.CONTENT_FILTERED):
-            error = (
-                f"the chunk's results file {where} says {said.value}, which no chunk run reports"
-            )
-            refuse(cache_key, result, error)
-        elif result.object_key is None:
-            kept = f" (kept on its worker at {result.spill_path})" if result.spill_path else ""
-            error = (
-                f"the chunk's results file says {said.value}{kept} but names no object in the "
-                f"destination{f': {result.error}' if result.error else ''}"
-            )
-            refuse(cache_key, result, error)
-        else:
-            expected = layout.image_key(planned[cache_key].request, said)
-            if result.object_key == expected:
-                to_check[cache_key] = expected
-            else:
-                error = (
-                    f"the chunk's results file says {said.value} at {result.object_key[:200]!r}, "
-                    f"not at {storage.uri_for(expected)} where the plan puts it"
-                )
-                refuse(cache_key, result, error)
-    found: dict[str, bool | str] = {}
-    if to_check:
-        with ThreadPoolExecutor(min(EXISTS_CHECKS_AT_ONCE, len(to_check))) as pool:
-            found = dict(zip(to_check, pool.map(_exists(storage), to_check.values()), strict=True))
-    for cache_key, expected in to_check.items():
-        result, there = reported[cache_key], found[cache_key]
-        said, uri = result.finish_reason.value, storage.uri_for(expected)
-        if there is True:
-            checked[cache_key] = result
-        elif there is False:
-            refuse(
-                cache_key, result, f"the chunk's results file says {said} but {uri} does not exist"
-            )
-        else:
-            error = f"the chunk's results file says {said} but {uri} could not be checked ({there})"
-            refuse(cache_key, result, error)
-    if refused:
-        _log().warning("%s: %d result(s) not verified, recorded as ERROR", where, refused)
-    return checked
-
-
-def _exists(storage: Storage) -> Callable[[str], bool | str]:
-    """storage.exists, or why it could not tell."""
-
-    def exists(key: str) -> bool | str:
-        try:
-            return storage.exists(key)
-        except (StorageError, OSError) as exc:
-            return str(exc) or type(exc).__name__
-
-    return exists
-
-
-def _annotation_types(annotation: str) -> tuple[type, ...] | None:
-    """The types a RenderResult field's (string) annotation allows; None: not checked."""
-    known: dict[str, tuple[type, ...]] = {
-        "str": (str,),
-        "int": (int,),
-        "bool": (bool,),
-        "float": (int, float),
-        "None": (type(None),),
-        "FinishReason": (FinishReason,),
-    }
-    allowed: list[type] = []
-    for part in str(annotation).split("|"):
-        types = known.get(part.strip())
-        if types is None:
-            return None
-        allowed.extend(types)
-    return tuple(allowed)
-
-
-# from_json checks a line's field names, not their values' types: what each may hold.
-_RESULT_TYPES = {
-    f.name: types
-    for f in dataclasses.fields(RenderResult)
-    if (types := _annotation_types(str(f.type))) is not None
-}
-
-
-def _result_of_line(line: bytes) -> RenderResult:
-    """One line of a results file; ValueError unless each field holds what a chunk run writes
-    (a string where a string goes, counts that are whole and not negative, finite numbers)."""
-    result = RenderResult.from_json(line)
-    for name, types in _RESULT_TYPES.items():
-        value = getattr(result, name)
-        wrong = not isinstance(value, types) or (bool not in types and isinstance(value, bool))
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            wrong = wrong or value < 0 or not math.isfinite(value)
-        if wrong:
-            raise ValueError(f"{name} is {str(value)[:40]!r} in {line[:200]!r}")
-    return result
-
-
-def _read_requests(
-    storage: Storage, chunk_key: str, expected_sha256: str | None, aws: Any
-) -> list[ImageRequest]:
-    """The chunk's requests, once its file is known to be the one the batch wrote.
-
-    The file is read twice, as a stream: first only hashed (a file swapped for a huge one is
-    refused without being held), then hashed again while parsed (one changed in between is
-    refused too). Raises ChunkFileChanged, naming the chunk.
-    """
-    uri = storage.uri_for(chunk_key)
-
-    def lines() -> Iterator[bytes]:
-        return iter_uri_lines(uri, aws_credentials=aws, keepends=True)
-
-    def check(digest: Any, again: bool) -> None:
-        if expected_sha256 is not None and digest.hexdigest() != expected_sha256.lower():
-            how = "it changed while being read:" if again else "its"
-            raise ChunkFileChanged(
-                f"chunk {chunk_key}: its requests file {uri} is not the one the batch wrote "
-                f"({how} SHA-256 is {digest.hexdigest()}, the batch's {expected_sha256}): "
-                "refused, nothing was rendered or paid for"
-            )
-
-    if expected_sha256 is None:
-        _log().warning(
-            "chunk %s: no requests_sha256 given, its requests file is not checked", chunk_key
-        )
-    else:
-        first = hashlib.sha256()
-        for line in lines():
-            first.update(line)
-        check(first, again=False)
-    digest = hashlib.sha256()
-    requests = []
-    for line in lines():
-        digest.update(line)
-        if line.strip():
-            requests.append(ImageRequest.model_validate_json(line))
-    check(digest, again=True)
-    return requests
 
 
 @contextlib.contextmanager
@@ -644,7 +349,7 @@ def render_chunk(
     credentials = FireworksCredentials.load(credentials_block) if credentials_block else None
     storage = open_storage(destination, aws_credentials=aws)
     with _heartbeat(storage, _alive_key(chunk_key), heartbeat_s):
-        requests = _read_requests(storage, chunk_key, requests_sha256, aws)
+        requests = read_requests(storage, chunk_key, requests_sha256, aws)
         make_job = functools.partial(
             RenderJob,
             storage=storage,
@@ -676,6 +381,6 @@ def render_chunk(
                 if run_id:
                     close_heartbeat(storage, run_id)
         body = b"".join(r.to_json() + b"\n" for r in results.values())
-        storage.put(_results_key(chunk_key), body, content_type=NDJSON)
+        storage.put(results_key(chunk_key), body, content_type=NDJSON)
     get_run_logger().info("chunk %s: %d images rendered", chunk_key, len(results))
     return len(results)

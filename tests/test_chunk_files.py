@@ -1,7 +1,7 @@
 """A work-pool batch's chunk files live in the destination, where anyone who can write to it can
 rewrite them: the batch and its chunk runs verify them instead of trusting them (`pools`).
 
-- `_read_results`: only results for images planned in the chunk count; a SUCCESS or
+- `read_results`: only results for images planned in the chunk count; a SUCCESS or
   CONTENT_FILTERED only at the object the plan expects, found in the destination; anything
   else, and a planned image without a result, is an ERROR record saying why; nothing in the
   file can make the batch raise.
@@ -24,21 +24,21 @@ from prefect.states import Completed, Failed
 
 from flux_flows import layout
 from flux_flows.batch import PlannedImage
-from flux_flows.models import FinishReason, ImageRequest
-from flux_flows.pools import (
+from flux_flows.chunk_files import (
     NDJSON,
     RESULT_LINE_MAX_BYTES,
     RESULTS_SLACK_BYTES,
     ChunkFileChanged,
-    _read_results,
-    _results_key,
-    render_chunk,
+    read_results,
+    results_key,
 )
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.pools import render_chunk
 from flux_flows.render import RenderResult
 from flux_flows.storage import Storage, open_storage
 
 CHUNK_KEY = "runs/20250101T000000Z-test/chunks/chunk-00001.jsonl"
-RESULTS_KEY = _results_key(CHUNK_KEY)
+RESULTS_KEY = results_key(CHUNK_KEY)
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
 SUCCESS, FILTERED, ERROR = (
     FinishReason.SUCCESS,
@@ -85,7 +85,7 @@ def by_key(results: list[RenderResult]) -> dict[str, RenderResult]:
 
 
 # --------------------------------------------------------------------------------------------
-# The batch reads a chunk's results back (`_read_results`)
+# The batch reads a chunk's results back (`read_results`)
 # --------------------------------------------------------------------------------------------
 
 
@@ -99,7 +99,7 @@ def test_verified_results_are_kept_as_the_chunk_reported_them(storage: Storage) 
         RenderResult(images[2].cache_key, ERROR, api_calls=3, error="FireworksError: 500 x3"),
     ]
     write_results(storage, results)
-    got = _read_results(storage, CHUNK_KEY, images, Completed())
+    got = read_results(storage, CHUNK_KEY, images, Completed())
     assert got == results  # the same objects' values, in plan order, nothing changed
 
 
@@ -109,7 +109,7 @@ def test_a_success_rewritten_from_error_is_an_error_that_says_why(storage: Stora
     images = planned(2)
     store(storage, images[1])
     write_results(storage, [reported(images[0], api_calls=2), reported(images[1])])
-    got = by_key(_read_results(storage, CHUNK_KEY, images, Completed()))
+    got = by_key(read_results(storage, CHUNK_KEY, images, Completed()))
     forged = got[images[0].cache_key]
     uri = storage.uri_for(layout.image_key(images[0].request))
     assert forged.finish_reason is ERROR
@@ -130,7 +130,7 @@ def test_a_success_naming_another_object_is_an_error(storage: Storage, object_ke
     images = planned(1)
     storage.put("images/someone-elses-image.jpg", JPEG, content_type="image/jpeg")
     write_results(storage, [reported(images[0], object_key=object_key)])
-    [got] = _read_results(storage, CHUNK_KEY, images, Completed())
+    [got] = read_results(storage, CHUNK_KEY, images, Completed())
     assert got.finish_reason is ERROR and got.object_key is None
     assert "where the plan puts it" in (got.error or "")
     assert storage.uri_for(layout.image_key(images[0].request)) in (got.error or "")
@@ -141,7 +141,7 @@ def test_a_filtered_answer_claimed_as_success_is_an_error(storage: Storage) -> N
     images = planned(1)
     key = store(storage, images[0], FILTERED)
     write_results(storage, [reported(images[0], SUCCESS, object_key=key)])
-    [got] = _read_results(storage, CHUNK_KEY, images, Completed())
+    [got] = read_results(storage, CHUNK_KEY, images, Completed())
     assert got.finish_reason is ERROR and "where the plan puts it" in (got.error or "")
 
 
@@ -151,7 +151,7 @@ def test_a_success_kept_only_on_the_workers_disk_is_an_error(storage: Storage) -
         images[0], object_key=None, spill_path="/w/spill/x.jpg", error="upload failed: 503"
     )
     write_results(storage, [spilled])
-    [got] = _read_results(storage, CHUNK_KEY, images, Completed())
+    [got] = read_results(storage, CHUNK_KEY, images, Completed())
     assert got.finish_reason is ERROR and got.api_calls == 1
     assert got.spill_path == "/w/spill/x.jpg"  # where the paid-for bytes may still be
     assert "names no object in the destination" in (got.error or "")
@@ -170,7 +170,7 @@ def test_a_result_for_an_unplanned_image_is_dropped_with_a_warning(
     store(storage, stranger)  # even stored: it is not this chunk's
     write_results(storage, [reported(images[0]), reported(stranger), reported(images[1])])
     with caplog.at_level(logging.WARNING, logger="flux_flows.pools"):
-        got = _read_results(storage, CHUNK_KEY, images, Completed())
+        got = read_results(storage, CHUNK_KEY, images, Completed())
     assert [r.cache_key for r in got] == [p.cache_key for p in images]
     assert all(r.finish_reason is SUCCESS for r in got)
     assert storage.uri_for(RESULTS_KEY) in caplog.text
@@ -182,7 +182,7 @@ def test_a_planned_image_missing_from_the_results_is_an_error(storage: Storage) 
     for image in images:
         store(storage, image)
     write_results(storage, [reported(images[0]), reported(images[2])])
-    got = _read_results(storage, CHUNK_KEY, images, Completed())
+    got = read_results(storage, CHUNK_KEY, images, Completed())
     assert [r.cache_key for r in got] == [p.cache_key for p in images]
     assert [r.finish_reason for r in got] == [SUCCESS, ERROR, SUCCESS]
     assert "has no result for it" in (got[1].error or "")
@@ -195,7 +195,7 @@ def test_a_repeated_result_does_not_replace_the_first(storage: Storage) -> None:
     write_results(
         storage, [reported(images[0]), RenderResult(images[0].cache_key, ERROR, error="x")]
     )
-    [got] = _read_results(storage, CHUNK_KEY, images, Completed())
+    [got] = read_results(storage, CHUNK_KEY, images, Completed())
     assert got.finish_reason is SUCCESS
 
 
@@ -224,7 +224,7 @@ def test_a_malformed_results_line_makes_the_chunk_error_without_raising(
     for image in images:
         store(storage, image)
     write_results(storage, [reported(images[0]), line, reported(images[1])])
-    got = _read_results(storage, CHUNK_KEY, images, Completed())
+    got = read_results(storage, CHUNK_KEY, images, Completed())
     assert [r.cache_key for r in got] == [p.cache_key for p in images]
     assert all(r.finish_reason is ERROR for r in got)
     assert all("is not a chunk run's" in (r.error or "") for r in got)
@@ -235,7 +235,7 @@ def test_every_field_of_a_result_line_is_type_checked() -> None:
     unchecked: the batch would record whatever a results file put there."""
     import dataclasses
 
-    from flux_flows.pools import _RESULT_TYPES
+    from flux_flows.chunk_files import _RESULT_TYPES
 
     assert set(_RESULT_TYPES) == {f.name for f in dataclasses.fields(RenderResult)}
 
@@ -244,7 +244,7 @@ def test_a_results_file_too_big_for_its_chunk_is_not_read(storage: Storage) -> N
     images = planned(2)
     limit = RESULTS_SLACK_BYTES + RESULT_LINE_MAX_BYTES * len(images)
     storage.put(RESULTS_KEY, b"x" * (limit + 1), content_type=NDJSON)
-    got = _read_results(storage, CHUNK_KEY, images, Completed())
+    got = read_results(storage, CHUNK_KEY, images, Completed())
     assert all(r.finish_reason is ERROR for r in got)
     assert all(f"over the {limit}" in (r.error or "") for r in got)
 
@@ -252,7 +252,7 @@ def test_a_results_file_too_big_for_its_chunk_is_not_read(storage: Storage) -> N
 def test_a_run_that_ended_without_results_says_how_it_ended(storage: Storage) -> None:
     images = planned(2)
     state = Failed(message="Flow run encountered an exception: ChunkFileChanged: chunk X")
-    got = _read_results(storage, CHUNK_KEY, images, state)
+    got = read_results(storage, CHUNK_KEY, images, state)
     assert [r.finish_reason for r in got] == [ERROR, ERROR]
     assert got[0].error == (
         "the chunk's flow run ended Failed without results: Flow run encountered an exception: "
@@ -309,7 +309,7 @@ def test_a_refused_chunk_run_ends_failed_and_the_batch_records_why(
     write_requests(storage, planned(3, prompt="swapped in"))
     state = render_chunk(storage.root_uri, CHUNK_KEY, requests_sha256=sha, return_state=True)
     assert state.is_failed()
-    got = _read_results(storage, CHUNK_KEY, images, state)
+    got = read_results(storage, CHUNK_KEY, images, state)
     assert [r.finish_reason for r in got] == [ERROR, ERROR]
     assert all(CHUNK_KEY in (r.error or "") for r in got)
     assert all("not the one the batch wrote" in (r.error or "") for r in got)
@@ -323,7 +323,7 @@ def test_an_untouched_chunk_is_rendered_and_its_results_verified(
     sha = write_requests(storage, images)
     state = render_chunk(storage.root_uri, CHUNK_KEY, requests_sha256=sha, return_state=True)
     assert state.is_completed() and state.result() == 3
-    got = _read_results(storage, CHUNK_KEY, images, state)
+    got = read_results(storage, CHUNK_KEY, images, state)
     assert [r.finish_reason for r in got] == [SUCCESS] * 3
     assert [r.object_key for r in got] == [layout.image_key(p.request) for p in images]
     assert flow_env.stats.generations == 3
@@ -385,7 +385,7 @@ def test_a_batch_records_forged_results_as_errors_and_still_writes_its_manifest(
         store(storage, chunk[0])  # the first of each chunk really is stored
         forged = [reported(p, api_calls=1) for p in chunk] + [reported(stranger)]
         storage.put(
-            _results_key(parameters["chunk_key"]),
+            results_key(parameters["chunk_key"]),
             b"".join(r.to_json() + b"\n" for r in forged),
             content_type=NDJSON,
         )
