@@ -278,16 +278,18 @@ def generate_images(
     prompts.jsonl` before the run starts, and the run reads it from `staged_prompts`.
 
     Images run on local threads, recorded in the manifest and artifacts rather than as one
-    Prefect task run each (a task run costs ~5 ms here and ~30 ms on the Prefect server, see
-    benchmarks/RESULTS.md). Under any other task runner (`with_options(task_runner=
-    DaskTaskRunner(...))`) the plan is cut into chunks of up to `chunk_size` images, one task run
-    each, rendered on threads in the worker with a share of the batch's limits.
+    Prefect task run each (a task run cost ~4-7 ms of client CPU and ~10-30 ms of Prefect-server
+    CPU in benchmarks/RESULTS.md's historical runs, whose raw output was not kept). Under any
+    other task runner (`with_options(task_runner=DaskTaskRunner(...))`) the plan is cut into
+    chunks of up to `chunk_size` images, one task run each, rendered on threads in the worker
+    with a share of the batch's limits.
     `per_image_tasks=True` makes one task run per image instead (visible in the UI, slower).
     `seed` is sent as is for each prompt's first image, its variants step from it (seed + 1,
     ...); `base_seed` derives the seeds from (base_seed, prompt, variant) instead; a prompt's
     own seed wins (README "Seeds").
-    `thumbnails=False` skips the contact sheet's 256 px thumbnails (~3.5 ms of CPU and one more
-    PUT per image); the sheet then shows the full images.
+    `thumbnails=False` skips the contact sheet's 256 px thumbnails (~4 ms of CPU and one more
+    PUT per image: `bench_batch.py --repeat 3` in benchmarks/RESULTS.md); the sheet then shows
+    the full images.
 
     FLUX Kontext (`model="flux-kontext-pro"` or `"flux-kontext-max"`, batch-wide or per prompt)
     takes `safety_tolerance` (0 strict .. 6 permissive) and `prompt_upsampling`. `input_images`

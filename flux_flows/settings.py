@@ -79,8 +79,9 @@ class BatchSettings(RequestDefaults):
     rate_limit: str | None = None
     fail_on_error: bool = False
     per_image_tasks: bool = False
-    # A 256 px thumbnail per image for the contact sheet: ~3.5 ms of CPU and a second PUT per
-    # image (benchmarks/RESULTS.md); without it the sheet shows the full images.
+    # A 256 px thumbnail per image for the contact sheet: ~4 ms of CPU and a second PUT per
+    # image (`bench_batch.py --repeat 3`, benchmarks/RESULTS.md); without it the sheet shows the
+    # full images.
     thumbnails: bool = True
     # Images per task run when a task runner other than local threads (Dask, Ray) runs the batch.
     chunk_size: int = 500

@@ -136,7 +136,7 @@ ThumbnailsOpt = Annotated[
     bool,
     typer.Option(
         "--thumbnails/--no-thumbnails",
-        help="Make a 256 px thumbnail per image for the contact sheet (~3.5 ms CPU each).",
+        help="Make a 256 px thumbnail per image for the contact sheet (~4 ms CPU each).",
     ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs.")]
