@@ -59,7 +59,8 @@ def _encode_chars(text: str) -> list[str]:
     make the value irreversible.
     """
     # Nearly every prompt is plain printable ASCII, where each character encodes to itself:
-    # one regex check instead of a `quote` call per character (~50 us of an image's CPU).
+    # one regex check instead of a `quote` call per character (58 -> 15 us per call in an
+    # uncommitted A/B of issue 17, benchmarks/RESULTS.md).
     if _PLAIN_TEXT.fullmatch(text):
         chunks = list(text)
     else:

@@ -42,7 +42,8 @@ DEFAULT_MAX_ATTEMPTS = 5
 # The flow uploads from many threads; botocore's default pool of 10 would serialise them.
 MAX_POOL_CONNECTIONS = 64
 # botocore sends `Expect: 100-continue` with every PutObject, then waits for the server's
-# interim answer before sending the body: one more round trip and ~0.2 ms of CPU per put, to
+# interim answer before sending the body: one more round trip and 0.1-0.2 ms of CPU per put (an
+# uncommitted A/B of issue 17, marked as such in benchmarks/RESULTS.md), to
 # avoid uploading a body the server would refuse. Below this size, sending it anyway is cheaper
 # (an image is ~0.1-2 MB, its thumbnail ~10 KB). The AWS SDK for Go v2 has the same 2 MB
 # default (`ContinueHeaderThresholdBytes`).
@@ -87,7 +88,8 @@ def _client_cache_key(aws_credentials: Any, max_attempts: int) -> tuple[Any, ...
 def _botocore_config(max_attempts: int) -> Any:
     """Retries, pool and signature; body checksums and payload signing stay botocore's own.
 
-    Measured for issue 17 (benchmarks/RESULTS.md) and left alone on purpose. With
+    Measured for issue 17 with in-process A/B loops that were never committed (benchmarks/
+    RESULTS.md marks the figures as a scratch experiment) and left alone on purpose. With
     `request_checksum_calculation="when_required"` there is no CRC32 for S3 to check the body
     against (saves 0.07 ms per 300 KB image), but over HTTPS that CRC32 is what lets botocore
     skip the payload's SHA-256, so real S3 would then hash every body (0.18 ms) instead.
