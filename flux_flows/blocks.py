@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from prefect.blocks.abstract import CredentialsBlock
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 
 from flux_flows.client import (
     BASE_URL_ENV,
@@ -40,8 +40,8 @@ class FireworksCredentials(CredentialsBlock):
 
     _block_type_name = "Fireworks Credentials"
     _block_type_slug = "fireworks-credentials"
-    _logo_url = "https://avatars.githubusercontent.com/u/121359744"
-    _documentation_url = "https://github.com/flux-flows/flux-flows#configuration"
+    _logo_url = HttpUrl("https://avatars.githubusercontent.com/u/121359744")
+    _documentation_url = HttpUrl("https://github.com/flux-flows/flux-flows#configuration")
     _description = "API key and base URL for FLUX.1 image generation on Fireworks AI."
 
     api_key: SecretStr = Field(
@@ -106,6 +106,6 @@ def _cached_client(
     api_key: str, base_url: str, timeout_s: float = 60.0, max_retries: int = 4
 ) -> FluxClient:
     block = FireworksCredentials(
-        api_key=api_key, base_url=base_url, timeout_s=timeout_s, max_retries=max_retries
+        api_key=SecretStr(api_key), base_url=base_url, timeout_s=timeout_s, max_retries=max_retries
     )
     return block.get_client()

@@ -214,15 +214,17 @@ def _verify(
             found = dict(zip(to_check, pool.map(_exists(storage), to_check.values()), strict=True))
     for cache_key, expected in to_check.items():
         result, there = reported[cache_key], found[cache_key]
-        said, uri = result.finish_reason.value, storage.uri_for(expected)
+        said_value, uri = result.finish_reason.value, storage.uri_for(expected)
         if there is True:
             checked[cache_key] = result
         elif there is False:
             refuse(
-                cache_key, result, f"the chunk's results file says {said} but {uri} does not exist"
+                cache_key,
+                result,
+                f"the chunk's results file says {said_value} but {uri} does not exist",
             )
         else:
-            error = f"the chunk's results file says {said} but {uri} could not be checked ({there})"
+            error = f"the chunk's results file says {said_value} but {uri} could not be checked ({there})"
             refuse(cache_key, result, error)
     if refused:
         _log().warning("%s: %d result(s) not verified, recorded as ERROR", where, refused)

@@ -88,7 +88,7 @@ class _PlainRunner:
     def submit(self, task: Any, parameters: dict[str, Any]) -> _PlainFuture:
         # As Prefect's runner does: the flow's contexts (settings, flow run) go with the work.
         context = contextvars.copy_context()
-        return _PlainFuture(self._pool.submit(context.run, task.fn, **parameters))
+        return _PlainFuture(self._pool.submit(lambda: context.run(task.fn, **parameters)))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

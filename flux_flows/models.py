@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -38,10 +38,10 @@ from flux_flows.images_in import (
 )
 from flux_flows.seeds import MAX_SEED, derive_seed, step_seed
 
-SCHNELL = "flux-1-schnell-fp8"
-DEV = "flux-1-dev-fp8"
-KONTEXT_PRO = "flux-kontext-pro"
-KONTEXT_MAX = "flux-kontext-max"
+SCHNELL: Final = "flux-1-schnell-fp8"
+DEV: Final = "flux-1-dev-fp8"
+KONTEXT_PRO: Final = "flux-kontext-pro"
+KONTEXT_MAX: Final = "flux-kontext-max"
 ModelName = Literal["flux-1-schnell-fp8", "flux-1-dev-fp8", "flux-kontext-pro", "flux-kontext-max"]
 # The synchronous text_to_image models (FLUX.1).
 MODELS: tuple[str, ...] = (SCHNELL, DEV)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from flux_flows import claims
@@ -92,7 +92,7 @@ def _settle_once(
     storage: Storage,
     run_id: str,
     results: dict[str, RenderResult],
-    taken: dict[str, str | None],
+    taken: Mapping[str, str | None],
 ) -> list[str]:
     """One look at each waited-for image: stored ones become cached, free ones are returned."""
     free: list[str] = []

@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger
 
@@ -65,6 +65,8 @@ from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, open_storage
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
     from flux_flows.batch import PlannedImage
 
 WAIT_FOR_CHUNK_S = 6 * 3600.0
@@ -193,7 +195,11 @@ def render_on_pool(
                     "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
                     "run_id": make_job.keywords.get("run_id"),
                 }
-                run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
+                # Called from sync code, so the FlowRun itself rather than a coroutine.
+                run = cast(
+                    "FlowRun",
+                    run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False),
+                )
                 active.append((run.id, key, chunk))
             run_id, key, chunk = active.popleft()
             state = _wait_for(run_id, storage, _alive_key(key), beat)
@@ -346,7 +352,11 @@ def render_chunk(
     from flux_flows.dispatch import _PlainRunner, render_windowed
 
     aws = Block.load(aws_credentials_block) if aws_credentials_block else None
-    credentials = FireworksCredentials.load(credentials_block) if credentials_block else None
+    credentials = (  # a sync load returns the block itself, not a coroutine
+        cast(FireworksCredentials, FireworksCredentials.load(credentials_block))
+        if credentials_block
+        else None
+    )
     storage = open_storage(destination, aws_credentials=aws)
     with _heartbeat(storage, _alive_key(chunk_key), heartbeat_s):
         requests = read_requests(storage, chunk_key, requests_sha256, aws)

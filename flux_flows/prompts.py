@@ -59,7 +59,7 @@ class PromptRow(NamedTuple):
 
     fields: dict[str, Any]
     where: str
-    index: int | None = None
+    index: int | None = None  # type: ignore[assignment]  # typeshed's tuple.index; the field wins at runtime
     variant: int | None = None
 
 

@@ -149,7 +149,7 @@ def _through_proxy(url: httpx.URL) -> bool:
     proxies = urllib.request.getproxies_environment()
     if not (proxies.get(url.scheme) or proxies.get("all")):
         return False
-    return not urllib.request.proxy_bypass_environment(_host_of(url), proxies)
+    return not urllib.request.proxy_bypass_environment(_host_of(url), proxies)  # type: ignore[attr-defined]  # in the stdlib, absent from typeshed
 
 
 def _peer_check(url: httpx.URL) -> Callable[[str, dict[str, Any]], None]:
@@ -159,7 +159,9 @@ def _peer_check(url: httpx.URL) -> Callable[[str, dict[str, Any]], None]:
         if event != "connection.connect_tcp.complete":
             return
         stream = info.get("return_value")
-        peer = stream.get_extra_info("server_addr") if stream is not None else None
+        if stream is None:
+            return
+        peer = stream.get_extra_info("server_addr")
         if peer and is_private_address(str(peer[0])):
             stream.close()
             raise UrlRefused(
@@ -285,7 +287,7 @@ def _download(
             deadline.current, deadline.stage = str(current), "resolving"
             if current.scheme not in ("http", "https"):
                 raise UrlRefused(f"{shown_url(current)}: only http:// and https:// are fetched")
-            trace = deadline.trace
+            trace: Callable[[str, dict[str, Any]], None] = deadline.trace
             if not allowed:
                 _check_public(current)
                 if not _through_proxy(current):

@@ -7,6 +7,7 @@ distinct request carries its API calls and cost, so the manifest's totals are wh
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from flux_flows import layout
 from flux_flows.batch import BatchPlan, PlannedImage
@@ -26,10 +27,14 @@ def record_of(
 ) -> ImageRecord:
     """One manifest line: the planned image joined with how its distinct request ended."""
     key, request = planned.cache_key, planned.request
-    base = {"index": planned.index, "variant": planned.variant, "item_id": planned.item_id}
+    base: dict[str, Any] = {
+        "index": planned.index,
+        "variant": planned.variant,
+        "item_id": planned.item_id,
+    }
     if key in plan.stored:
         stored = plan.stored[key]
-        uri = storage.uri_for(stored.object_key)
+        uri: str | None = storage.uri_for(stored.object_key)
         success = stored.finish_reason is FinishReason.SUCCESS
         return ImageRecord.for_request(
             request,

@@ -75,7 +75,7 @@ class CachedImageSerializer(PickleSerializer[Any]):
         return value
 
 
-@task(name="build-request", retries=0, persist_result=False, cache_policy=None)
+@task(name="build-request", retries=0, persist_result=False, cache_policy=None)  # type: ignore[call-overload]  # prefect annotates no None; Task() accepts it
 def build_request(
     prompt: str | Mapping[str, Any],
     *,
@@ -156,7 +156,7 @@ def generate_image(
     )
 
 
-@task(name="upload-image", retries=0, persist_result=False, cache_policy=None)
+@task(name="upload-image", retries=0, persist_result=False, cache_policy=None)  # type: ignore[call-overload]  # prefect annotates no None; Task() accepts it
 def upload_image(
     image: GeneratedImage,
     destination: str,

@@ -8,7 +8,8 @@ in a fraction of a second.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -54,7 +55,7 @@ def _root(
 
 # What `flux-flows --help` lists: short enough that 80 columns show each whole (Click would cut
 # a longer first sentence with "...").
-_SHORT_HELP = {
+_SHORT_HELP: dict[Callable[..., Any], str] = {
     tools.generate: "Generate one image and write it to a file.",
     tools.emulator: "Run the local Fireworks-compatible emulator.",
     batch.run: "Generate an image per prompt into a bucket or folder.",

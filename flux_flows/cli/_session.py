@@ -98,7 +98,7 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
         # The server has proven it is ours (local_server.probe): only now may it see the secret.
         overrides[PREFECT_API_URL] = server.api_url
         overrides[PREFECT_API_AUTH_STRING] = secret
-    with temporary_settings(overrides):  # type: ignore[arg-type]
+    with temporary_settings(overrides):
         ui = get_current_settings().ui_url
 
         def page(flow_run_id: str | None) -> str | None:

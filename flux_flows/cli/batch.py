@@ -380,7 +380,7 @@ def demo(
     source = Path(__file__).parent.parent / "examples" / "demo_prompts.txt"
     rows = read_prompts(source)
     prompts = [row.fields for row in rows]
-    options = {"safety_check": True, "seed": 2026}
+    options: dict[str, Any] = {"safety_check": True, "seed": 2026}
     try:  # what is already there: a second demo generates nothing, and says so
         the_plan = summarize_plan(rows, BatchSettings(**options), open_storage(to))
     except (ValidationError, FluxError, ValueError) as exc:

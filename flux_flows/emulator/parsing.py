@@ -12,7 +12,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from PIL import Image
 
@@ -215,7 +215,7 @@ def _parse_kontext(raw: bytes, model: str) -> tuple[_KontextJob, bytes | None]:
         prompt=prompt,
         seed=_bounded_int(body, "seed", 0, MAX_SEED, 0, " (0 picks a random seed)"),
         aspect_ratio=_aspect_ratio(body),
-        output_format=output_format,
+        output_format=cast(Literal["jpeg", "png"], output_format),  # checked above
         safety_tolerance=_bounded_int(
             body, "safety_tolerance", 0, MAX_SAFETY_TOLERANCE, KONTEXT_DEFAULT_SAFETY_TOLERANCE, ""
         ),

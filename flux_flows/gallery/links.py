@@ -53,7 +53,7 @@ def relative_link(from_key: str, to_key: str) -> str:
     return quote(posixpath.relpath(to_key, posixpath.dirname(from_key) or "."))
 
 
-def local_href(root: Path, page_dir: Path) -> Href:
+def local_href(root: Path, page_dir: Path) -> Callable[[str], str]:
     """Links from a page in `page_dir` to the files of a local destination at `root`."""
 
     def href(key: str) -> str:
