@@ -46,8 +46,8 @@ class PlannedImage:
 
     A run holds one per image from planning to its manifest, so it keeps the validated
     request's field values in a tuple and its cache key, computed once: ~0.3 KB instead of a
-    pydantic model's ~1.4 KB (benchmarks/RESULTS.md). `request` rebuilds the model, without
-    validating again, in ~4 us.
+    pydantic model's ~1.4 KB (`benchmarks/bench_sizes.py`, benchmarks/RESULTS.md). `request`
+    rebuilds the model, without validating again, in ~5 us.
     """
 
     index: int

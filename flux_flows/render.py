@@ -79,8 +79,8 @@ class RenderResult:
     """How one distinct image ended; fanned out by the flow to every record that asked for it.
 
     A run keeps one per generated image until its manifest is written, so it is a slotted
-    dataclass (~0.2 KB), not a pydantic model (~1.2 KB with its `__dict__` and fields-set,
-    measured in benchmarks/RESULTS.md), and it keeps keys, not the URIs made from them. It
+    dataclass (~0.5 KB with its strings), not a pydantic model (~1.6 KB with the same fields:
+    `benchmarks/bench_sizes.py`, benchmarks/RESULTS.md), and it keeps keys, not the URIs made from them. It
     crosses processes by pickle (Dask) or as one JSON line (`to_json`/`from_json`, work pools).
     """
 
