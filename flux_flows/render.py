@@ -80,8 +80,9 @@ class RenderResult:
 
     A run keeps one per generated image until its manifest is written, so it is a slotted
     dataclass (~0.5 KB with its strings), not a pydantic model (~1.6 KB with the same fields:
-    `benchmarks/bench_sizes.py`, benchmarks/RESULTS.md), and it keeps keys, not the URIs made from them. It
-    crosses processes by pickle (Dask) or as one JSON line (`to_json`/`from_json`, work pools).
+    `benchmarks/bench_sizes.py`, benchmarks/RESULTS.md), and it keeps keys, not the URIs made
+    from them. It crosses processes by pickle (Dask) or as one JSON line (`to_json`/`from_json`,
+    work pools).
     """
 
     cache_key: str
