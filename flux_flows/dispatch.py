@@ -77,8 +77,9 @@ class _PlainFuture:
 class _PlainRunner:
     """Runs the body of a task on plain threads: no task run, no events, no rows on the server.
 
-    A task run costs ~4 ms of client CPU and ~30 ms of Prefect-server CPU (its task-run
-    recorder writes every state change); per image, that is more than the image's own work.
+    A task run cost ~4 ms of client CPU and ~30 ms of Prefect-server CPU (its task-run
+    recorder writes every state change) in benchmarks/RESULTS.md's historical runs, whose raw
+    output was not kept; per image, that is more than the image's own work.
     The manifest and the table artifact still record every image.
     """
 
@@ -99,7 +100,8 @@ class Chunk:
     """A slice of the plan for one worker: hundreds of images, one Prefect task run.
 
     A task run per image costs more than the image's own work once it crosses to a Dask worker
-    (~360 ms of cluster CPU each, measured in benchmarks/RESULTS.md); a chunk pays that once
+    (~360 ms of cluster CPU each in an early measurement that benchmarks/RESULTS.md does not
+    hold: not reproducible from this repository); a chunk pays that once
     and renders its images on threads there, through the same windowed loop as one process.
     Its share of the batch's window and pace keeps the whole batch inside the limits as long
     as at most `parallel` chunks run at once.
