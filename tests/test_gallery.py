@@ -241,7 +241,7 @@ def test_records_carry_thumbnails_and_cache_hits_point_at_them(tmp_path: Path) -
 def test_a_run_without_thumbnails_stores_none_and_its_sheet_shows_the_images(
     tmp_path: Path, flow_env: Any
 ) -> None:
-    """`thumbnails=False` (big unattended batches: ~3.5 ms of CPU and a PUT less per image)."""
+    """`thumbnails=False` (big unattended batches: ~4 ms of CPU and a PUT less per image, benchmarks/RESULTS.md)."""
     report, _ = run(["a bare fox", "a bare owl"], str(tmp_path), thumbnails=False)
     assert report.counts[FinishReason.SUCCESS] == 2
     assert not (tmp_path / "thumbs").exists()
