@@ -297,7 +297,11 @@ def _read_untrusted(storage: Storage, key: str) -> bytes | None:
     try:
         return storage.get(key, max_bytes=MAX_CLAIM_BYTES)
     except (StorageError, OSError) as exc:
-        if storage.age_s(key) is not None:
+        try:
+            gone = storage.age_s(key) is None
+        except (StorageError, OSError):
+            gone = False  # there, but not even its age can be read: as bad as unreadable
+        if not gone:
             logger.warning("ignoring %s: %s", storage.uri_for(key), exc)
         return None
 
