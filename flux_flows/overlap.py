@@ -82,7 +82,10 @@ def settle_taken(
             progress.add(sum(1 for key in taken if key not in results))  # found stored
             if free:
                 say_status("")
-                results |= render_again([plan.unique[key] for key in free])
+                again = render_again([plan.unique[key] for key in free])
+                # A Ctrl-C during that pass stopped it: stop waiting for the rest too.
+                interrupted = any(r.error == INTERRUPTED for r in again.values())
+                results |= again
     say_status("")
     return results
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -208,3 +208,50 @@ def test_an_unwritable_claims_folder_is_found_before_any_spend(tmp_path: Path) -
     (tmp_path / "claims").write_text("a file where the folder should be")
     with pytest.raises(claims.ClaimsUnwritableError, match="claims"):
         claims.check_claims_writable(store)
+
+
+def test_a_ctrl_c_during_a_retry_pass_ends_the_wait(tmp_path: Path) -> None:
+    """While waiting, one image came free and was rendered again, and that pass was stopped by a
+    Ctrl-C: the run stops waiting for the image a live run still holds, instead of waiting on."""
+    from flux_flows.batch import BatchPlan, PlannedImage, plan_images
+    from flux_flows.dispatch import INTERRUPTED
+    from flux_flows.models import FinishReason
+    from flux_flows.overlap import settle_taken
+    from flux_flows.progress import ProgressReporter
+    from flux_flows.prompts import normalize_prompts
+    from flux_flows.render import RenderResult, taken_result
+    from flux_flows.settings import BatchSettings
+
+    store = LocalStorage(tmp_path)
+    held, free = plan_images(normalize_prompts(["a held egret", "a free egret"]), BatchSettings())
+    plan = BatchPlan(
+        images=[held, free],
+        unique={held.cache_key: held, free.cache_key: free},
+        stored={},
+        to_generate=[held.cache_key, free.cache_key],
+    )
+    other = _other_holder(store)  # alive, on another machine: it keeps its lease
+    store.create(claims.lease_key(held.cache_key, 0), other.token.encode(), content_type="t/p")
+    results = {p.cache_key: taken_result(p.cache_key, "run other-run") for p in (held, free)}
+    passes: list[list[str]] = []
+
+    def render_again(images: Sequence[PlannedImage]) -> dict[str, RenderResult]:
+        keys = [p.cache_key for p in images]
+        passes.append(keys)
+        return {k: RenderResult(k, FinishReason.ERROR, error=INTERRUPTED) for k in keys}
+
+    done: dict[str, RenderResult] = {}
+    waiter = threading.Thread(
+        target=lambda: done.update(
+            settle_taken(
+                plan, store, "my-run", results, render_again, ProgressReporter(0), poll_s=0.05
+            )
+        ),
+        daemon=True,
+    )
+    waiter.start()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "still waiting for the held image after the Ctrl-C"
+    assert passes == [[free.cache_key]]
+    assert {r.error for r in done.values()} == {INTERRUPTED} and len(done) == 2
+    claims.close_heartbeat(store, "my-run")
