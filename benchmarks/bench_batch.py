@@ -657,8 +657,8 @@ def run_components_child(argv: Sequence[str]) -> None:
 
     from flux_flows.blocks import shared_client
     from flux_flows.models import ImageRequest
-    from flux_flows.render import RenderJob, image_metadata, render, render_image
-    from flux_flows.spill import SpillFolder
+    from flux_flows.rendering.one_image import RenderJob, image_metadata, render, render_image
+    from flux_flows.rendering.spill import SpillFolder
     from flux_flows.storage import open_storage
 
     calls, conc = args.calls, args.concurrency
@@ -696,7 +696,7 @@ def run_components_child(argv: Sequence[str]) -> None:
         ),
     )
     with contextlib.suppress(ImportError):
-        from flux_flows.thumbnails import make_thumbnail
+        from flux_flows.rendering.thumbnails import make_thumbnail
 
         thumb = make_thumbnail(image.data)
         out["thumbnail: make"], _ = _cpu_per_call_ms(calls, lambda i: make_thumbnail(image.data))
@@ -1142,13 +1142,13 @@ def rate_figures(log: Sequence[tuple[float, int]], rpm: float) -> dict[str, floa
 # Where a sample of the flux-flows run is charged: the first rule whose marker appears in the
 # stack wins, so nested work (an S3 put inside a thumbnail) is charged to the outer step.
 PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
-    ("thumbnail: make + S3 put", "store_thumbnail (flux_flows/thumbnails.py"),
+    ("thumbnail: make + S3 put", "store_thumbnail (flux_flows/rendering/thumbnails.py"),
     ("S3 put of the image (boto3)", "S3Storage.put (flux_flows/storage/s3.py"),
     ("API call: httpx + response parsing", "FluxClient.generate (flux_flows/client/_sync.py"),
-    ("render(): other library code", "flux_flows/render.py"),
+    ("render(): other library code", "flux_flows/rendering/one_image.py"),
     ("logging (log records, handlers)", "Logger._log (logging/__init__.py"),
     ("Prefect task engine (per-task overhead)", "prefect/task_engine.py"),
-    ("manifest, records, artifacts", "flux_flows/reporting.py"),
+    ("manifest, records, artifacts", "flux_flows/records/reports.py"),
 )
 # py-spy's idle detection does not see threads blocked in C calls (socket reads, lock and
 # condition waits), so a sample whose innermost Python frame is one of these waits is dropped.

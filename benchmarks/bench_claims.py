@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flux_flows import claims
 from flux_flows.models import ImageRequest
-from flux_flows.render import found_stored
+from flux_flows.planning import claims
+from flux_flows.rendering.one_image import found_stored
 from flux_flows.storage import LocalStorage, S3Storage, Storage, clear_s3_client_cache
 
 

@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO))  # this checkout's flux_flows, not an installed on
 
 import pydantic  # noqa: E402
 
-from flux_flows.batch import PlannedImage  # noqa: E402
 from flux_flows.models import FinishReason, request_for  # noqa: E402
-from flux_flows.render import RenderResult  # noqa: E402
+from flux_flows.planning.plan import PlannedImage  # noqa: E402
+from flux_flows.rendering.one_image import RenderResult  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {"model": "flux-1-schnell-fp8", "aspect_ratio": "1:1"}
 

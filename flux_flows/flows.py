@@ -19,33 +19,33 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
-from flux_flows import layout
-from flux_flows.batch import BatchPlan, PlannedImage, plan_run
 from flux_flows.blocks import FireworksCredentials
-from flux_flows.claims import close_heartbeat, remove_run_holders
-from flux_flows.dispatch import INTERRUPTED, render_all
 from flux_flows.errors import BatchFailedError, StorageError
 from flux_flows.gallery import write_contact_sheets
-from flux_flows.manifests import ManifestSpool, PartWriter, merged_manifest
 from flux_flows.models import FinishReason, ImageRequest
-from flux_flows.overlap import settle_taken
-from flux_flows.pacing import AdaptiveWindow, Pacer
-from flux_flows.preflight import preflight
-from flux_flows.progress import ProgressReporter
-from flux_flows.prompts import PromptRow, iter_prompts, normalize_prompts
-from flux_flows.records import finished_records, iter_records
-from flux_flows.render import RenderJob, RenderResult
-from flux_flows.reporting import (
+from flux_flows.planning import layout
+from flux_flows.planning.claims import close_heartbeat, remove_run_holders
+from flux_flows.planning.plan import BatchPlan, PlannedImage, plan_run
+from flux_flows.planning.sources import PromptRow, iter_prompts, normalize_prompts
+from flux_flows.records.join import finished_records, iter_records
+from flux_flows.records.manifests import ManifestSpool, PartWriter, merged_manifest
+from flux_flows.records.reports import (
     count_outcomes,
     destination_of_manifest,
     iter_manifest,
     load_manifest,
     publish_artifacts,
 )
+from flux_flows.rendering.dispatch import INTERRUPTED, render_all
+from flux_flows.rendering.flow_class import flux_flow
+from flux_flows.rendering.one_image import RenderJob, RenderResult
+from flux_flows.rendering.overlap import settle_taken
+from flux_flows.rendering.pacing import AdaptiveWindow, Pacer
+from flux_flows.rendering.preflight import preflight
+from flux_flows.rendering.progress import ProgressReporter
+from flux_flows.rendering.spill import SpillFolder
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
-from flux_flows.spill import SpillFolder
-from flux_flows.startup import flux_flow
 from flux_flows.storage import Storage, open_storage
 
 __all__ = [

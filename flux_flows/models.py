@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from flux_flows.images_in import (
+from flux_flows.inputs.images import (
     check_input_image,
     input_image_kind,
     normalize_reference,
@@ -327,7 +327,7 @@ class ImageRequest(BaseModel):
                 raise ValueError(
                     f"input_image {self.input_image!r} has not been read yet, so the cache key "
                     "(which depends on the image's content) is unknown; hash it first with "
-                    "flux_flows.images_in.hash_input_images (the batch flows do this)"
+                    "flux_flows.inputs.images.hash_input_images (the batch flows do this)"
                 )
             payload: dict[str, Any] = {
                 "v": CACHE_KEY_VERSION,

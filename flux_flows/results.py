@@ -196,7 +196,7 @@ class BatchReport(BaseModel):
         if self.kept_records is not None:
             yield from self.kept_records
         elif self.local_manifest or self.manifest_uri:
-            from flux_flows.reporting import iter_manifest
+            from flux_flows.records.reports import iter_manifest
 
             yield from iter_manifest(self.local_manifest or self.manifest_uri or "")
 

@@ -19,10 +19,10 @@ from pydantic import Field
 
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.client import resolve_base_url
-from flux_flows.images_in import hash_input_images
+from flux_flows.inputs.images import hash_input_images
 from flux_flows.models import FinishReason, ImageRequest, request_for
-from flux_flows.pricing import estimate_cost
-from flux_flows.render import store_with_thumbnail
+from flux_flows.planning.cost import estimate_cost
+from flux_flows.rendering.one_image import store_with_thumbnail
 from flux_flows.results import GeneratedImage, ImageRecord
 from flux_flows.settings import REQUEST_FIELDS
 from flux_flows.storage import open_storage

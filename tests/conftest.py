@@ -52,7 +52,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop any background Prefect server a CLI test left in the session's PREFECT_HOME; under
     FLUX_FLOWS_REQUIRE_ALL=1, fail the session if a promised test family was skipped."""
-    from flux_flows.local_server import stop_server
+    from flux_flows.cli.local_server import stop_server
 
     stop_server(Path(TEST_PREFECT_HOME))
     if os.environ.get("FLUX_FLOWS_REQUIRE_ALL") == "1" and _required_skips:

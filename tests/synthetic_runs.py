@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from flux_flows import layout
 from flux_flows.models import FinishReason, ImageRequest
-from flux_flows.reporting import count_outcomes, summary_lines
+from flux_flows.planning import layout
+from flux_flows.records.reports import count_outcomes, summary_lines
 from flux_flows.results import BatchReport, ImageRecord
 
 ASPECTS = ["1:1", "16:9", "9:16", "3:2"]

@@ -40,7 +40,7 @@ def test_window_cuts_once_per_cooldown_and_never_below_one() -> None:
 
 def test_pacer_spaces_requests_under_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]  # the pacer's clock, moved by the test: no timing of the machine's own
-    monkeypatch.setattr("flux_flows.pacing.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("flux_flows.rendering.pacing.time.monotonic", lambda: clock[0])
     pacer = Pacer(600)
     assert pacer.wait_s() == 0
     pacer.take()

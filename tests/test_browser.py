@@ -18,12 +18,12 @@ from urllib.request import url2pathname
 import pytest
 from synthetic_runs import report_of, synthetic_run
 
-from flux_flows import layout
 from flux_flows.flows import generate_images
 from flux_flows.gallery import PAGE_SIZE, contact_sheet_html, relative_href, write_contact_sheets
 from flux_flows.models import FinishReason
-from flux_flows.prompts import read_prompts
-from flux_flows.reporting import summary_lines, write_manifests
+from flux_flows.planning import layout
+from flux_flows.planning.sources import read_prompts
+from flux_flows.records.reports import summary_lines, write_manifests
 from flux_flows.results import BatchReport
 from flux_flows.storage import LocalStorage
 

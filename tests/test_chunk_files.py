@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 from prefect.states import Completed, Failed
 
-from flux_flows import layout
-from flux_flows.batch import PlannedImage
-from flux_flows.chunk_files import (
+from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.planning import layout
+from flux_flows.planning.plan import PlannedImage
+from flux_flows.rendering.chunk_files import (
     NDJSON,
     RESULT_LINE_MAX_BYTES,
     RESULTS_SLACK_BYTES,
@@ -32,9 +33,8 @@ from flux_flows.chunk_files import (
     read_results,
     results_key,
 )
-from flux_flows.models import FinishReason, ImageRequest
-from flux_flows.pools import render_chunk
-from flux_flows.render import RenderResult
+from flux_flows.rendering.one_image import RenderResult
+from flux_flows.rendering.work_pools import render_chunk
 from flux_flows.storage import Storage, open_storage
 
 CHUNK_KEY = "runs/20250101T000000Z-test/chunks/chunk-00001.jsonl"
@@ -169,7 +169,7 @@ def test_a_result_for_an_unplanned_image_is_dropped_with_a_warning(
     store(storage, images[1])
     store(storage, stranger)  # even stored: it is not this chunk's
     write_results(storage, [reported(images[0]), reported(stranger), reported(images[1])])
-    with caplog.at_level(logging.WARNING, logger="flux_flows.pools"):
+    with caplog.at_level(logging.WARNING, logger="flux_flows.rendering.work_pools"):
         got = read_results(storage, CHUNK_KEY, images, Completed())
     assert [r.cache_key for r in got] == [p.cache_key for p in images]
     assert all(r.finish_reason is SUCCESS for r in got)
@@ -235,7 +235,7 @@ def test_every_field_of_a_result_line_is_type_checked() -> None:
     unchecked: the batch would record whatever a results file put there."""
     import dataclasses
 
-    from flux_flows.chunk_files import _RESULT_TYPES
+    from flux_flows.rendering.chunk_files import _RESULT_TYPES
 
     assert set(_RESULT_TYPES) == {f.name for f in dataclasses.fields(RenderResult)}
 
@@ -344,8 +344,8 @@ def run_batch_on_fake_pool(
     in this process (it returns the run's final state); everything else is the real batch."""
     import prefect.deployments
 
-    import flux_flows.pools as pools
-    import flux_flows.preflight as preflight
+    import flux_flows.rendering.preflight as preflight
+    import flux_flows.rendering.work_pools as pools
     from flux_flows.flows import generate_images
 
     sent: list[dict[str, Any]] = []

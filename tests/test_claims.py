@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from flux_flows import claims
-from flux_flows.claims import Holder, Lease, Taken
+from flux_flows.planning import claims
+from flux_flows.planning.claims import Holder, Lease, Taken
 from flux_flows.storage import LocalStorage, S3Storage, Storage
 
 CACHE_KEY = "0123456789abcdef0123456789abcdef"
@@ -192,7 +192,7 @@ def test_hostile_claims_files_are_skipped_with_a_warning_naming_them(
     hostile(store, token)
     store.create(claims.lease_key(CACHE_KEY, 0), token.encode(), content_type="t/p")
     store.create(claims.lease_key("f" * 32, 0), b"garbage, not a token", content_type="t/p")
-    with caplog.at_level(logging.WARNING, logger="flux_flows.claims"):
+    with caplog.at_level(logging.WARNING, logger="flux_flows.planning.claims"):
         first = claims.acquire(store, "my-run", CACHE_KEY)
         second = claims.acquire(store, "my-run", "f" * 32)
     assert isinstance(first, Lease) and isinstance(second, Lease)
@@ -213,13 +213,13 @@ def test_an_unwritable_claims_folder_is_found_before_any_spend(tmp_path: Path) -
 def test_a_ctrl_c_during_a_retry_pass_ends_the_wait(tmp_path: Path) -> None:
     """While waiting, one image came free and was rendered again, and that pass was stopped by a
     Ctrl-C: the run stops waiting for the image a live run still holds, instead of waiting on."""
-    from flux_flows.batch import BatchPlan, PlannedImage, plan_images
-    from flux_flows.dispatch import INTERRUPTED
     from flux_flows.models import FinishReason
-    from flux_flows.overlap import settle_taken
-    from flux_flows.progress import ProgressReporter
-    from flux_flows.prompts import normalize_prompts
-    from flux_flows.render import RenderResult, taken_result
+    from flux_flows.planning.plan import BatchPlan, PlannedImage, plan_images
+    from flux_flows.planning.sources import normalize_prompts
+    from flux_flows.rendering.dispatch import INTERRUPTED
+    from flux_flows.rendering.one_image import RenderResult, taken_result
+    from flux_flows.rendering.overlap import settle_taken
+    from flux_flows.rendering.progress import ProgressReporter
     from flux_flows.settings import BatchSettings
 
     store = LocalStorage(tmp_path)

@@ -316,7 +316,7 @@ def _most_in_any_window(times: list[float], window_s: float) -> int:
 
 
 def test_chunk_share_spreads_a_batch_over_the_online_workers() -> None:
-    from flux_flows.pools import FALLBACK_PARALLEL, chunk_share
+    from flux_flows.rendering.work_pools import FALLBACK_PARALLEL, chunk_share
 
     assert chunk_share(32, chunks=40, online=2) == 16
     assert chunk_share(32, chunks=40, online=5) == 6

@@ -864,7 +864,7 @@ def test_s3_permanent_put_failure_of_the_manifest(
 
 
 def test_unstored_manifest_is_reported_and_kept_locally(flow_env: Any, s3_bucket: str) -> None:
-    from flux_flows.reporting import manifest_bytes
+    from flux_flows.records.reports import manifest_bytes
 
     with S3Faults(r"manifest\.jsonl$", status=503).active():
         state = generate_images(["manifest lost"], f"s3://{s3_bucket}/x", return_state=True)
@@ -1051,7 +1051,7 @@ class AfterKill:
 def _at_kill(sc: Scenario) -> tuple[set[str], int, int]:
     """What the killed run left: cache keys of the images in the destination, filtered answers
     in the destination, images in the spill folder."""
-    from flux_flows.spill import SpillFolder
+    from flux_flows.rendering.spill import SpillFolder
 
     spilled = SpillFolder(sc.destination, Path(os.environ["FLUX_FLOWS_SPILL_DIR"])).cache_keys()
     return _cache_keys(sc.dest.keys("images/")), len(sc.dest.keys("filtered/")), len(spilled)
@@ -1313,7 +1313,7 @@ def test_sigkill_of_a_pool_worker_mid_chunk_then_rerun(
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    from flux_flows.pools import MISSED_BEATS
+    from flux_flows.rendering.work_pools import MISSED_BEATS
 
     n, chunk_size, concurrency = 15, 3, 8  # each chunk run holds 4 of the batch's 8 slots
     monkeypatch.setenv("FLUX_FLOWS_CHUNK_HEARTBEAT_S", str(CHUNK_BEAT_S))  # read by the batch
@@ -1542,7 +1542,7 @@ def _running_flow_run() -> Any:
 def test_a_chunk_run_whose_heartbeat_stops_is_crashed_by_the_batch(tmp_path: Path) -> None:
     """`pools._wait_for` on a RUNNING run whose heartbeat never changes: Crashed, with a message,
     after MISSED_BEATS beats (here 4 x 0.25 s), not after WAIT_FOR_CHUNK_S."""
-    from flux_flows.pools import MISSED_BEATS, _wait_for
+    from flux_flows.rendering.work_pools import MISSED_BEATS, _wait_for
     from flux_flows.storage import open_storage
 
     storage = open_storage(str(tmp_path / "dest"))
@@ -1566,7 +1566,7 @@ def test_a_chunk_run_that_beats_is_waited_for(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Completed
 
-    from flux_flows.pools import MISSED_BEATS, _heartbeat, _wait_for
+    from flux_flows.rendering.work_pools import MISSED_BEATS, _heartbeat, _wait_for
     from flux_flows.storage import open_storage
 
     storage = open_storage(str(tmp_path / "dest"))

@@ -139,7 +139,7 @@ def test_without_an_api_the_cli_starts_one_local_server_and_reuses_it(
 
         # The run is recorded on that server, with its logs, for the UI link printed; the
         # server admits only its user (issue 28), so we ask with the CLI's secret.
-        from flux_flows.local_server import auth_headers, auth_secret
+        from flux_flows.cli.local_server import auth_headers, auth_secret
 
         auth = auth_headers(auth_secret(home) or "")
         run_id = UI_PAGE_RE.search(second.stdout).group(2)  # type: ignore[union-attr]
@@ -194,7 +194,7 @@ def test_with_options_keeps_the_explanation() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flux_flows import generate_images
-    from flux_flows.startup import FluxFlow
+    from flux_flows.rendering.flow_class import FluxFlow
 
     assert isinstance(generate_images.with_options(task_runner=ThreadPoolTaskRunner()), FluxFlow)
 

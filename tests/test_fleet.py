@@ -2,7 +2,7 @@
 
 Each test starts real `flux-flows run` processes (the CLI, as a user runs it) against the
 emulator, into a local folder or a moto S3 server over HTTP, and checks what the claims protocol
-(`flux_flows/claims.py`, `overlap.py`, `render.render`) promises:
+(`flux_flows/planning/claims.py`, `overlap.py`, `render.render`) promises:
 
 - the emulator generated (billed) each distinct image once, plus at most the images in flight
   in a process at the moment it was SIGKILLed;

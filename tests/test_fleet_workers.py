@@ -1,6 +1,6 @@
 """Runs on a fleet: a worker dying mid-chunk, hostile or unwritable `claims/`, Ctrl-C while waiting.
 
-Each test checks the claims protocol (flux_flows/claims.py) from outside, as a user meets it:
+Each test checks the claims protocol (flux_flows/planning/claims.py) from outside, as a user meets it:
 a Dask worker process SIGKILLed in the middle of its chunk, files in `claims/` written by hand
 or by something hostile, a second run interrupted while it waits for images the first is
 generating, and a destination whose `claims/` cannot be written. Each prints one `FLEET` line
@@ -220,8 +220,8 @@ def _run_measured(
 def _cache_keys(prompts: list[str]) -> list[str]:
     """The cache keys `flux-flows run -p ...` gives these prompts: the library's own plan, with
     the CLI's default settings (the seed derived from each prompt)."""
-    from flux_flows.batch import plan_images
-    from flux_flows.prompts import normalize_prompts
+    from flux_flows.planning.plan import plan_images
+    from flux_flows.planning.sources import normalize_prompts
     from flux_flows.settings import BatchSettings
 
     return [p.cache_key for p in plan_images(normalize_prompts(prompts), BatchSettings())]

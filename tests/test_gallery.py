@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from synthetic_runs import report_of, synthetic_run
 from typer.testing import CliRunner
 
-from flux_flows import generate_image, layout, reporting, thumbnails, upload_image
+from flux_flows import generate_image, upload_image
 from flux_flows.cli import ExitCode, app
 from flux_flows.flows import generate_images
 from flux_flows.gallery import (
@@ -41,13 +41,16 @@ from flux_flows.gallery import (
     write_sheet,
 )
 from flux_flows.models import FinishReason, ImageRequest
-from flux_flows.reporting import (
+from flux_flows.planning import layout
+from flux_flows.records import reports as reporting
+from flux_flows.records.reports import (
     OUTCOME_ORDER,
     count_outcomes,
     problems_first,
     read_manifest,
     write_manifests,
 )
+from flux_flows.rendering import thumbnails
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, get_s3_client
 
@@ -349,7 +352,7 @@ def test_thumbnail_failure_never_fails_or_spills_the_image(
 ) -> None:
     destination = tmp_path / "out"
     breakage(monkeypatch, destination)
-    with caplog.at_level(logging.WARNING, logger="flux_flows.thumbnails"):
+    with caplog.at_level(logging.WARNING, logger="flux_flows.rendering.thumbnails"):
         report, state = run(["fragile fox"], str(destination))
     (record,) = report.records
     assert state.is_completed() and record.finish_reason is FinishReason.SUCCESS

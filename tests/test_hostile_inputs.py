@@ -25,21 +25,22 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from flux_flows import images_in, public_urls
-from flux_flows.images_in import (
+from flux_flows.inputs import images as images_in
+from flux_flows.inputs import public_urls
+from flux_flows.inputs.images import (
     InputImageError,
     hash_input_images,
     normalize_reference,
     resolve_input_image,
     sha256_hex,
 )
-from flux_flows.models import KONTEXT_PRO, ImageRequest
-from flux_flows.public_urls import (
+from flux_flows.inputs.public_urls import (
     ALLOW_PRIVATE_URLS_ENV,
     UrlRefused,
     fetch_public_url,
     is_private_address,
 )
+from flux_flows.models import KONTEXT_PRO, ImageRequest
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flux_flows import images_in
 from flux_flows.emulator import MAX_BODY_BYTES
-from flux_flows.images_in import InputImageError, resolve_input_image
-from flux_flows.public_urls import ALLOW_PRIVATE_URLS_ENV, UrlFetchError, fetch_public_url
+from flux_flows.inputs import images as images_in
+from flux_flows.inputs.images import InputImageError, resolve_input_image
+from flux_flows.inputs.public_urls import ALLOW_PRIVATE_URLS_ENV, UrlFetchError, fetch_public_url
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/status").exists(), reason="reads process memory from /proc"

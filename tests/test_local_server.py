@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY
-from flux_flows import local_server
+from flux_flows.cli import local_server
 
 PROMPT = "a secret heron at dawn, do not leak"
 
@@ -202,7 +202,7 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
     # The port choice is forced to the squatter's on the first launch only: the race, won by it.
     patch = textwrap.dedent(
         f"""
-        import flux_flows.local_server as ls
+        import flux_flows.cli.local_server as ls
         _chosen, _real = [{squatter.port}], ls._free_port
         ls._free_port = lambda: _chosen.pop() if _chosen else _real()
         """

@@ -12,7 +12,7 @@ from botocore.stub import Stubber
 
 from flux_flows.errors import PromptSourceError
 from flux_flows.models import ImageRequest
-from flux_flows.prompts import (
+from flux_flows.planning.sources import (
     ALLOWED_FIELDS,
     OVERRIDE_FIELDS,
     PromptRow,
@@ -436,7 +436,7 @@ def test_iter_prompts_yields_rows_before_it_reaches_a_bad_line(write: Writer) ->
     """A batch plans row by row and holds no row it has planned; a problem further down still
     stops the whole batch before any spend (the flow validates every row before its first
     request)."""
-    from flux_flows.prompts import iter_prompts
+    from flux_flows.planning.sources import iter_prompts
 
     path = write("late.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\nnot json\n')
     rows = iter_prompts(path)

@@ -64,7 +64,7 @@ def test_a_big_run_streams_its_records_and_its_manifest(
     tmp_path: Path, flow_env: Any, monkeypatch: Any
 ) -> None:
     """Past KEEP_IN_MEMORY the report holds counts, not records; `records` reads the manifest."""
-    from flux_flows import manifests
+    from flux_flows.records import manifests
 
     monkeypatch.setattr(manifests, "KEEP_IN_MEMORY", 5)
     prompts = [f"a streamed gull {i}" for i in range(12)] + ["a streamed gull 3"]
@@ -86,7 +86,7 @@ def test_parts_are_written_as_images_finish_and_kept_when_the_manifest_fails(
     it wrote as images finished (one per `flush_every` records, 200 by default) stay."""
     import inspect
 
-    from flux_flows.dispatch import render_windowed
+    from flux_flows.rendering.dispatch import render_windowed
 
     flush_every = inspect.signature(render_windowed).parameters["flush_every"].default
     n = 2 * flush_every + 1  # two full parts while the run goes on, and the last one
@@ -142,7 +142,7 @@ def test_spilled_images_are_found_whatever_the_destination_spelling(
 
 def test_images_spilled_under_an_old_spelling_are_found(tmp_path: Path) -> None:
     """Folders written by earlier versions were keyed by the destination as typed."""
-    from flux_flows.spill import SpillFolder
+    from flux_flows.rendering.spill import SpillFolder
 
     typed = f"{tmp_path}/dest/"
     old = SpillFolder(typed, tmp_path / "spill")  # what an earlier version made
@@ -160,8 +160,8 @@ def test_the_streamed_plan_summary_agrees_with_the_plan_a_run_makes(
     tmp_path: Path, flow_env: Any
 ) -> None:
     """`plan` folds slices of rows; its figures must be the ones the run's own plan has."""
-    from flux_flows.batch import plan_run, summarize_plan
-    from flux_flows.prompts import normalize_prompts
+    from flux_flows.planning.plan import plan_run, summarize_plan
+    from flux_flows.planning.sources import normalize_prompts
     from flux_flows.settings import BatchSettings
     from flux_flows.storage import open_storage
 
@@ -186,8 +186,8 @@ def test_a_planned_image_keeps_its_request_compactly_and_rebuilds_it_exactly() -
     import pickle
     import sys
 
-    from flux_flows.batch import PlannedImage
     from flux_flows.models import ImageRequest
+    from flux_flows.planning.plan import PlannedImage
 
     request = ImageRequest(prompt="a compact lighthouse", seed=11, aspect_ratio="16:9")
     planned = PlannedImage.of(3, 1, request, "sku-3")
@@ -203,7 +203,7 @@ def test_a_planned_image_keeps_its_request_compactly_and_rebuilds_it_exactly() -
 def test_render_results_cross_to_a_pool_as_json_lines_and_torn_lines_are_refused() -> None:
     import pytest
 
-    from flux_flows.render import RenderResult
+    from flux_flows.rendering.one_image import RenderResult
 
     result = RenderResult(
         cache_key="ab" * 16,

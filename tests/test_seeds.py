@@ -17,9 +17,9 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from flux_flows.batch import plan_images
 from flux_flows.models import ImageRequest
-from flux_flows.prompts import iter_prompts, normalize_prompts
+from flux_flows.planning.plan import plan_images
+from flux_flows.planning.sources import iter_prompts, normalize_prompts
 from flux_flows.seeds import MAX_SEED, derive_seed, step_seed
 from flux_flows.settings import BatchOptions, BatchSettings
 from flux_flows.tasks import build_request
@@ -168,10 +168,10 @@ def _cli(*args: str) -> Any:
 @pytest.fixture
 def planned_seeds(monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
     """The seeds `flux-flows plan` plans, caught where it hands its rows to the batch code."""
-    import flux_flows.batch
+    import flux_flows.planning.plan
 
     caught: list[list[list[int]]] = []
-    real = flux_flows.batch.summarize_plan
+    real = flux_flows.planning.plan.summarize_plan
 
     def summarize(rows: Any, settings: BatchSettings, storage: Any) -> Any:
         rows = list(rows)
@@ -179,7 +179,7 @@ def planned_seeds(monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
         caught.append([[p.request.seed for p in images if p.index == i] for i in range(len(rows))])
         return real(rows, settings, storage)
 
-    monkeypatch.setattr(flux_flows.batch, "summarize_plan", summarize)
+    monkeypatch.setattr(flux_flows.planning.plan, "summarize_plan", summarize)
     return caught
 
 

@@ -7,7 +7,7 @@ it. The runs start together (each waits on stdin after its imports) and each ask
 than the limits allow, so their API calls must compete.
 
 A run holds the user's `concurrency_limit` in leased blocks of many slots and takes its
-`rate_limit` (a limit with slot decay) in batches of tokens (`flux_flows/limits.py`).
+`rate_limit` (a limit with slot decay) in batches of tokens (`flux_flows/rendering/limits.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from prefect.settings import PREFECT_API_URL
 from flux_flows import FinishReason
 from flux_flows.emulator import state as emulator_state
 from flux_flows.flows import generate_images
-from flux_flows.limits import RENEW_FRACTION, lease_s
+from flux_flows.rendering.limits import RENEW_FRACTION, lease_s
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

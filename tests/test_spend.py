@@ -10,8 +10,8 @@ import pytest
 
 from flux_flows.flows import generate_images, replay_failed
 from flux_flows.models import DEV, SCHNELL, FinishReason, ImageRequest
-from flux_flows.pricing import PER_STEP_USD, estimate_cost, price_table
-from flux_flows.reporting import summary_markdown
+from flux_flows.planning.cost import PER_STEP_USD, estimate_cost, price_table
+from flux_flows.records.reports import summary_markdown
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 SCHNELL_IMAGE = 4 * PER_STEP_USD[SCHNELL]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_flows.spill import SpillFolder
+from flux_flows.rendering.spill import SpillFolder
 
 
 def mode(path: Path) -> int:

@@ -20,8 +20,8 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flux_flows import FinishReason, generate_images
-from flux_flows.images_in import list_input_images
-from flux_flows.staging import (
+from flux_flows.inputs.images import list_input_images
+from flux_flows.planning.staging import (
     PREFECT_PARAMETERS_CAP,
     STAGE_ABOVE_BYTES,
     parameters_size,

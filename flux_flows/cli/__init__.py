@@ -73,7 +73,7 @@ app.add_typer(
 
 def main() -> None:
     """Console-script entry point."""
-    from flux_flows import interrupts
+    from flux_flows.rendering import interrupts
 
     interrupts.ABORT_EXIT_CODE = 130  # a second Ctrl-C ends a batch at once (README)
     try:

@@ -71,7 +71,7 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
         temporary_settings,
     )
 
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     if not verbose:
         quiet_console()
@@ -113,7 +113,7 @@ def prefect_api(verbose: bool) -> Iterator[Callable[[str | None], str | None]]:
 def progress_bar(label: str) -> Iterator[None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from flux_flows.progress import listening, listening_status
+    from flux_flows.rendering.progress import listening, listening_status
 
     with Progress(
         "[progress.description]{task.description}",

@@ -48,8 +48,8 @@ from flux_flows.settings import BATCH_DEFAULTS as D
 from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
 
 if TYPE_CHECKING:
-    from flux_flows.batch import PlanSummary
-    from flux_flows.prompts import PromptRow
+    from flux_flows.planning.plan import PlanSummary
+    from flux_flows.planning.sources import PromptRow
 
 # On a terminal, `run` shows the plan and asks before a batch this big or this dear; batches of
 # up to PLAN_FIRST_ABOVE images (at most $4 at list prices) start without even planning twice.
@@ -82,7 +82,7 @@ RateLimitOpt = Annotated[
 def print_summary(report: BatchReport, title: str) -> None:
     from rich.table import Table
 
-    from flux_flows.reporting import summary_lines
+    from flux_flows.records.reports import summary_lines
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
@@ -172,7 +172,7 @@ def print_plan(title: str, the_plan: PlanSummary) -> None:
 
 
 def _read_rows(prompts: str | None, prompt: list[str] | None) -> list[PromptRow]:
-    from flux_flows.prompts import normalize_prompts, read_prompts
+    from flux_flows.planning.sources import normalize_prompts, read_prompts
 
     return normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
 
@@ -186,7 +186,7 @@ def confirm_large_batch(
     (scripts and schedulers have no TTY on stdin, and `--yes` skips it); the plan is the same
     read-only one `plan` prints, so what is shown is what will run.
     """
-    from flux_flows.batch import summarize_plan
+    from flux_flows.planning.plan import summarize_plan
     from flux_flows.storage import open_storage
 
     try:
@@ -300,13 +300,13 @@ def plan(
     budget: BudgetOpt = D.budget_usd,
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
-    from flux_flows.batch import summarize_plan
+    from flux_flows.planning.plan import summarize_plan
     from flux_flows.storage import open_storage
 
     check_prompt_source(prompts, prompt, edit, model)
     check_destination(to)
     settings = _settings(locals(), drop=("prompts", "to", "prompt"))
-    from flux_flows.prompts import iter_prompts, normalize_prompts
+    from flux_flows.planning.sources import iter_prompts, normalize_prompts
 
     try:
         # A file is read as a stream: planning a million rows holds their keys, not the rows.
@@ -370,10 +370,10 @@ def demo(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a small batch on the built-in emulator into a local folder: no key, no network."""
-    from flux_flows.batch import summarize_plan
     from flux_flows.emulator import Emulator, EmulatorConfig
     from flux_flows.flows import generate_images
-    from flux_flows.prompts import read_prompts
+    from flux_flows.planning.plan import summarize_plan
+    from flux_flows.planning.sources import read_prompts
     from flux_flows.storage import open_storage
 
     check_destination(to)

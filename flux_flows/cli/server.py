@@ -23,7 +23,7 @@ server_app = typer.Typer(
 
 
 def _login_hint(home: Path) -> str:
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     return (
         "It admits only you: its UI asks for a password, paste the auth string kept in "
@@ -33,7 +33,7 @@ def _login_hint(home: Path) -> str:
 
 
 def _no_configured_api(command: str) -> None:
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     if local_server.configured_api_url() is not None:
         fail(
@@ -44,7 +44,7 @@ def _no_configured_api(command: str) -> None:
 
 
 def _ensure(label: str) -> object:
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     try:
         return local_server.ensure_server(
@@ -59,7 +59,7 @@ def _ensure(label: str) -> object:
 @server_app.command(short_help="Which Prefect API the CLI uses, and how to log in.")
 def status() -> None:
     """Say which Prefect API the CLI uses, whether its own server is running, and how to log in."""
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     configured = local_server.configured_api_url()
     if configured is not None:
@@ -87,7 +87,7 @@ def status() -> None:
 @server_app.command(short_help="Start the local Prefect server now.")
 def start() -> None:
     """Start the local Prefect server now (runs start it on first use anyway)."""
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     _no_configured_api("start")
     server = _ensure("Starting a local Prefect server...")
@@ -99,7 +99,7 @@ def start() -> None:
 @server_app.command(short_help="Stop the local Prefect server (its database stays).")
 def stop() -> None:
     """Stop the local Prefect server; its database (runs, logs, artifacts) stays."""
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     server = local_server.stop_server(local_server.prefect_home())
     if server is None:
@@ -114,7 +114,7 @@ def env() -> None:
 
     Starts the local server if it is not running. The output holds the server's secret.
     """
-    from flux_flows import local_server
+    from flux_flows.cli import local_server
 
     _no_configured_api("env")
     server = _ensure("Starting a local Prefect server...")

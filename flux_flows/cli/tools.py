@@ -67,7 +67,7 @@ def generate(
     try:
         request = ImageRequest.model_validate({**fields, "output_format": formats[suffix]})
         if request.needs_input_hash and request.input_image is not None:
-            from flux_flows.images_in import hash_input_images
+            from flux_flows.inputs.images import hash_input_images
 
             digest = hash_input_images([request.input_image])[request.input_image]
             request = request.model_copy(update={"input_image_sha256": digest})

@@ -18,7 +18,6 @@ from flux_flows.client._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from flux_flows.client._images import image_size, sniff_image
 from flux_flows.client._kontext import kontext_input_data_uri
 from flux_flows.client._sync import FluxClient
 from flux_flows.client._wire import (
@@ -30,6 +29,7 @@ from flux_flows.client._wire import (
     parse_retry_after,
     same_origin,
 )
+from flux_flows.inputs.sniff import image_size, sniff_image
 
 __all__ = [
     "API_KEY_ENV",

@@ -25,7 +25,7 @@ from flux_flows.client._wire import (
     sniff_image,
 )
 from flux_flows.errors import APITimeoutError, InvalidRequestError, ResponseError, ServerError
-from flux_flows.images_in import (
+from flux_flows.inputs.images import (
     InputImageError,
     describe_reference,
     resolve_input_image,

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from flux_flows.client._images import image_size, sniff_image
 from flux_flows.errors import (
     AuthenticationError,
     FluxError,
@@ -28,6 +27,7 @@ from flux_flows.errors import (
     ResponseError,
     ServerError,
 )
+from flux_flows.inputs.sniff import image_size, sniff_image
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.results import GeneratedImage
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from flux_flows.gallery.links import Href, object_key_of
 from flux_flows.models import FinishReason
+from flux_flows.rendering.thumbnails import thumbnail_size
 from flux_flows.results import ImageRecord
-from flux_flows.thumbnails import thumbnail_size
 
 PLACEHOLDER_LABELS = {
     FinishReason.CONTENT_FILTERED: "Content filtered",

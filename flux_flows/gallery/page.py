@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from flux_flows.gallery.assets import CSP, CSS, FALLBACK_JS, FILTER_JS
 from flux_flows.gallery.cards import card_html, card_of, esc
 from flux_flows.gallery.links import Href
-from flux_flows.reporting import count_outcomes
+from flux_flows.records.reports import count_outcomes
 from flux_flows.results import ImageRecord
 
 HTML_CONTENT_TYPE = "text/html; charset=utf-8"

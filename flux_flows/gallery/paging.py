@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from flux_flows.models import FinishReason
-from flux_flows.reporting import OUTCOME_ORDER
+from flux_flows.records.reports import OUTCOME_ORDER
 from flux_flows.results import ImageRecord
 
 PAGE_SIZE = 1_000

@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flux_flows import layout
 from flux_flows.errors import StorageError
 from flux_flows.gallery.index import SheetText
 from flux_flows.gallery.links import Href, local_href, object_key_of, relative_href, signed_href
 from flux_flows.gallery.sheets import write_sheet
 from flux_flows.models import FinishReason
-from flux_flows.reporting import (
+from flux_flows.planning import layout
+from flux_flows.records.reports import (
     count_outcomes,
     destination_of_manifest,
     load_manifest,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from flux_flows import layout
 from flux_flows.gallery.index import SheetText
 from flux_flows.gallery.links import relative_href
 from flux_flows.gallery.sheets import write_sheet
-from flux_flows.reporting import summary_lines
+from flux_flows.planning import layout
+from flux_flows.records.reports import summary_lines
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import Storage
 

@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from flux_flows import layout
 from flux_flows.models import FinishReason
+from flux_flows.planning import layout
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import (
     IsAFolderError,

@@ -23,16 +23,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from flux_flows import claims, layout, limits
 from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import FinishReason, ImageRequest
+from flux_flows.planning import claims, layout
+from flux_flows.rendering import limits
+from flux_flows.rendering.spill import SpillFolder
+from flux_flows.rendering.thumbnails import store_thumbnail
 from flux_flows.results import GeneratedImage
-from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage, s3_metadata
-from flux_flows.thumbnails import store_thumbnail
 
-logger = logging.getLogger("flux_flows.render")
+logger = logging.getLogger("flux_flows.rendering.one_image")
 
 
 class _NoEmptyTraceback(logging.Filter):

@@ -43,7 +43,7 @@ class FluxFlow(Flow[Any, Any]):
     def __call__(
         self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any
     ) -> Any:
-        from flux_flows.staging import staged_arguments
+        from flux_flows.planning.staging import staged_arguments
 
         with staged_arguments(self.fn, args, kwargs) as (args, kwargs):
             try:

@@ -22,17 +22,17 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows.errors import AuthenticationError
-from flux_flows.interrupts import first_ctrl_c_stops
-from flux_flows.limits import AccountLimits, SharedLimits, sharing
 from flux_flows.models import FinishReason
-from flux_flows.pacing import AdaptiveWindow, Pacer
-from flux_flows.progress import ProgressReporter
-from flux_flows.render import RenderJob, RenderResult, render_image
+from flux_flows.rendering.interrupts import first_ctrl_c_stops
+from flux_flows.rendering.limits import AccountLimits, SharedLimits, sharing
+from flux_flows.rendering.one_image import RenderJob, RenderResult, render_image
+from flux_flows.rendering.pacing import AdaptiveWindow, Pacer
+from flux_flows.rendering.progress import ProgressReporter
 
 if TYPE_CHECKING:
     import functools
 
-    from flux_flows.batch import PlannedImage
+    from flux_flows.planning.plan import PlannedImage
     from flux_flows.settings import BatchOptions
 
     # RenderJob with everything but the request bound: picklable, so chunks can cross to workers.
@@ -174,7 +174,7 @@ def render_all(
     as the run goes.
     """
     if options.chunk_deployment:
-        from flux_flows.pools import render_on_pool
+        from flux_flows.rendering.work_pools import render_on_pool
 
         return render_on_pool(images, options, progress, make_job, on_results, work_dir)
     context = FlowRunContext.get()

@@ -41,7 +41,7 @@ from uuid import UUID
 
 from flux_flows.settings import seconds_from_env
 
-logger = logging.getLogger("flux_flows.limits")
+logger = logging.getLogger("flux_flows.rendering.limits")
 
 # How long slots taken from a concurrency limit outlive a holder that stopped renewing them
 # (renewed every RENEW_FRACTION of it while held). The Prefect server refuses shorter leases.

@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flux_flows import layout
-from flux_flows.prompts import normalize_prompts
+from flux_flows.planning import layout
+from flux_flows.planning.sources import normalize_prompts
 from flux_flows.settings import DEFAULT_DESTINATION
 from flux_flows.storage import open_storage
 
@@ -70,7 +70,7 @@ def _json_lines(prompts: Sequence[Any]) -> bytes:
 
 
 def _image_lines(refs: Sequence[Any]) -> bytes:
-    from flux_flows.images_in import normalize_reference
+    from flux_flows.inputs.images import normalize_reference
 
     lines = []
     for ref in refs:

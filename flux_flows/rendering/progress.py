@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-logger = logging.getLogger("flux_flows.progress")
+logger = logging.getLogger("flux_flows.rendering.progress")
 
 Listener = Callable[[int, int], None]
 _listeners: list[Listener] = []

@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 from prefect import get_run_logger
 
 from flux_flows.blocks import shared_client
-from flux_flows.claims import check_claims_writable
-from flux_flows.limits import check_rate_limit
+from flux_flows.planning.claims import check_claims_writable
+from flux_flows.rendering.limits import check_rate_limit
+from flux_flows.rendering.spill import SpillFolder
 from flux_flows.settings import BatchOptions
-from flux_flows.spill import SpillFolder
 from flux_flows.storage import Storage
 
 T = TypeVar("T")
@@ -76,5 +76,5 @@ def check_chunk_deployment(name: str) -> None:
     if not deployment.entrypoint or not deployment.entrypoint.endswith(":render_chunk"):
         raise ValueError(
             f"chunk_deployment={name!r} runs {deployment.entrypoint!r}, not the render-chunk flow "
-            "(flux_flows/pools.py:render_chunk)"
+            "(flux_flows/rendering/work_pools.py:render_chunk)"
         )

@@ -43,7 +43,7 @@ from flux_flows.errors import StorageError
 from flux_flows.settings import seconds_from_env
 from flux_flows.storage import Storage
 
-logger = logging.getLogger("flux_flows.claims")
+logger = logging.getLogger("flux_flows.planning.claims")
 
 CLAIMS = "claims/"
 LEASE_S = 120.0

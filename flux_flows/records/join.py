@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from flux_flows import layout
-from flux_flows.batch import BatchPlan, PlannedImage
 from flux_flows.models import FinishReason
-from flux_flows.render import RenderResult
+from flux_flows.planning import layout
+from flux_flows.planning.plan import BatchPlan, PlannedImage
+from flux_flows.rendering.one_image import RenderResult
 from flux_flows.results import ImageRecord
 from flux_flows.storage import Storage
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from flux_flows.public_urls import (
+from flux_flows.inputs.public_urls import (
     UrlFetchError,
     UrlRefused,
     UrlTooLarge,
@@ -130,7 +130,7 @@ def sniff_image_type(data: bytes) -> str | None:
     """The image type the bytes really are (JPEG, PNG or WebP), or None."""
     # The client's sniffer, so the magic bytes live in one place. Imported here, not at the
     # top: `models` imports this module, and the client imports `models`.
-    from flux_flows.client._images import image_type
+    from flux_flows.inputs.sniff import image_type
 
     return image_type(data)
 

@@ -15,16 +15,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from flux_flows import claims
-from flux_flows.batch import BatchPlan, PlannedImage, StoredImage
-from flux_flows.dispatch import INTERRUPTED
-from flux_flows.interrupts import first_ctrl_c_stops
 from flux_flows.models import FinishReason
-from flux_flows.progress import ProgressReporter, say_status
-from flux_flows.render import RenderResult, found_stored
+from flux_flows.planning import claims
+from flux_flows.planning.plan import BatchPlan, PlannedImage, StoredImage
+from flux_flows.rendering.dispatch import INTERRUPTED
+from flux_flows.rendering.interrupts import first_ctrl_c_stops
+from flux_flows.rendering.one_image import RenderResult, found_stored
+from flux_flows.rendering.progress import ProgressReporter, say_status
 from flux_flows.storage import Storage
 
-logger = logging.getLogger("flux_flows.overlap")
+logger = logging.getLogger("flux_flows.rendering.overlap")
 
 RenderAgain = Callable[[Sequence[PlannedImage]], dict[str, RenderResult]]
 POLL_S = 1.0

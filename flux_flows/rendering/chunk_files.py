@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from flux_flows import layout
 from flux_flows.errors import StorageError
 from flux_flows.models import FinishReason, ImageRequest
-from flux_flows.render import RenderResult
+from flux_flows.planning import layout
+from flux_flows.rendering.one_image import RenderResult
 from flux_flows.storage import Storage, TooLargeError, iter_uri_lines
 
 if TYPE_CHECKING:
-    from flux_flows.batch import PlannedImage
+    from flux_flows.planning.plan import PlannedImage
 
-logger = logging.getLogger("flux_flows.chunk_files")
+logger = logging.getLogger("flux_flows.rendering.chunk_files")
 
 NDJSON = "application/x-ndjson"
 # A chunk's results file is read whole, up to this much per planned image (one result line is

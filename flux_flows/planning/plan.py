@@ -13,8 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flux_flows import layout
-from flux_flows.images_in import (
+from flux_flows.inputs.images import (
     describe_reference,
     hash_input_images,
     list_input_images,
@@ -28,8 +27,9 @@ from flux_flows.models import (
     is_kontext,
     request_for,
 )
-from flux_flows.pricing import estimate_cost, price_table
-from flux_flows.prompts import PromptRow
+from flux_flows.planning import layout
+from flux_flows.planning.cost import estimate_cost, price_table
+from flux_flows.planning.sources import PromptRow
 from flux_flows.settings import BatchSettings
 from flux_flows.storage import Storage
 

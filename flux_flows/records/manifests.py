@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from flux_flows import layout
 from flux_flows.errors import StorageError
 from flux_flows.models import FinishReason
+from flux_flows.planning import layout
 from flux_flows.results import FIRST_ERRORS, ImageRecord
 from flux_flows.storage import Storage
 
@@ -113,7 +113,7 @@ def merged_manifest(
     (matched by index and variant), streamed into a spool; None when there is no base."""
     if not base_uri:
         return None
-    from flux_flows.reporting import iter_manifest
+    from flux_flows.records.reports import iter_manifest
 
     redone = {(r.index, r.variant): r for r in iter_manifest(str(replayed))}
     merged = ManifestSpool()

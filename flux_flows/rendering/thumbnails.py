@@ -16,14 +16,14 @@ import logging
 
 from PIL import Image
 
-from flux_flows import layout
+from flux_flows.planning import layout
 from flux_flows.storage import Storage
 
 LONG_SIDE = 256
 JPEG_QUALITY = 82
 CONTENT_TYPE = "image/jpeg"
 
-logger = logging.getLogger("flux_flows.thumbnails")
+logger = logging.getLogger("flux_flows.rendering.thumbnails")
 
 
 def thumbnail_size(width: int, height: int, long_side: int = LONG_SIDE) -> tuple[int, int]:
