@@ -28,15 +28,16 @@ from flux_flows.planning.claims import close_heartbeat, remove_run_holders
 from flux_flows.planning.plan import BatchPlan, PlannedImage, plan_run
 from flux_flows.planning.sources import PromptRow, iter_prompts, normalize_prompts
 from flux_flows.records.join import finished_records, iter_records
-from flux_flows.records.manifests import ManifestSpool, PartWriter, merged_manifest
-from flux_flows.records.reports import (
-    count_outcomes,
+from flux_flows.records.manifests import (
+    ManifestSpool,
+    PartWriter,
     destination_of_manifest,
     iter_manifest,
     load_manifest,
-    publish_artifacts,
+    merged_manifest,
 )
-from flux_flows.rendering.dispatch import INTERRUPTED, render_all
+from flux_flows.records.reports import count_outcomes, publish_artifacts
+from flux_flows.rendering.dispatch import render_all
 from flux_flows.rendering.flow_class import flux_flow
 from flux_flows.rendering.one_image import RenderJob, RenderResult
 from flux_flows.rendering.overlap import settle_taken
@@ -44,6 +45,7 @@ from flux_flows.rendering.pacing import AdaptiveWindow, Pacer
 from flux_flows.rendering.preflight import preflight
 from flux_flows.rendering.progress import ProgressReporter
 from flux_flows.rendering.spill import SpillFolder
+from flux_flows.rendering.window import INTERRUPTED
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.settings import BATCH_DEFAULTS, DEFAULT_DESTINATION, BatchOptions
 from flux_flows.storage import Storage, open_storage

@@ -7,12 +7,13 @@ what happened to it, and are never part of a cache key.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from flux_flows.models import DEFAULT_SAFETY_TOLERANCE, FinishReason, ImageRequest
+from flux_flows.storage import iter_uri_lines
 
 FIRST_ERRORS = 10  # failures a report carries for summaries; the manifest has them all
 
@@ -196,10 +197,27 @@ class BatchReport(BaseModel):
         if self.kept_records is not None:
             yield from self.kept_records
         elif self.local_manifest or self.manifest_uri:
-            from flux_flows.records.reports import iter_manifest
-
             yield from iter_manifest(self.local_manifest or self.manifest_uri or "")
 
     @property
     def failed(self) -> int:
         return self.counts.get(FinishReason.ERROR, 0)
+
+
+# The manifest's line format belongs to the record it serializes; records/manifests.py writes
+# and assembles whole manifests with it.
+
+
+def parse_manifest_lines(lines: Iterable[bytes], source: str) -> Iterator[ImageRecord]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield ImageRecord.model_validate_json(line)
+        except ValueError as exc:
+            raise ValueError(f"{source} line {number} is not a manifest record: {exc}") from exc
+
+
+def iter_manifest(uri: str, *, aws_credentials: Any = None) -> Iterator[ImageRecord]:
+    """A manifest's records, streamed: a 100,000-line manifest is never held whole."""
+    yield from parse_manifest_lines(iter_uri_lines(uri, aws_credentials=aws_credentials), uri)

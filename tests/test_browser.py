@@ -23,7 +23,8 @@ from flux_flows.gallery import PAGE_SIZE, contact_sheet_html, relative_href, wri
 from flux_flows.models import FinishReason
 from flux_flows.planning import layout
 from flux_flows.planning.sources import read_prompts
-from flux_flows.records.reports import summary_lines, write_manifests
+from flux_flows.records.manifests import write_manifests
+from flux_flows.records.reports import summary_lines
 from flux_flows.results import BatchReport
 from flux_flows.storage import LocalStorage
 

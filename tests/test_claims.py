@@ -216,10 +216,10 @@ def test_a_ctrl_c_during_a_retry_pass_ends_the_wait(tmp_path: Path) -> None:
     from flux_flows.models import FinishReason
     from flux_flows.planning.plan import BatchPlan, PlannedImage, plan_images
     from flux_flows.planning.sources import normalize_prompts
-    from flux_flows.rendering.dispatch import INTERRUPTED
     from flux_flows.rendering.one_image import RenderResult, taken_result
     from flux_flows.rendering.overlap import settle_taken
     from flux_flows.rendering.progress import ProgressReporter
+    from flux_flows.rendering.window import INTERRUPTED
     from flux_flows.settings import BatchSettings
 
     store = LocalStorage(tmp_path)

@@ -864,7 +864,7 @@ def test_s3_permanent_put_failure_of_the_manifest(
 
 
 def test_unstored_manifest_is_reported_and_kept_locally(flow_env: Any, s3_bucket: str) -> None:
-    from flux_flows.records.reports import manifest_bytes
+    from flux_flows.records.manifests import manifest_bytes
 
     with S3Faults(r"manifest\.jsonl$", status=503).active():
         state = generate_images(["manifest lost"], f"s3://{s3_bucket}/x", return_state=True)

@@ -43,13 +43,8 @@ from flux_flows.gallery import (
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.planning import layout
 from flux_flows.records import reports as reporting
-from flux_flows.records.reports import (
-    OUTCOME_ORDER,
-    count_outcomes,
-    problems_first,
-    read_manifest,
-    write_manifests,
-)
+from flux_flows.records.manifests import read_manifest, write_manifests
+from flux_flows.records.reports import OUTCOME_ORDER, count_outcomes, problems_first
 from flux_flows.rendering import thumbnails
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, get_s3_client

@@ -86,7 +86,7 @@ def test_parts_are_written_as_images_finish_and_kept_when_the_manifest_fails(
     it wrote as images finished (one per `flush_every` records, 200 by default) stay."""
     import inspect
 
-    from flux_flows.rendering.dispatch import render_windowed
+    from flux_flows.rendering.window import render_windowed
 
     flush_every = inspect.signature(render_windowed).parameters["flush_every"].default
     n = 2 * flush_every + 1  # two full parts while the run goes on, and the last one

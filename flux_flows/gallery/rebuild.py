@@ -16,12 +16,8 @@ from flux_flows.gallery.links import Href, local_href, object_key_of, relative_h
 from flux_flows.gallery.sheets import write_sheet
 from flux_flows.models import FinishReason
 from flux_flows.planning import layout
-from flux_flows.records.reports import (
-    count_outcomes,
-    destination_of_manifest,
-    load_manifest,
-    summary_lines,
-)
+from flux_flows.records.manifests import destination_of_manifest, load_manifest
+from flux_flows.records.reports import count_outcomes, summary_lines
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, Storage, is_s3_uri, open_storage
 

@@ -5,6 +5,9 @@ written as `runs/<id>/parts/part-NNNNN.jsonl`: a run killed half way keeps the r
 finished. At the end the manifest is written line by line to a local spool file in plan order and
 uploaded from there (`runs/<id>/manifest.jsonl`, then the root `manifest.jsonl`), while a tally
 keeps the counts, totals and the first failures the report needs; the parts are then removed.
+
+The one home of manifests: writing, assembling, reading (the line format itself lives with
+`ImageRecord` in `results`, which streams a report's records from its manifest).
 """
 
 from __future__ import annotations
@@ -12,15 +15,23 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from flux_flows.errors import StorageError
 from flux_flows.models import FinishReason
 from flux_flows.planning import layout
-from flux_flows.results import FIRST_ERRORS, ImageRecord
-from flux_flows.storage import Storage
+from flux_flows.results import FIRST_ERRORS, ImageRecord, iter_manifest, parse_manifest_lines
+from flux_flows.storage import (
+    IsAFolderError,
+    NotFoundError,
+    ReadError,
+    Storage,
+    is_s3_uri,
+    read_uri,
+    split_s3_uri,
+)
 
 NDJSON = "application/x-ndjson"
 KEEP_IN_MEMORY = 1_000  # a small run's report holds its records; a big one streams them
@@ -113,8 +124,6 @@ def merged_manifest(
     (matched by index and variant), streamed into a spool; None when there is no base."""
     if not base_uri:
         return None
-    from flux_flows.records.reports import iter_manifest
-
     redone = {(r.index, r.variant): r for r in iter_manifest(str(replayed))}
     merged = ManifestSpool()
     try:
@@ -123,3 +132,42 @@ def merged_manifest(
     finally:
         merged.finish()
     return merged
+
+
+def manifest_bytes(records: Sequence[ImageRecord]) -> bytes:
+    """JSONL, one line per requested image, whole prompts: what a downstream DAG reads."""
+    return b"".join(r.model_dump_json().encode("utf-8") + b"\n" for r in records)
+
+
+def read_manifest(data: bytes, source: str) -> list[ImageRecord]:
+    return list(parse_manifest_lines(data.splitlines(), source))
+
+
+def write_manifests(storage: Storage, run_id: str, records: Sequence[ImageRecord]) -> str:
+    """The run's own manifest under runs/<id>/, and a copy at the root for "the latest run"."""
+    body = manifest_bytes(records)
+    uri = storage.put(layout.run_manifest_key(run_id), body, content_type="application/x-ndjson")
+    storage.put(layout.MANIFEST, body, content_type="application/x-ndjson")
+    return uri
+
+
+def load_manifest(uri: str, *, aws_credentials: Any = None) -> list[ImageRecord]:
+    """An earlier run's manifest, from a local path or s3://bucket/key."""
+    if is_s3_uri(uri) and not all(split_s3_uri(uri)):
+        raise ValueError(f"{uri}: a manifest URI must name an object, s3://BUCKET/KEY")
+    try:
+        data = read_uri(uri, aws_credentials=aws_credentials, action="read the manifest")
+    except (NotFoundError, IsAFolderError) as exc:
+        raise ValueError(f"manifest {uri} does not exist (or is not a file)") from exc
+    except ReadError as exc:
+        raise ValueError(f"cannot read manifest {uri}: {exc.reason}") from exc
+    return read_manifest(data, uri)
+
+
+def destination_of_manifest(uri: str) -> str:
+    """The destination a manifest was written into: <dest>/manifest.jsonl or <dest>/runs/<id>/..."""
+    parent = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    parts = parent.rsplit("/", 2)
+    if len(parts) == 3 and parts[1] + "/" == layout.RUNS:
+        return parts[0]
+    return parent

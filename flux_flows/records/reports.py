@@ -1,4 +1,4 @@
-"""What a run leaves behind for people and for downstream jobs: manifest, summary, artifacts.
+"""What a run tells people: the summary, the counts and the Prefect artifacts.
 
 Artifacts are written by the flow once (plus a throttled progress bar), never one per image:
 Prefect stores each as a row, and a 10,000-image run must not make 10,000 API calls to say so.
@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from flux_flows.models import FinishReason
 from flux_flows.planning import layout
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import (
-    IsAFolderError,
-    NotFoundError,
-    ReadError,
     Storage,
-    is_s3_uri,
-    iter_uri_lines,
-    read_uri,
-    split_s3_uri,
 )
 
 # A table a person reads in the Prefect UI, not a copy of the manifest: the manifest has them all.
@@ -48,38 +41,6 @@ OUTCOME_ORDER: tuple[FinishReason, ...] = (
 def count_outcomes(records: Iterable[ImageRecord]) -> dict[str, int]:
     counts = Counter(r.finish_reason.value for r in records)
     return {reason.value: counts.get(reason.value, 0) for reason in FinishReason}
-
-
-def manifest_bytes(records: Sequence[ImageRecord]) -> bytes:
-    """JSONL, one line per requested image, whole prompts: what a downstream DAG reads."""
-    return b"".join(r.model_dump_json().encode("utf-8") + b"\n" for r in records)
-
-
-def read_manifest(data: bytes, source: str) -> list[ImageRecord]:
-    return list(parse_manifest_lines(data.splitlines(), source))
-
-
-def parse_manifest_lines(lines: Iterable[bytes], source: str) -> Iterator[ImageRecord]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield ImageRecord.model_validate_json(line)
-        except ValueError as exc:
-            raise ValueError(f"{source} line {number} is not a manifest record: {exc}") from exc
-
-
-def iter_manifest(uri: str, *, aws_credentials: Any = None) -> Iterator[ImageRecord]:
-    """A manifest's records, streamed: a 100,000-line manifest is never held whole."""
-    yield from parse_manifest_lines(iter_uri_lines(uri, aws_credentials=aws_credentials), uri)
-
-
-def write_manifests(storage: Storage, run_id: str, records: Sequence[ImageRecord]) -> str:
-    """The run's own manifest under runs/<id>/, and a copy at the root for "the latest run"."""
-    body = manifest_bytes(records)
-    uri = storage.put(layout.run_manifest_key(run_id), body, content_type="application/x-ndjson")
-    storage.put(layout.MANIFEST, body, content_type="application/x-ndjson")
-    return uri
 
 
 def summary_lines(report: BatchReport) -> list[tuple[str, str]]:
@@ -270,30 +231,3 @@ def _signed_link(uri: str | None, storage: Storage | None) -> str | None:
     if not uri.startswith(prefix):
         return None
     return storage.presigned_url(uri.removeprefix(prefix), ARTIFACT_LINK_EXPIRES_S)
-
-
-def artifact_key(text: str) -> str:
-    """Prefect artifact keys must match ^[a-z0-9-]*$."""
-    return layout.slug(text, 60)
-
-
-def load_manifest(uri: str, *, aws_credentials: Any = None) -> list[ImageRecord]:
-    """An earlier run's manifest, from a local path or s3://bucket/key."""
-    if is_s3_uri(uri) and not all(split_s3_uri(uri)):
-        raise ValueError(f"{uri}: a manifest URI must name an object, s3://BUCKET/KEY")
-    try:
-        data = read_uri(uri, aws_credentials=aws_credentials, action="read the manifest")
-    except (NotFoundError, IsAFolderError) as exc:
-        raise ValueError(f"manifest {uri} does not exist (or is not a file)") from exc
-    except ReadError as exc:
-        raise ValueError(f"cannot read manifest {uri}: {exc.reason}") from exc
-    return read_manifest(data, uri)
-
-
-def destination_of_manifest(uri: str) -> str:
-    """The destination a manifest was written into: <dest>/manifest.jsonl or <dest>/runs/<id>/..."""
-    parent = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    parts = parent.rsplit("/", 2)
-    if len(parts) == 3 and parts[1] + "/" == layout.RUNS:
-        return parts[0]
-    return parent

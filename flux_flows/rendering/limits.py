@@ -23,7 +23,7 @@ and a batch spends a token within moments of taking it (it takes more only once 
 left). So `prefect gcl create fireworks-rpm --limit B --slot-decay-per-second d` with
 B + 60*d <= the account's requests per minute keeps every run and worker together under it.
 
-One `SharedLimits` per windowed loop (`dispatch.render_windowed`): one process, one Dask chunk
+One `SharedLimits` per windowed loop (`window.render_windowed`): one process, one Dask chunk
 or one work-pool chunk run, each holding its blocks for its life.
 """
 

@@ -137,7 +137,7 @@ def _api_slot(job: RenderJob) -> Iterator[None]:
 
     Only for a job rendered on its own: a batch (its loop, a Dask chunk, a work-pool chunk run)
     holds the user's `concurrency_limit` in leased blocks of many slots for its life and sends
-    its jobs without the name (`limits`, `dispatch.render_windowed`): a slot per image costs two
+    its jobs without the name (`limits`, `window.render_windowed`): a slot per image costs two
     Prefect calls and held a batch to ~10 images/s (9.6-10.5 in benchmarks/RESULTS.md's
     historical runs, whose raw output was not kept).
     """

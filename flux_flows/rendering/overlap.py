@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from flux_flows.models import FinishReason
 from flux_flows.planning import claims
 from flux_flows.planning.plan import BatchPlan, PlannedImage, StoredImage
-from flux_flows.rendering.dispatch import INTERRUPTED
 from flux_flows.rendering.interrupts import first_ctrl_c_stops
 from flux_flows.rendering.one_image import RenderResult, found_stored
 from flux_flows.rendering.progress import ProgressReporter, say_status
+from flux_flows.rendering.window import INTERRUPTED
 from flux_flows.storage import Storage
 
 logger = logging.getLogger("flux_flows.rendering.overlap")

@@ -61,6 +61,7 @@ from flux_flows.rendering.one_image import SLOT_LEASE_S, RenderJob, RenderResult
 from flux_flows.rendering.pacing import RPM_HEADROOM
 from flux_flows.rendering.progress import ProgressReporter
 from flux_flows.rendering.spill import SpillFolder
+from flux_flows.rendering.window import PlainRunner, render_windowed
 from flux_flows.settings import BatchOptions, seconds_from_env
 from flux_flows.storage import Storage, open_storage
 
@@ -349,8 +350,6 @@ def render_chunk(
     """
     from prefect.blocks.core import Block
 
-    from flux_flows.rendering.dispatch import _PlainRunner, render_windowed
-
     aws = Block.load(aws_credentials_block) if aws_credentials_block else None
     credentials = (  # a sync load returns the block itself, not a coroutine
         cast(FireworksCredentials, FireworksCredentials.load(credentials_block))
@@ -376,7 +375,7 @@ def render_chunk(
                 # The slots may come from a chunk that just sent its last request: start one
                 # interval after it, as its own pace would have.
                 threading.Event().wait(60.0 / (requests_per_minute * RPM_HEADROOM))
-            runner = _PlainRunner(share)
+            runner = PlainRunner(share)
             try:
                 results = render_windowed(
                     requests,

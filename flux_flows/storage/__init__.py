@@ -11,12 +11,6 @@ from flux_flows.storage.base import (
     ReadError,
     Storage,
     TooLargeError,
-    is_s3_uri,
-    iter_uri_lines,
-    list_uri,
-    open_storage,
-    read_uri,
-    split_s3_uri,
 )
 from flux_flows.storage.local import LocalStorage, probe_writable, write_atomically
 from flux_flows.storage.metadata import (
@@ -35,6 +29,14 @@ from flux_flows.storage.s3 import (
     clear_s3_client_cache,
     explain_s3_error,
     get_s3_client,
+)
+from flux_flows.storage.uris import (
+    is_s3_uri,
+    iter_uri_lines,
+    list_uri,
+    open_storage,
+    read_uri,
+    split_s3_uri,
 )
 
 __all__ = [
