@@ -384,20 +384,6 @@ class ImageRequest(BaseModel):
         return body
 
 
-PIXEL_FIELDS = (
-    "model",
-    "aspect_ratio",
-    "guidance_scale",
-    "num_inference_steps",
-    "seed",
-    "safety_check",
-    "output_format",
-    "input_image_sha256",
-    "safety_tolerance",
-    "prompt_upsampling",
-)
-
-
 def request_for(
     prompt: str | Mapping[str, Any],
     *,

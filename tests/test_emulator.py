@@ -23,7 +23,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 
 from flux_flows import emulator as emulator_module
-from flux_flows.emulator import Emulator, EmulatorConfig, negotiate, render_image
+from flux_flows.emulator import Emulator, EmulatorConfig, draw_picture, negotiate
 from flux_flows.emulator import state as emulator_state
 from flux_flows.models import ASPECT_RATIO_SIZES, DEV, MAX_SEED, SCHNELL
 
@@ -226,15 +226,15 @@ def test_pixels_are_identical_across_processes(client: httpx.Client) -> None:
     width, height = ASPECT_RATIO_SIZES[ratio]
     code = (
         "import hashlib, sys\n"
-        "from flux_flows.emulator import render_image\n"
-        f"img = render_image({prompt!r}, {seed}, {width}, {height})\n"
+        "from flux_flows.emulator import draw_picture\n"
+        f"img = draw_picture({prompt!r}, {seed}, {width}, {height})\n"
         "print(hashlib.sha256(img.tobytes()).hexdigest())\n"
     )
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert other.stdout.strip() == served
-    assert hashlib.sha256(render_image(prompt, seed, width, height).tobytes()).hexdigest() == served
+    assert hashlib.sha256(draw_picture(prompt, seed, width, height).tobytes()).hexdigest() == served
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,7 +812,7 @@ def test_serve_runs_in_the_foreground_for_the_cli() -> None:
 
 def test_render_image_matches_what_is_served(client: httpx.Client) -> None:
     response = post(client, {"prompt": "direct", "seed": 5}, headers={"Accept": "image/png"})
-    assert decode(response.content).tobytes() == render_image("direct", 5, 1024, 1024).tobytes()
+    assert decode(response.content).tobytes() == draw_picture("direct", 5, 1024, 1024).tobytes()
 
 
 def test_json_payload_round_trips(client: httpx.Client) -> None:

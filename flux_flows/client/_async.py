@@ -20,7 +20,7 @@ AsyncSleeper = Callable[[float], Awaitable[object]]
 
 
 async def drive(
-    flow: protocol.Flow[T], http: httpx.AsyncClient, sleep: AsyncSleeper = asyncio.sleep
+    flow: protocol.Exchange[T], http: httpx.AsyncClient, sleep: AsyncSleeper = asyncio.sleep
 ) -> T:
     """Run a flow to its result without blocking the loop; the same flow `_sync.drive` runs.
 

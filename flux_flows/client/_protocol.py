@@ -81,7 +81,7 @@ class Offload:
 Step = httpx.Request | Follow | Sleep | Offload
 # What the driver sends back depends on the step (see the module docstring); the small
 # `_send`/`_offload` generators below give each answer its type again.
-Flow = Generator[Step, Any, T]
+Exchange = Generator[Step, Any, T]
 StatusMapper = Callable[[httpx.Response, int], FluxError]
 # What came of a step, as a driver saw it: (reply, None), or (None, the exception to throw in).
 Outcome = tuple[Any, Exception | None]
@@ -94,7 +94,7 @@ class Done(Generic[T]):
     result: T
 
 
-def resume(flow: Flow[T], reply: Any = None, error: Exception | None = None) -> Step | Done[T]:
+def resume(flow: Exchange[T], reply: Any = None, error: Exception | None = None) -> Step | Done[T]:
     """Hand a flow what came of its last step (nothing, to start it); its next step or Done.
 
     Shared by both drivers so that only the sending and sleeping is written twice.
@@ -105,12 +105,12 @@ def resume(flow: Flow[T], reply: Any = None, error: Exception | None = None) -> 
         return Done(stop.value)
 
 
-def _send(request: httpx.Request | Follow) -> Flow[httpx.Response]:
+def _send(request: httpx.Request | Follow) -> Exchange[httpx.Response]:
     response: httpx.Response = yield request
     return response
 
 
-def _offload(call: Callable[[], R]) -> Flow[R]:
+def _offload(call: Callable[[], R]) -> Exchange[R]:
     result: R = yield Offload(call)
     return result
 
@@ -148,16 +148,16 @@ class Tally:
 
 def generation_flow(
     client: BaseClient[Any, Any], request: ImageRequest, aws_credentials: Any = None
-) -> Flow[GeneratedImage]:
+) -> Exchange[GeneratedImage]:
     """One image, FLUX.1 or Kontext, as a flow for a driver.
 
     Requests are built by the client's pool, so its headers and timeouts apply; whoever drives
     the flow sends them.
     """
-    return _Generation(client, client._http.build_request, request, aws_credentials).flow()
+    return _GenerationState(client, client._http.build_request, request, aws_credentials).exchange()
 
 
-class _Generation:
+class _GenerationState:
     """The state of one generation while its flow runs: what it asked for and what it cost."""
 
     def __init__(
@@ -173,7 +173,7 @@ class _Generation:
         self.aws_credentials = aws_credentials
         self.tally = Tally()
 
-    def flow(self) -> Flow[GeneratedImage]:
+    def exchange(self) -> Exchange[GeneratedImage]:
         try:
             if self.request.is_kontext:
                 return (yield from self._kontext())
@@ -183,7 +183,7 @@ class _Generation:
             exc.attempts, exc.throttled = self.tally.attempts, self.tally.throttled
             raise
 
-    def _text_to_image(self) -> Flow[GeneratedImage]:
+    def _text_to_image(self) -> Exchange[GeneratedImage]:
         request, tally = self.request, self.tally
         image = yield from self._exchange(
             lambda: text_to_image_request(self.build, request, self.config.response_format),
@@ -193,7 +193,7 @@ class _Generation:
         )
         return image.model_copy(update={"throttled": tally.throttled}) if tally.throttled else image
 
-    def _kontext(self) -> Flow[GeneratedImage]:
+    def _kontext(self) -> Exchange[GeneratedImage]:
         """Submit, poll until the task settles, download the sample (it expires: at once)."""
         request, tally, build = self.request, self.tally, self.build
         started = time.perf_counter()
@@ -234,7 +234,7 @@ class _Generation:
         build: Callable[[], httpx.Request | Follow],
         parse: Callable[[httpx.Response], T],
         on_status: StatusMapper | None = None,
-    ) -> Flow[T]:
+    ) -> Exchange[T]:
         """One HTTP exchange, retried per the RetryPolicy: the one retry loop of the client.
 
         A request is rebuilt for every attempt, as `client.post` would; 2xx answers go to

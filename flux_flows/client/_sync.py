@@ -19,7 +19,7 @@ T = TypeVar("T")
 Sleeper = Callable[[float], object]
 
 
-def drive(flow: protocol.Flow[T], http: httpx.Client, sleep: Sleeper = time.sleep) -> T:
+def drive(flow: protocol.Exchange[T], http: httpx.Client, sleep: Sleeper = time.sleep) -> T:
     """Run a flow to its result on this thread, as httpx's `_send_handling_auth` runs auth flows.
 
     A step that fails (a transport error, an unreadable input image) is thrown back into the

@@ -64,7 +64,7 @@ from flux_flows.emulator.config import RESULTS_PATH as RESULTS_PATH
 from flux_flows.emulator.config import Mode as Mode
 from flux_flows.emulator.control import CONTROL_TOKEN_HEADER as CONTROL_TOKEN_HEADER
 from flux_flows.emulator.parsing import negotiate as negotiate
-from flux_flows.emulator.pictures import render_image
+from flux_flows.emulator.pictures import draw_picture
 from flux_flows.emulator.server import Emulator, serve
 
 # `__all__` is unchanged by the split into modules. The names re-exported `X as X` above were
@@ -76,6 +76,6 @@ __all__ = [
     "EmulatorConfig",
     "EmulatorStats",
     "create_app",
-    "render_image",
+    "draw_picture",
     "serve",
 ]

@@ -46,11 +46,11 @@ from flux_flows.emulator.limits import BodyLimit
 from flux_flows.emulator.markers import _Markers, _parse_markers
 from flux_flows.emulator.parsing import (
     _check_auth,
-    _Generation,
     _jpeg_quality,
     _json_object,
     _parse_generation,
     _parse_kontext,
+    _ParsedRequest,
     negotiate,
 )
 from flux_flows.emulator.pictures import _HTML_PAGE, _garbage, _image_bytes, _kontext_image_bytes
@@ -146,7 +146,7 @@ async def _client_stayed(request: Request, seconds: float) -> bool:
     return False
 
 
-def _generation_key(gen: _Generation, seed: int, mode: Mode) -> tuple[Any, ...]:
+def _generation_key(gen: _ParsedRequest, seed: int, mode: Mode) -> tuple[Any, ...]:
     return (
         gen.model,
         gen.prompt,
@@ -159,7 +159,7 @@ def _generation_key(gen: _Generation, seed: int, mode: Mode) -> tuple[Any, ...]:
     )
 
 
-def _is_filtered(gen: _Generation, words: tuple[str, ...]) -> bool:
+def _is_filtered(gen: _ParsedRequest, words: tuple[str, ...]) -> bool:
     lowered = gen.prompt.lower()
     return gen.safety_check and any(word.lower() in lowered for word in words if word)
 
@@ -194,7 +194,7 @@ def _image_response(data: bytes, answer: _Answer, finish: str) -> Response:
     return response_cls(body, media_type=media_type, headers=headers)
 
 
-async def _validated(request: Request, config: EmulatorConfig) -> _Generation:
+async def _validated(request: Request, config: EmulatorConfig) -> _ParsedRequest:
     """Checks in the API's order: key, then model, then body."""
     _check_auth(request.headers.get("authorization"), config.api_key)
     model = request.path_params["model"]
@@ -209,7 +209,7 @@ def _raise_forced_status(markers: _Markers, config: EmulatorConfig) -> None:
         raise _ApiError(markers.status, headers=extra)
 
 
-async def _answer(state: _EmulatorState, gen: _Generation, answer: _Answer) -> Response:
+async def _answer(state: _EmulatorState, gen: _ParsedRequest, answer: _Answer) -> Response:
     """Produce (and bill) the image, then apply the requested delivery fault."""
     if answer.fault == "html":
         return HTMLResponse(_HTML_PAGE, headers={"x-request-id": answer.request_id})

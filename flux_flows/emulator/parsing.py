@@ -37,7 +37,7 @@ from flux_flows.models import (
 
 
 @dataclass(frozen=True)
-class _Generation:
+class _ParsedRequest:
     model: str
     prompt: str
     aspect_ratio: str
@@ -129,10 +129,10 @@ def _safety_check(body: dict[str, Any]) -> bool:
     return value
 
 
-def _parse_generation(raw: bytes, model: str) -> _Generation:
+def _parse_generation(raw: bytes, model: str) -> _ParsedRequest:
     """Validate like the API: defaults for absent or null fields, unknown fields ignored."""
     body = _json_object(raw)
-    return _Generation(
+    return _ParsedRequest(
         model=model,
         prompt=_prompt(body),
         aspect_ratio=_aspect_ratio(body),

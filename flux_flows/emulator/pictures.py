@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from flux_flows.emulator.config import DEFAULT_JPEG_QUALITY, Mode
-from flux_flows.emulator.parsing import _Generation
+from flux_flows.emulator.parsing import _ParsedRequest
 from flux_flows.models import ASPECT_RATIO_SIZES
 
 if TYPE_CHECKING:  # only an annotation: state imports nothing from here, so no cycle at runtime
@@ -125,7 +125,7 @@ def _paint_text(
     draw.text((3 * m, box.label_top + m), label, font=font, fill=(245, 245, 245))
 
 
-def render_image(prompt: str, seed: int, width: int, height: int) -> Image.Image:
+def draw_picture(prompt: str, seed: int, width: int, height: int) -> Image.Image:
     """The placeholder picture for (prompt, seed, size): identical pixels for identical inputs.
 
     Seeded colours and shapes make two seeds of one prompt obviously different to a person; the
@@ -222,7 +222,7 @@ def _jpeg_of_size(
 
 
 def _image_bytes(
-    gen: _Generation, seed: int, mode: Mode, quality: int, filtered: bool, image_kb: int | None
+    gen: _ParsedRequest, seed: int, mode: Mode, quality: int, filtered: bool, image_kb: int | None
 ) -> bytes:
     """Runs in a worker thread: rendering and encoding are the only CPU-heavy part of a request."""
     width, height = ASPECT_RATIO_SIZES[gen.aspect_ratio]

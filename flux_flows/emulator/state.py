@@ -22,7 +22,7 @@ from flux_flows.emulator.config import (
 )
 from flux_flows.emulator.errors import _ApiError, _retry_after_headers
 from flux_flows.emulator.markers import _Markers
-from flux_flows.emulator.parsing import _Generation, _KontextJob
+from flux_flows.emulator.parsing import _KontextJob, _ParsedRequest
 
 
 def _now() -> float:
@@ -162,7 +162,7 @@ class _EmulatorState:
             return None
         return task
 
-    def admit(self, gen: _Generation | _KontextJob, markers: _Markers) -> dict[str, str]:
+    def admit(self, gen: _ParsedRequest | _KontextJob, markers: _Markers) -> dict[str, str]:
         """Decide, atomically, whether this request is served; returns its rate-limit headers.
 
         Order: rate window, then flaky marker, then random faults. Only admitted requests take a

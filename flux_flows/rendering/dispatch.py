@@ -54,8 +54,8 @@ class Chunk:
         return self.make_job(request=planned.request, known_key=planned.cache_key)
 
 
-@task(name="render-chunk", retries=0, cache_policy=NO_CACHE, persist_result=False)
-def render_chunk(chunk: Chunk) -> list[RenderResult]:
+@task(name="render-chunk-task", retries=0, cache_policy=NO_CACHE, persist_result=False)
+def render_chunk_task(chunk: Chunk) -> list[RenderResult]:
     """Render a chunk's images on threads in this worker; never raises for one image's failure."""
     results = render_windowed(
         chunk.images,
@@ -165,7 +165,7 @@ def _render_chunks(
     progress: ProgressReporter,
     on_results: Callable[[list[RenderResult]], None],
 ) -> dict[str, RenderResult]:
-    futures = {runner.submit(render_chunk, {"chunk": chunk}): chunk for chunk in chunks}
+    futures = {runner.submit(render_chunk_task, {"chunk": chunk}): chunk for chunk in chunks}
     results: dict[str, RenderResult] = {}
     for future in as_completed(list(futures)):
         chunk = futures[future]
