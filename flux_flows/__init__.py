@@ -2,6 +2,8 @@
 
 Only public names live here; each is defined in the module named after its job. They are imported
 on first use (PEP 562), so `flux-flows --help` and the emulator start without importing Prefect.
+Everything else (the stage packages `planning`, `rendering`, `records`, ...) is internal: it may
+change between releases; import from here.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ _MODULE_OF = {
     **dict.fromkeys(("build_request", "generate_image", "upload_image"), "tasks"),
 }
 
+# The public names, as type checkers need them written out (a literal __all__ and the imports
+# above); tests/test_public_api.py fails if these, the imports and _MODULE_OF ever differ.
 __all__ = [
     "APIConnectionError",
     "APITimeoutError",
