@@ -674,7 +674,7 @@ def run_components_child(argv: Sequence[str]) -> None:
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
     # The public names, so the same line times older trees too (Pillow-based size reading).
-    from flux_flows.client import image_size, sniff_image
+    from flux_flows.inputs.sniff import image_size, sniff_image
 
     out["verify the answer (sniff + image size)"], _ = _cpu_per_call_ms(
         calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))

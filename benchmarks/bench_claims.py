@@ -28,7 +28,8 @@ from pathlib import Path
 from flux_flows.models import ImageRequest
 from flux_flows.planning import claims
 from flux_flows.rendering.one_image import found_stored
-from flux_flows.storage import LocalStorage, S3Storage, Storage, clear_s3_client_cache
+from flux_flows.storage import LocalStorage, S3Storage, Storage
+from flux_flows.storage.s3 import clear_s3_client_cache
 
 
 def _timed(n: int, step: Callable[[int], None]) -> tuple[float, float]:

@@ -19,7 +19,10 @@ import pytest
 from synthetic_runs import report_of, synthetic_run
 
 from flux_flows.flows import generate_images
-from flux_flows.gallery import PAGE_SIZE, contact_sheet_html, relative_href, write_contact_sheets
+from flux_flows.gallery import write_contact_sheets
+from flux_flows.gallery.links import relative_href
+from flux_flows.gallery.page import contact_sheet_html
+from flux_flows.gallery.paging import PAGE_SIZE
 from flux_flows.models import FinishReason
 from flux_flows.planning import layout
 from flux_flows.planning.sources import read_prompts

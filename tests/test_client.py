@@ -16,17 +16,9 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_API_KEY
-from flux_flows.client import (
-    AsyncFluxClient,
-    FluxClient,
-    RetryPolicy,
-    api_error_message,
-    image_size,
-    parse_response,
-    parse_retry_after,
-    sniff_image,
-)
+from flux_flows.client import AsyncFluxClient, FluxClient, RetryPolicy
 from flux_flows.client._protocol import Sleep, generation_flow
+from flux_flows.client._wire import api_error_message, parse_response, parse_retry_after
 from flux_flows.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -37,6 +29,7 @@ from flux_flows.errors import (
     ResponseError,
     ServerError,
 )
+from flux_flows.inputs.sniff import image_size, sniff_image
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.results import GeneratedImage
 

@@ -52,7 +52,7 @@ from flux_flows.errors import APITimeoutError, ResponseError, ServerError, Stora
 from flux_flows.flows import generate_images
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.results import BatchReport, ImageRecord
-from flux_flows.storage import get_s3_client
+from flux_flows.storage.s3 import get_s3_client
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

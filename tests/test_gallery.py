@@ -30,16 +30,12 @@ from typer.testing import CliRunner
 from flux_flows import generate_image, upload_image
 from flux_flows.cli import ExitCode, app
 from flux_flows.flows import generate_images
-from flux_flows.gallery import (
-    HTML_CONTENT_TYPE,
-    PAGE_SIZE,
-    SheetText,
-    contact_sheet_html,
-    object_key_of,
-    relative_href,
-    write_contact_sheets,
-    write_sheet,
-)
+from flux_flows.gallery import write_contact_sheets
+from flux_flows.gallery.index import SheetText
+from flux_flows.gallery.links import object_key_of, relative_href
+from flux_flows.gallery.page import HTML_CONTENT_TYPE, contact_sheet_html
+from flux_flows.gallery.paging import PAGE_SIZE
+from flux_flows.gallery.sheets import write_sheet
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.planning import layout
 from flux_flows.records import reports as reporting
@@ -47,7 +43,8 @@ from flux_flows.records.manifests import read_manifest, write_manifests
 from flux_flows.records.reports import OUTCOME_ORDER, count_outcomes, problems_first
 from flux_flows.rendering import thumbnails
 from flux_flows.results import BatchReport, ImageRecord
-from flux_flows.storage import LocalStorage, get_s3_client
+from flux_flows.storage import LocalStorage
+from flux_flows.storage.s3 import get_s3_client
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 
@@ -824,7 +821,8 @@ def test_upload_image_task_makes_the_thumbnail_too(tmp_path: Path) -> None:
 
 
 def test_edit_cards_name_their_input_image() -> None:
-    from flux_flows.gallery import contact_sheet_html, relative_href
+    from flux_flows.gallery.links import relative_href
+    from flux_flows.gallery.page import contact_sheet_html
     from flux_flows.results import ImageRecord
 
     common = {

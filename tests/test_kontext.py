@@ -27,16 +27,11 @@ from PIL import Image, ImageStat
 from pydantic import ValidationError
 
 from conftest import free_port
-from flux_flows.client import (
-    AsyncFluxClient,
-    FluxClient,
-    KontextPolicy,
-    RetryPolicy,
-    same_origin,
-)
+from flux_flows.client import AsyncFluxClient, FluxClient, KontextPolicy, RetryPolicy
 from flux_flows.client._async import drive as async_drive
-from flux_flows.client._protocol import Flow, Offload, generation_flow
+from flux_flows.client._protocol import Exchange, Offload, generation_flow
 from flux_flows.client._sync import drive as sync_drive
+from flux_flows.client._wire import same_origin
 from flux_flows.emulator import Emulator, EmulatorConfig
 from flux_flows.errors import (
     APIConnectionError,
@@ -786,7 +781,7 @@ def test_the_input_image_is_read_by_the_driver(mode: str, tmp_path: Path) -> Non
 
 
 def test_blocking_work_runs_off_the_event_loop() -> None:
-    def flow() -> Flow[int]:
+    def flow() -> Exchange[int]:
         worker: int = yield Offload(threading.get_ident)
         return worker
 

@@ -19,7 +19,7 @@ from flux_flows.planning.sources import (
     normalize_prompts,
     read_prompts,
 )
-from flux_flows.storage import get_s3_client
+from flux_flows.storage.s3 import get_s3_client
 
 Writer = Callable[[str, bytes | str], str]
 

@@ -20,20 +20,14 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from flux_flows.errors import StorageError
-from flux_flows.storage import (
+from flux_flows.storage import LocalStorage, S3Storage, Storage, open_storage, s3_metadata
+from flux_flows.storage.metadata import (
     FIELD_VALUE_MAX,
     S3_METADATA_LIMIT,
     TRUNCATION_MARKER,
-    LocalStorage,
-    S3Storage,
-    Storage,
-    explain_s3_error,
-    get_s3_client,
     metadata_size,
-    open_storage,
-    s3_metadata,
 )
-from flux_flows.storage.s3 import EXPECT_CONTINUE_MIN_BYTES
+from flux_flows.storage.s3 import EXPECT_CONTINUE_MIN_BYTES, explain_s3_error, get_s3_client
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes\xff\xd9"
 LONG_PROMPT = "A photorealistic product shot of a ceramic mug on oak, soft window light. " * 80

@@ -26,56 +26,7 @@ Modules, one job each: `links` (how a page reaches an object), `assets` (CSS, sc
 (a run's sheet in its destination), `rebuild` (a sheet for an earlier manifest).
 """
 
-from flux_flows.gallery.assets import CSP
-from flux_flows.gallery.cards import PLACEHOLDER_LABELS
-from flux_flows.gallery.index import SheetText
-from flux_flows.gallery.links import (
-    Href,
-    local_href,
-    object_key_of,
-    relative_href,
-    signed_href,
-)
-from flux_flows.gallery.page import HTML_CONTENT_TYPE, contact_sheet_html
-from flux_flows.gallery.paging import PAGE_SIZE, PAGES_FOLDER
-from flux_flows.gallery.rebuild import (
-    DEFAULT_EXPIRES_S,
-    DEFAULT_GALLERY_DIR,
-    DOWNLOAD_WORKERS,
-    GALLERY_PAGE,
-    MAX_EXPIRES_S,
-    GalleryPage,
-    build_gallery,
-    local_manifest_href,
-    manifest_summary,
-)
-from flux_flows.gallery.run_sheets import write_contact_sheets, write_run_sheet
-from flux_flows.gallery.sheets import WrittenSheet, write_sheet
+from flux_flows.gallery.rebuild import build_gallery
+from flux_flows.gallery.run_sheets import write_contact_sheets
 
-__all__ = [
-    "CSP",
-    "DEFAULT_EXPIRES_S",
-    "DEFAULT_GALLERY_DIR",
-    "DOWNLOAD_WORKERS",
-    "GALLERY_PAGE",
-    "HTML_CONTENT_TYPE",
-    "MAX_EXPIRES_S",
-    "PAGES_FOLDER",
-    "PAGE_SIZE",
-    "PLACEHOLDER_LABELS",
-    "GalleryPage",
-    "Href",
-    "SheetText",
-    "WrittenSheet",
-    "build_gallery",
-    "contact_sheet_html",
-    "local_href",
-    "local_manifest_href",
-    "manifest_summary",
-    "object_key_of",
-    "relative_href",
-    "signed_href",
-    "write_contact_sheets",
-    "write_run_sheet",
-    "write_sheet",
-]
+__all__ = ["build_gallery", "write_contact_sheets"]

@@ -5,31 +5,10 @@ prompt files, input images and manifests. Nothing outside this package builds an
 reads botocore errors, so credentials, retries and error wording are decided once.
 """
 
-from flux_flows.storage.base import (
-    IsAFolderError,
-    NotFoundError,
-    ReadError,
-    Storage,
-    TooLargeError,
-)
+from flux_flows.storage.base import IsAFolderError, NotFoundError, ReadError, Storage, TooLargeError
 from flux_flows.storage.local import LocalStorage, probe_writable, write_atomically
-from flux_flows.storage.metadata import (
-    FIELD_VALUE_MAX,
-    PROMPT_FIELD,
-    PROMPT_HASH_FIELD,
-    S3_METADATA_LIMIT,
-    TRUNCATION_MARKER,
-    metadata_size,
-    s3_metadata,
-)
-from flux_flows.storage.s3 import (
-    DEFAULT_MAX_ATTEMPTS,
-    MAX_POOL_CONNECTIONS,
-    S3Storage,
-    clear_s3_client_cache,
-    explain_s3_error,
-    get_s3_client,
-)
+from flux_flows.storage.metadata import s3_metadata
+from flux_flows.storage.s3 import S3Storage
 from flux_flows.storage.uris import (
     is_s3_uri,
     iter_uri_lines,
@@ -40,13 +19,6 @@ from flux_flows.storage.uris import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS",
-    "FIELD_VALUE_MAX",
-    "MAX_POOL_CONNECTIONS",
-    "PROMPT_FIELD",
-    "PROMPT_HASH_FIELD",
-    "S3_METADATA_LIMIT",
-    "TRUNCATION_MARKER",
     "IsAFolderError",
     "LocalStorage",
     "NotFoundError",
@@ -54,13 +26,9 @@ __all__ = [
     "S3Storage",
     "Storage",
     "TooLargeError",
-    "clear_s3_client_cache",
-    "explain_s3_error",
-    "get_s3_client",
     "is_s3_uri",
     "iter_uri_lines",
     "list_uri",
-    "metadata_size",
     "open_storage",
     "probe_writable",
     "read_uri",
