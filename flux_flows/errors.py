@@ -58,6 +58,7 @@ class RateLimitError(FluxError):
     def __init__(
         self, message: str, *, retry_after_s: float | None = None, **kwargs: object
     ) -> None:
+        # FluxError's keywords are typed one by one; these are exactly the ones a caller passed it.
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.retry_after_s = retry_after_s
 

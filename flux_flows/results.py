@@ -46,7 +46,7 @@ class GeneratedImage(BaseModel):
         "call made no API request; `attempts` are the first call's",
     )
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented way; mypy cannot see it
     @property
     def size_bytes(self) -> int:
         return len(self.data)

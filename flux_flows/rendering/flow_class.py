@@ -61,7 +61,7 @@ class FluxFlow(Flow[Any, Any]):
         # (`generate_images.with_options(task_runner=...)`) explains a start-up timeout too.
         new_flow = super().with_options(*args, **kwargs)
         new_flow.__class__ = type(self)
-        return new_flow  # type: ignore[return-value]
+        return new_flow  # type: ignore[return-value]  # its class was set to ours just above
 
 
 def flux_flow(**options: Any) -> Callable[[Callable[..., Any]], FluxFlow]:

@@ -367,4 +367,6 @@ def render_image(job: RenderJob) -> RenderResult:
             throttled=exc.throttled,
             error=f"{type(exc).__name__}: {exc}",
         )
+        # A task's return type is its result's; Prefect also accepts a State, which carries the
+        # RenderResult as data and marks the task run Failed in the UI.
         return Failed(message=result.error, data=result)  # type: ignore[return-value]

@@ -96,6 +96,7 @@ class ProgressReporter:
         from prefect.artifacts import update_progress_artifact
 
         try:
+            # Prefect types artifact_id as UUID; the id it gave us back is the same value.
             update_progress_artifact(artifact_id=self._artifact_id, progress=percent)  # type: ignore[arg-type]
         except Exception as exc:
             logger.warning("could not update the progress artifact: %s", exc)
