@@ -37,7 +37,11 @@ logger = logging.getLogger("flux_flows.rendering.one_image")
 
 
 class _NoEmptyTraceback(logging.Filter):
-    """Prefect logs a returned Failed state with exc_info but no exception ("NoneType: None")."""
+    """Prefect logs a returned Failed state with exc_info but no exception ("NoneType: None").
+
+    Installed by the first failing `render_image` task run of a process (a Dask worker's too),
+    not at import: importing this module changes no logger.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[0] is None:
@@ -45,7 +49,7 @@ class _NoEmptyTraceback(logging.Filter):
         return True
 
 
-logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
+_NO_EMPTY_TRACEBACK = _NoEmptyTraceback()
 
 
 @dataclass(frozen=True)
@@ -367,6 +371,8 @@ def render_image(job: RenderJob) -> RenderResult:
             throttled=exc.throttled,
             error=f"{type(exc).__name__}: {exc}",
         )
+        # addFilter keeps one copy of a filter, so this costs a list lookup per failure.
+        logging.getLogger("prefect.task_runs").addFilter(_NO_EMPTY_TRACEBACK)
         # A task's return type is its result's; Prefect also accepts a State, which carries the
         # RenderResult as data and marks the task run Failed in the UI.
         return Failed(message=result.error, data=result)  # type: ignore[return-value]
