@@ -2,7 +2,8 @@
 (pyproject.toml), each module's first docstring line, and what each layer really imports.
 
     python docs/module_map.py            # the table README.md's "How it is built" shows
-    python docs/module_map.py --check    # exit 1 if README.md's table differs (tests run this)
+    python docs/module_map.py --write    # put it into README.md and docs/architecture.md
+    python docs/module_map.py --check    # exit 1 if README.md's or docs/architecture.md's differs
 
 Drawn from the import graph (every `from flux_flows... import`, inside functions too), so the map
 cannot name a module that is not there, leave one out, or claim an edge that does not exist.
