@@ -159,7 +159,7 @@ def test_dask_runs_chunks_not_one_task_run_per_image(
             )
         )
     names = sorted(t.name.rsplit("-", 1)[0] for t in task_runs)
-    assert names == ["render-chunk"] * 5  # ceil(23 / 5), not 23 task runs
+    assert names == ["render-chunk-task"] * 5  # ceil(23 / 5), not 23 task runs
     assert all(t.state.type.value == "COMPLETED" for t in task_runs)
     # Never more than the batch's window in flight at the API, across both workers.
     assert flow_env.stats.max_in_flight <= 8

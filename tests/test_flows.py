@@ -279,7 +279,7 @@ def test_rerun_with_fresh_prefect_database_makes_no_calls_or_uploads(
         f"""
         import json
         from flux_flows.flows import generate_images
-        from flux_flows.storage import get_s3_client
+        from flux_flows.storage.s3 import get_s3_client
 
         puts = []
         get_s3_client().meta.events.register(
