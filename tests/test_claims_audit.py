@@ -305,3 +305,40 @@ def test_a_retry_after_on_a_503_is_ignored_and_a_429s_is_honoured() -> None:
     (backoff,) = delays_after(503)
     assert 0 < backoff <= 0.01  # the policy's (jittered) backoff, not the server's 1 s
     assert delays_after(429) == [1.0]
+
+
+def test_a_server_that_does_not_start_in_time_names_its_log(
+    tmp_path: Path, fireworks_env: Any
+) -> None:
+    """README, Troubleshooting: the CLI 'waits up to 180 s (`FLUX_FLOWS_SERVER_TIMEOUT`), and on
+    failure names the server's log (`$PREFECT_HOME/flux-flows-server.log`)'."""
+    import os
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=str(home),
+        FIREWORKS_API_KEY="unused",
+        FIREWORKS_BASE_URL=fireworks_env.base_url,
+        FLUX_FLOWS_SPILL_DIR=str(home / "spill"),
+        COLUMNS="200",
+    )
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "flux_flows.cli", *args]
+        return subprocess.run(
+            argv, capture_output=True, text=True, env={**env, **extra}, timeout=300
+        )
+
+    try:
+        done = cli(
+            "run", "-p", "a fox", "--to", str(tmp_path / "out"), FLUX_FLOWS_SERVER_TIMEOUT="0.01"
+        )
+    finally:
+        stopped = cli("server", "stop")  # the server it started goes on starting: stop it
+    said = "".join(done.stderr.split())
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert str(home / "flux-flows-server.log") in said, done.stderr[-2000:]
+    assert "FLUX_FLOWS_SERVER_TIMEOUT" in said and "Traceback" not in done.stderr
+    assert fireworks_env.stats.requests == 0
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
