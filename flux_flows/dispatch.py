@@ -28,6 +28,7 @@ from flux_flows.models import FinishReason
 from flux_flows.pacing import AdaptiveWindow, Pacer
 from flux_flows.progress import ProgressReporter
 from flux_flows.render import RenderJob, RenderResult, render_image
+from flux_flows.storage.metadata import row_metadata
 
 if TYPE_CHECKING:
     import functools
@@ -115,7 +116,11 @@ class Chunk:
     limits: AccountLimits | None = None  # the user's shared limits, held by the chunk for its life
 
     def job_for(self, planned: PlannedImage) -> RenderJob:
-        return self.make_job(request=planned.request, known_key=planned.cache_key)
+        return self.make_job(
+            request=planned.request,
+            known_key=planned.cache_key,
+            row=row_metadata(planned.item_id, planned.columns),
+        )
 
 
 @task(name="render-chunk", retries=0, cache_policy=NO_CACHE, persist_result=False)
@@ -191,7 +196,11 @@ def render_all(
                 stack.callback(runner.shutdown)
             return render_windowed(
                 images,
-                lambda planned: make_job(request=planned.request, known_key=planned.cache_key),
+                lambda planned: make_job(
+                    request=planned.request,
+                    known_key=planned.cache_key,
+                    row=row_metadata(planned.item_id, planned.columns),
+                ),
                 max_concurrency=options.max_concurrency,
                 requests_per_minute=options.requests_per_minute,
                 runner=runner,
