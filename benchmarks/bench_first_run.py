@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.report import stamp, uptime_text
+
 CLI = [sys.executable, "-m", "flux_flows.cli"]
 
 
@@ -44,41 +46,12 @@ def fresh_env(home: Path) -> dict[str, str]:
     return env
 
 
-def machine_line() -> str:
-    """Date, commit (and whether flux_flows/ has uncommitted changes) and load, for the raw file."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*argv: str) -> str:
-        try:
-            done = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
-        except OSError:
-            return "?"
-        return done.stdout.strip()
-
-    dirty = (
-        " + uncommitted changes in flux_flows/"
-        if git("status", "--porcelain", "flux_flows")
-        else ""
-    )
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return (
-        f"{when}; flux-flows {git('rev-parse', '--short', 'HEAD')}{dirty}; {os.cpu_count()} cores"
-    )
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--homes", type=int, default=10, help="fresh homes to try")
     args = parser.parse_args()
-    print(f"bench_first_run: {machine_line()}")
-    print(f"load at start: {uptime()}", flush=True)
+    print(f"bench_first_run: {stamp()}; {os.cpu_count()} cores")
+    print(f"load at start: {uptime_text()}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="flux-first-run-"))
     rows: dict[str, list[tuple[float, float]]] = {
         "first demo": [],
@@ -130,7 +103,7 @@ def main() -> int:
             f"{name:<14} {statistics.median(walls):>10.2f} s {max(walls):>8.2f} s "
             f"{statistics.median(cpus):>9.2f} s"
         )
-    print(f"load at end: {uptime()}")
+    print(f"load at end: {uptime_text()}")
     ok = {name: len(rows[name]) - failed for name, failed in failures.items()}
     print(
         f"RESULT homes={args.homes} first_demo_ok={ok['first demo']}/{args.homes} "

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +206,22 @@ def measured_command(command: Sequence[str], env: dict[str, str]) -> dict[str, A
         "max_rss_kb": float(usage.ru_maxrss),
         "output": output.decode(errors="replace"),
     }
+
+
+def run_script(
+    argv: Sequence[str] | None,
+    children: Mapping[str, Callable[[Sequence[str]], None]],
+    orchestrate: Callable[[Sequence[str]], int],
+) -> int:
+    """A benchmark's entry point: `<script> _role ...` runs a child role, anything else the
+    orchestrator; SIGTERM and Ctrl-C end both through their finally-blocks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    terminate_on_sigterm()
+    if args[:1] and args[0] in children:
+        children[args[0]](args[1:])
+        return 0
+    try:
+        return orchestrate(args)
+    except KeyboardInterrupt:
+        print("interrupted: every server and child started here was stopped", file=sys.stderr)
+        return 130

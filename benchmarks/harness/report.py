@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ def git_state() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + (" + uncommitted changes in flux_flows/" if dirty else "")
+
+
+def stamp() -> str:
+    """`<UTC time>; flux-flows <commit>[ + uncommitted changes in flux_flows/]`: a raw file's
+    first facts, so every kept output says what it measured and when."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; flux-flows {git_state()}"
 
 
 def load_text() -> str:
