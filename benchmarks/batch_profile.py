@@ -70,6 +70,34 @@ def _sample_weights(
     }
 
 
+def _read_stacks(path: Path) -> tuple[list[tuple[str, list[str], int]], dict[str, int]]:
+    """py-spy's collapsed stacks, wait frames dropped: (thread family, frames, samples) each,
+    and the busy samples by thread family."""
+    stacks: list[tuple[str, list[str], int]] = []
+    samples: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].rpartition(" (")[0].strip() in IDLE_LEAVES:
+            continue
+        group = (frames[0].partition(": ")[2] or frames[0]).rstrip("0123456789_-")
+        stacks.append((group, frames, int(count_text)))
+        samples[group] = samples.get(group, 0) + int(count_text)
+    return stacks, samples
+
+
+def _heaviest(inclusive: dict[str, float]) -> list[tuple[str, float]]:
+    """Functions by inclusive CPU, heaviest first, without the thread and event-loop plumbing."""
+    boring = ("threading.py", "concurrent/futures/thread.py", "<module>", "asyncio/")
+    return [
+        kv
+        for kv in sorted(inclusive.items(), key=lambda kv: -kv[1])
+        if not any(b in kv[0] for b in boring)
+    ]
+
+
 def summarize_profile(
     path: Path,
     n: int,
@@ -84,18 +112,7 @@ def summarize_profile(
     machine a thread that is runnable but waiting for a core, or blocked in a C call, is still
     sampled as busy.
     """
-    stacks: list[tuple[str, list[str], int]] = []
-    samples: dict[str, int] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        frames = stack.split(";")
-        if frames[-1].rpartition(" (")[0].strip() in IDLE_LEAVES:
-            continue
-        group = (frames[0].partition(": ")[2] or frames[0]).rstrip("0123456789_-")
-        stacks.append((group, frames, int(count_text)))
-        samples[group] = samples.get(group, 0) + int(count_text)
+    stacks, samples = _read_stacks(path)
     weight = _sample_weights(samples, thread_cpu_s, cpu_ms_per_image, n)
 
     buckets: dict[str, float] = {}
@@ -134,12 +151,7 @@ def summarize_profile(
     lines += ["  by thread:"] + [
         f"    {ms(v)}  {name}" for name, v in sorted(threads.items(), key=lambda kv: -kv[1])
     ]
-    boring = ("threading.py", "concurrent/futures/thread.py", "<module>", "asyncio/")
-    ranked = [
-        kv
-        for kv in sorted(inclusive.items(), key=lambda kv: -kv[1])
-        if not any(b in kv[0] for b in boring)
-    ]
+    ranked = _heaviest(inclusive)
     lines += ["  heaviest functions (inclusive):"] + [
         f"    {ms(v)}  {name}" for name, v in ranked[:top]
     ]

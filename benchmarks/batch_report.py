@@ -89,6 +89,13 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         figures["cpu_vs_raw_no_thumbnails"] = bare.cpu_s / raw.cpu_s if raw.cpu_s else math.nan
         # What the thumbnails cost: the same images in the same round, with and without them.
         figures["thumbnail_cpu_ms_per_image"] = 1000 * (flow.cpu_s - bare.cpu_s) / n
+    figures.update(_optional_figures(args, m, flow))
+    return figures, rows
+
+
+def _optional_figures(args: argparse.Namespace, m: Measurements, flow: Phase) -> dict[str, float]:
+    """The stand-in run's and the rate limit's figures, when they ran."""
+    figures: dict[str, float] = {}
     if m.standin is not None:
         stand = m.standin
         figures["standin_images_per_s"] = stand["n"] / stand["first_wall_s"]
@@ -99,7 +106,7 @@ def results(args: argparse.Namespace, m: Measurements) -> tuple[dict[str, float]
         figures["sustained_rate_pct"] = rate.get("sustained_pct", math.nan)
         figures["peak_60s_requests"] = rate["peak_60s"]
         figures["failed"] = flow.failed
-    return figures, rows
+    return figures
 
 
 def ideal_s(args: argparse.Namespace) -> float:
@@ -129,6 +136,26 @@ def print_report(
             f"{fmt(1000 * phase.cpu_s / phase.images, 1):>18}"
         )
     print()
+    _print_run_notes(args, m, figures, rows)
+    _print_cpu_notes(args, m, figures, rows)
+    if m.standin is not None:
+        _print_standin(args, m.standin)
+    if args.profile and m.main.get("profiled") and Path(args.profile).exists():
+        print()
+        summary = summarize_profile(
+            Path(args.profile),
+            n,
+            figures["cpu_ms_per_image"],
+            thread_cpu_s=main.get("thread_cpu_s"),
+        )
+        print("\n".join(summary))
+
+
+def _print_run_notes(
+    args: argparse.Namespace, m: Measurements, figures: dict[str, float], rows: list[Phase]
+) -> None:
+    """Order and warm-ups, the seed sample, the re-run's calls, counts, memory."""
+    n, main = args.n, m.main
     warm = ", ".join(f"{name} {sec:.1f} s" for name, sec in m.warmup_s.items())
     print(
         f"  order: {', '.join(m.order)} (then the stand-in run); each contender's 2-image "
@@ -156,6 +183,13 @@ def print_report(
         memory + f"; RSS {main['rss_before_kb'] / 1024:.0f} MB before the run, "
         f"{main['rss_after_first_kb'] / 1024:.0f} MB after"
     )
+
+
+def _print_cpu_notes(
+    args: argparse.Namespace, m: Measurements, figures: dict[str, float], rows: list[Phase]
+) -> None:
+    """Where the CPU went (threads, servers, other processes), rates, the flow's edges."""
+    n, main = args.n, m.main
     threads = sorted(main.get("thread_cpu_s", {}).items(), key=lambda kv: -kv[1])
     print(
         "  client CPU ms/img by thread: "
@@ -183,17 +217,6 @@ def print_report(
         f"flow start to first API request {fmt(m.edges_s[0])} s, last answer to flow end "
         f"{fmt(m.edges_s[1])} s (fixed costs the raw loop does not have)"
     )
-    if m.standin is not None:
-        _print_standin(args, m.standin)
-    if args.profile and m.main.get("profiled") and Path(args.profile).exists():
-        print()
-        summary = summarize_profile(
-            Path(args.profile),
-            n,
-            figures["cpu_ms_per_image"],
-            thread_cpu_s=main.get("thread_cpu_s"),
-        )
-        print("\n".join(summary))
 
 
 def _print_standin(args: argparse.Namespace, stand: dict[str, Any]) -> None:

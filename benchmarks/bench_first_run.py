@@ -46,6 +46,33 @@ def fresh_env(home: Path) -> dict[str, str]:
     return env
 
 
+def try_home(
+    home: Path, n: int, rows: dict[str, list[tuple[float, float]]], failures: dict[str, int]
+) -> None:
+    """Two demos and a cached run in one fresh HOME, then its Prefect server stopped."""
+    home.mkdir()
+    env = fresh_env(home)
+    try:
+        for name in ("first demo", "second demo"):
+            wall, cpu, code, tail = timed(["demo"], env, home)
+            if code != 0:
+                failures[name] += 1
+                print(f"home {n}: {name} exited {code}\n{tail}", file=sys.stderr)
+            rows[name].append((wall, cpu))
+        # One prompt, already stored by the demo: the steady-state cost of a command.
+        env["FIREWORKS_API_KEY"] = "unused-every-image-is-stored"
+        env["FIREWORKS_BASE_URL"] = "http://127.0.0.1:9/not-called"
+        prompt = "a ceramic coffee mug on a walnut desk, morning light, product photo"
+        run = ["run", "-p", prompt, "--to", "flux-flows-demo", "--seed", "2026"]
+        wall, cpu, code, tail = timed([*run, "--safety-check"], env, home)
+        if code != 0 or not re.search(r"API calls\s*\S\s*0\b", tail):
+            failures["cached run"] += 1
+            print(f"home {n}: the cached run made API calls\n{tail}", file=sys.stderr)
+        rows["cached run"].append((wall, cpu))
+    finally:
+        timed(["server", "stop"], env, home)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--homes", type=int, default=10, help="fresh homes to try")
@@ -65,28 +92,7 @@ def main() -> int:
         help_env = fresh_env(root)
         helps = [timed(["--help"], help_env, root)[:2] for _ in range(5)]
         for n in range(args.homes):
-            home = root / f"home-{n}"
-            home.mkdir()
-            env = fresh_env(home)
-            try:
-                for name in ("first demo", "second demo"):
-                    wall, cpu, code, tail = timed(["demo"], env, home)
-                    if code != 0:
-                        failures[name] += 1
-                        print(f"home {n}: {name} exited {code}\n{tail}", file=sys.stderr)
-                    rows[name].append((wall, cpu))
-                # One prompt, already stored by the demo: the steady-state cost of a command.
-                env["FIREWORKS_API_KEY"] = "unused-every-image-is-stored"
-                env["FIREWORKS_BASE_URL"] = "http://127.0.0.1:9/not-called"
-                prompt = "a ceramic coffee mug on a walnut desk, morning light, product photo"
-                run = ["run", "-p", prompt, "--to", "flux-flows-demo", "--seed", "2026"]
-                wall, cpu, code, tail = timed([*run, "--safety-check"], env, home)
-                if code != 0 or not re.search(r"API calls\s*\S\s*0\b", tail):
-                    failures["cached run"] += 1
-                    print(f"home {n}: the cached run made API calls\n{tail}", file=sys.stderr)
-                rows["cached run"].append((wall, cpu))
-            finally:
-                timed(["server", "stop"], env, home)
+            try_home(root / f"home-{n}", n, rows, failures)
             print(
                 f"home {n}: first demo {rows['first demo'][-1][0]:.1f} s, second "
                 f"{rows['second demo'][-1][0]:.1f} s, run {rows['cached run'][-1][0]:.1f} s",

@@ -112,6 +112,20 @@ def gcl_create(env: dict[str, str], name: str, limit: int, decay: float = 0.0) -
     return " ".join(command)
 
 
+def _wait_ready(
+    procs: Processes, name: str, key: str, children: list[tuple[subprocess.Popen[bytes], Path]]
+) -> None:
+    """Until every run of a row has done its warm-up and said so (a poll, in a benchmark)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for r, (proc, result) in enumerate(children):
+        while not Path(str(result) + ".ready").exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early:\n{procs.log_tail(f'{key}-{r}')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready")
+            time.sleep(0.05)
+
+
 def row(
     procs: Processes,
     svc: StandinServices,
@@ -135,14 +149,7 @@ def row(
         for option, value in limits.items():
             command += [f"--{option}", value]
         children.append((procs.spawn(f"{key}-{r}", command, svc.env), result))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    for r, (proc, result) in enumerate(children):
-        while not Path(str(result) + ".ready").exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited early:\n{procs.log_tail(f'{key}-{r}')}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready")
-            time.sleep(0.05)
+    _wait_ready(procs, name, key, children)
     settle(svc.server_pid)
     server0, requests0 = tree_cpu_s(svc.server_pid), standin_requests(svc.standin_url)
     go.write_text("go")

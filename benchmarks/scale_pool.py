@@ -37,6 +37,21 @@ def _pool_state(api_url: str) -> dict[str, Any]:
     }
 
 
+def _prefect_step(env: dict[str, str], *args: str) -> str | None:
+    """One `prefect ...` command from the project root; why it failed, or None."""
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=300,
+    )
+    if done.returncode == 0:
+        return None
+    return f"{' '.join(args[:3])} failed: {(done.stdout + done.stderr).strip()[-300:]}"
+
+
 @contextlib.contextmanager
 def work_pool_workers(
     svc: StandinServices, procs: Processes, workdir: Path
@@ -47,17 +62,7 @@ def work_pool_workers(
     prefect = [sys.executable, "-m", "prefect"]
 
     def step(*args: str) -> str | None:
-        done = subprocess.run(
-            [*prefect, *args],
-            env=svc.env,
-            capture_output=True,
-            text=True,
-            cwd=str(REPO),
-            timeout=300,
-        )
-        if done.returncode == 0:
-            return None
-        return f"{' '.join(args[:3])} failed: {(done.stdout + done.stderr).strip()[-300:]}"
+        return _prefect_step(svc.env, *args)
 
     why = step("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
     if why:
