@@ -24,6 +24,7 @@ from typing import Any
 
 from batch_contenders import BUCKET, s3_client
 from harness.cpu import max_rss_kb, rss_kb, thread_cpu_s, thread_groups
+from harness.procs import child_parser
 from harness.timing import timed
 from harness.workload import workload
 
@@ -63,13 +64,9 @@ def sampling_profiler(path: str | None) -> Iterator[int | None]:
 
 
 def _flow_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench_batch.py _flow")
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
+    parser = child_parser("bench_batch.py _flow")
     parser.add_argument("--rpm", type=float, default=None)
-    parser.add_argument("--dest", required=True)
     parser.add_argument("--rerun", action="store_true")
-    parser.add_argument("--result-file", required=True)
     parser.add_argument("--profile-out", default=None)
     parser.add_argument("--no-thumbnails", action="store_true")
     return parser.parse_args(argv)
@@ -151,11 +148,7 @@ def run_components_child(argv: Sequence[str]) -> None:
     Process CPU time is what one step costs this process, whatever else the machine is doing
     (wall times here are not comparable: they include the emulator's latency).
     """
-    parser = argparse.ArgumentParser(prog="bench_batch.py _components")
-    parser.add_argument("--calls", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--dest", required=True)
-    parser.add_argument("--result-file", required=True)
+    parser = child_parser("bench_batch.py _components", images="--calls")
     args = parser.parse_args(argv)
 
     from flux_flows.models import ImageRequest

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cpu import settle, tree_cpu_s
-from harness.procs import Processes, run_script
+from harness.procs import Processes, child_parser, run_script
 from harness.report import git_state, uptime_text
 from harness.servers import standin_requests
 from harness.services import StandinServices, standin_services
@@ -58,15 +58,11 @@ READY_TIMEOUT_S = 600.0
 
 
 def run_child(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="bench_shared_limit.py _run")
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--dest", required=True)
+    parser = child_parser("bench_shared_limit.py _run")
     parser.add_argument("--tag", default="")
     parser.add_argument("--concurrency-limit", default=None)
     parser.add_argument("--rate-limit", default=None)
     parser.add_argument("--go-file", required=True)
-    parser.add_argument("--result-file", required=True)
     args = parser.parse_args(argv)
 
     from flux_flows.flows import generate_images

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cpu import machine_busy_s, max_rss_kb, settle, tree_cpu_s
+from harness.procs import child_parser
 from harness.servers import standin_requests
 from harness.timing import timed
 from harness.workload import prompts_for
@@ -81,13 +82,9 @@ def dask_runner(mode: str) -> Iterator[Any]:
 
 
 def _contender_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench_scale.py _contender")
+    parser = child_parser("bench_scale.py _contender")
     parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--dest", required=True)
     parser.add_argument("--rerun", action="store_true")
-    parser.add_argument("--result-file", required=True)
     parser.add_argument("--server-pid", type=int, required=True)
     parser.add_argument("--standin-pid", type=int, required=True)
     parser.add_argument("--standin-url", required=True)

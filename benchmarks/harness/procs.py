@@ -6,6 +6,7 @@ Ctrl-C or SIGTERM, and a child that fails must say why (the tail of its log).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -225,3 +226,14 @@ def run_script(
     except KeyboardInterrupt:
         print("interrupted: every server and child started here was stopped", file=sys.stderr)
         return 130
+
+
+def child_parser(prog: str, *, images: str = "--n") -> argparse.ArgumentParser:
+    """A measuring child's options: how many (`--n`, or `--calls`), how many in flight, where
+    to, and the file its figures go to (what the orchestrator then reads with `finish`)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument(images, type=int, required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--dest", required=True)
+    parser.add_argument("--result-file", required=True)
+    return parser
