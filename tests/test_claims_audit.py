@@ -223,19 +223,27 @@ def test_the_readme_map_names_every_module_and_package() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_exit_6_when_the_claims_folder_cannot_be_written(
-    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+@pytest.mark.parametrize("case", ["claims folder is a file", "bucket missing"])
+def test_exit_6_when_the_destination_or_its_claims_folder_cannot_be_written(
+    case: str, tmp_path: Path, s3_server: str, cli_env: dict[str, str], flow_env: Any
 ) -> None:
     """README: '6 the destination or its `claims/` folder cannot be read or written' (the fleet
-    test of this case accepts any non-zero code)."""
+    test of the claims case accepts any non-zero code)."""
+    import os
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "claims").write_text("a file where the claims folder should be\n")
+    if case == "bucket missing":
+        destination = "s3://no-such-bucket-for-flux-flows/x/"
+    else:
+        out.mkdir()
+        (out / "claims").write_text("a file where the claims folder should be\n")
+        destination = str(out)
+    env = {**cli_env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
     done = subprocess.run(
-        [sys.executable, "-m", "flux_flows.cli", "run", "--to", str(out), "-p", "a crane"],
+        [sys.executable, "-m", "flux_flows.cli", "run", "--to", destination, "-p", "a crane"],
         capture_output=True,
         text=True,
-        env=cli_env,
+        env=env,
         stdin=subprocess.DEVNULL,
         timeout=300,
     )
