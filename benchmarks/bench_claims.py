@@ -17,30 +17,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
+import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from harness.procs import Processes
+from harness.report import stamp
+from harness.servers import base_env, start_moto
+from harness.timing import timed
 
 from flux_flows.models import ImageRequest
 from flux_flows.planning import claims
 from flux_flows.rendering.one_image import found_stored
-from flux_flows.storage import LocalStorage, S3Storage, Storage
-from flux_flows.storage.s3 import clear_s3_client_cache
+from flux_flows.storage import LocalStorage, S3Storage, Storage, clear_s3_client_cache
 
 
-def _timed(n: int, step: Callable[[int], None]) -> tuple[float, float]:
-    """(wall µs, CPU µs) per call of `step` over n calls."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for i in range(n):
-        step(i)
-    return (time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6
+def _timed(n: int, step: Callable[[int], None], exclude: list[int]) -> tuple[float, float]:
+    """(wall µs, client CPU µs) per call of `step` over n calls; moto (`exclude`) not billed."""
+    with timed(exclude=exclude) as t:
+        for i in range(n):
+            step(i)
+    return t.wall_s / n * 1e6, t.cpu_s / n * 1e6
 
 
-def measure(storage: Storage, n: int, body: bytes) -> dict[str, float]:
+def measure(
+    storage: Storage, n: int, body: bytes, exclude: list[int] | None = None
+) -> dict[str, float]:
     requests = [ImageRequest(prompt=f"a benchmarked heron {i}", seed=i + 1) for i in range(n)]
     keys = [r.cache_key for r in requests]
 
@@ -53,8 +56,8 @@ def measure(storage: Storage, n: int, body: bytes) -> dict[str, float]:
         assert found_stored(storage, requests[i], keys[i]) is None
         held.release()
 
-    store_wall, store_cpu = _timed(n, store)
-    lease_wall, lease_cpu = _timed(n, lease)
+    store_wall, store_cpu = _timed(n, store, exclude or [])
+    lease_wall, lease_cpu = _timed(n, lease, exclude or [])
     claims.close_heartbeat(storage, "bench-run")
     return {
         "store_wall_us": store_wall,
@@ -64,51 +67,25 @@ def measure(storage: Storage, n: int, body: bytes) -> dict[str, float]:
     }
 
 
-def _moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return server, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("moto server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--image-kb", type=int, default=300)
     args = parser.parse_args()
-    repo = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "flux_flows"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     print(
-        f"bench_claims: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; flux-flows "
-        f"{commit or '?'}{' + uncommitted changes in flux_flows/' if dirty else ''}; "
-        f"{os.cpu_count()} cores; load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        f"bench_claims: {stamp()}; {os.cpu_count()} cores; load average "
+        + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         flush=True,
     )
     body = os.urandom(args.image_kb * 1024)
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         rows["local"] = measure(LocalStorage(folder), args.n, body)
-    server, endpoint = _moto()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-claims-"))
+    procs = Processes(workdir)
     try:
+        moto = start_moto(procs, base_env())
+        endpoint = moto.ready()
         os.environ.update(
             AWS_ENDPOINT_URL=endpoint,
             AWS_ACCESS_KEY_ID="bench",
@@ -119,10 +96,11 @@ def main() -> None:
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="flux-bench-claims")
-        rows["s3"] = measure(S3Storage("flux-bench-claims"), max(1, args.n // 4), body)
+        s3 = S3Storage("flux-bench-claims")
+        rows["s3"] = measure(s3, max(1, args.n // 4), body, exclude=[moto.pid])
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"{'store':>6} {'row':>5} {'wall us':>9} {'cpu us':>8}")
     result = []
     for name, row in rows.items():

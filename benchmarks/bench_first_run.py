@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.report import stamp, uptime_text
+
 CLI = [sys.executable, "-m", "flux_flows.cli"]
 
 
@@ -44,41 +46,39 @@ def fresh_env(home: Path) -> dict[str, str]:
     return env
 
 
-def machine_line() -> str:
-    """Date, commit (and whether flux_flows/ has uncommitted changes) and load, for the raw file."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*argv: str) -> str:
-        try:
-            done = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
-        except OSError:
-            return "?"
-        return done.stdout.strip()
-
-    dirty = (
-        " + uncommitted changes in flux_flows/"
-        if git("status", "--porcelain", "flux_flows")
-        else ""
-    )
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return (
-        f"{when}; flux-flows {git('rev-parse', '--short', 'HEAD')}{dirty}; {os.cpu_count()} cores"
-    )
-
-
-def uptime() -> str:
+def try_home(
+    home: Path, n: int, rows: dict[str, list[tuple[float, float]]], failures: dict[str, int]
+) -> None:
+    """Two demos and a cached run in one fresh HOME, then its Prefect server stopped."""
+    home.mkdir()
+    env = fresh_env(home)
     try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        for name in ("first demo", "second demo"):
+            wall, cpu, code, tail = timed(["demo"], env, home)
+            if code != 0:
+                failures[name] += 1
+                print(f"home {n}: {name} exited {code}\n{tail}", file=sys.stderr)
+            rows[name].append((wall, cpu))
+        # One prompt, already stored by the demo: the steady-state cost of a command.
+        env["FIREWORKS_API_KEY"] = "unused-every-image-is-stored"
+        env["FIREWORKS_BASE_URL"] = "http://127.0.0.1:9/not-called"
+        prompt = "a ceramic coffee mug on a walnut desk, morning light, product photo"
+        run = ["run", "-p", prompt, "--to", "flux-flows-demo", "--seed", "2026"]
+        wall, cpu, code, tail = timed([*run, "--safety-check"], env, home)
+        if code != 0 or not re.search(r"API calls\s*\S\s*0\b", tail):
+            failures["cached run"] += 1
+            print(f"home {n}: the cached run made API calls\n{tail}", file=sys.stderr)
+        rows["cached run"].append((wall, cpu))
+    finally:
+        timed(["server", "stop"], env, home)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--homes", type=int, default=10, help="fresh homes to try")
     args = parser.parse_args()
-    print(f"bench_first_run: {machine_line()}")
-    print(f"load at start: {uptime()}", flush=True)
+    print(f"bench_first_run: {stamp()}; {os.cpu_count()} cores")
+    print(f"load at start: {uptime_text()}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="flux-first-run-"))
     rows: dict[str, list[tuple[float, float]]] = {
         "first demo": [],
@@ -92,28 +92,7 @@ def main() -> int:
         help_env = fresh_env(root)
         helps = [timed(["--help"], help_env, root)[:2] for _ in range(5)]
         for n in range(args.homes):
-            home = root / f"home-{n}"
-            home.mkdir()
-            env = fresh_env(home)
-            try:
-                for name in ("first demo", "second demo"):
-                    wall, cpu, code, tail = timed(["demo"], env, home)
-                    if code != 0:
-                        failures[name] += 1
-                        print(f"home {n}: {name} exited {code}\n{tail}", file=sys.stderr)
-                    rows[name].append((wall, cpu))
-                # One prompt, already stored by the demo: the steady-state cost of a command.
-                env["FIREWORKS_API_KEY"] = "unused-every-image-is-stored"
-                env["FIREWORKS_BASE_URL"] = "http://127.0.0.1:9/not-called"
-                prompt = "a ceramic coffee mug on a walnut desk, morning light, product photo"
-                run = ["run", "-p", prompt, "--to", "flux-flows-demo", "--seed", "2026"]
-                wall, cpu, code, tail = timed([*run, "--safety-check"], env, home)
-                if code != 0 or not re.search(r"API calls\s*\S\s*0\b", tail):
-                    failures["cached run"] += 1
-                    print(f"home {n}: the cached run made API calls\n{tail}", file=sys.stderr)
-                rows["cached run"].append((wall, cpu))
-            finally:
-                timed(["server", "stop"], env, home)
+            try_home(root / f"home-{n}", n, rows, failures)
             print(
                 f"home {n}: first demo {rows['first demo'][-1][0]:.1f} s, second "
                 f"{rows['second demo'][-1][0]:.1f} s, run {rows['cached run'][-1][0]:.1f} s",
@@ -130,7 +109,7 @@ def main() -> int:
             f"{name:<14} {statistics.median(walls):>10.2f} s {max(walls):>8.2f} s "
             f"{statistics.median(cpus):>9.2f} s"
         )
-    print(f"load at end: {uptime()}")
+    print(f"load at end: {uptime_text()}")
     ok = {name: len(rows[name]) - failed for name, failed in failures.items()}
     print(
         f"RESULT homes={args.homes} first_demo_ok={ok['first demo']}/{args.homes} "

@@ -1,7 +1,7 @@
 """Shared account limits (issue 27): what a Prefect concurrency or rate limit costs a batch.
 
 Side by side in one run, against the same stand-in API, `prefect server start` and local folders
-as `bench_scale.py` (whose helpers this imports), each row a fresh process per run of N images
+as `bench_scale.py` (both from `harness`), each row a fresh process per run of N images
 with `--concurrency` in flight:
 
 - (a) no shared limit;
@@ -15,7 +15,7 @@ with `--concurrency` in flight:
 Every limit is made with Prefect's own CLI, as the README says to: `prefect gcl create NAME
 --limit N [--slot-decay-per-second D]`. Each child does a 2-image warm-up run, reports ready, and
 starts its measured run when the orchestrator says go (all runs of a row together); client CPU
-is each child's own process CPU over its measured run, Prefect-server CPU is the server's
+(as `harness.cpu` defines it) is each child's over its measured run, Prefect-server CPU is the server's
 process tree from "go" until it is quiet again after the last run, over the row's images.
 
 Usage:
@@ -39,18 +39,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.cpu import settle, tree_cpu_s
+from harness.procs import Processes, child_parser, run_script
+from harness.report import git_state, uptime_text
+from harness.servers import standin_requests
+from harness.services import StandinServices, standin_services
+from harness.timing import timed
+from harness.workload import prompts_for
+
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parent))
-
-from bench_batch import Processes, _terminate_on_sigterm, git_state, uptime_text  # noqa: E402
-from bench_scale import (  # noqa: E402
-    _settle,
-    prompts_for,
-    services,
-    standin_requests,
-    tree_cpu_s,
-)
-
 CHILD_TIMEOUT_S = 1800.0
 READY_TIMEOUT_S = 600.0
 
@@ -61,15 +58,11 @@ READY_TIMEOUT_S = 600.0
 
 
 def run_child(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="bench_shared_limit.py _run")
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--dest", required=True)
+    parser = child_parser("bench_shared_limit.py _run")
     parser.add_argument("--tag", default="")
     parser.add_argument("--concurrency-limit", default=None)
     parser.add_argument("--rate-limit", default=None)
     parser.add_argument("--go-file", required=True)
-    parser.add_argument("--result-file", required=True)
     args = parser.parse_args(argv)
 
     from flux_flows.flows import generate_images
@@ -87,12 +80,12 @@ def run_child(argv: Sequence[str]) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("no go signal")
         time.sleep(0.01)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    report = generate_images(prompts, args.dest, max_concurrency=args.concurrency, **limits)
+    with timed() as t:
+        report = generate_images(prompts, args.dest, max_concurrency=args.concurrency, **limits)
     out = {
-        "wall_s": time.perf_counter() - wall0,
-        "cpu_s": time.process_time() - cpu0,
-        "started": wall0,
+        "wall_s": t.wall_s,
+        "cpu_s": t.cpu_s,
+        "started": t.started,
         "counts": {str(k): v for k, v in report.counts.items() if v},
         "api_calls": report.api_calls,
     }
@@ -115,9 +108,23 @@ def gcl_create(env: dict[str, str], name: str, limit: int, decay: float = 0.0) -
     return " ".join(command)
 
 
+def _wait_ready(
+    procs: Processes, name: str, key: str, children: list[tuple[subprocess.Popen[bytes], Path]]
+) -> None:
+    """Until every run of a row has done its warm-up and said so (a poll, in a benchmark)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for r, (proc, result) in enumerate(children):
+        while not Path(str(result) + ".ready").exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early:\n{procs.log_tail(f'{key}-{r}')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready")
+            time.sleep(0.05)
+
+
 def row(
     procs: Processes,
-    svc: Any,
+    svc: StandinServices,
     workdir: Path,
     name: str,
     *,
@@ -138,15 +145,8 @@ def row(
         for option, value in limits.items():
             command += [f"--{option}", value]
         children.append((procs.spawn(f"{key}-{r}", command, svc.env), result))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    for r, (proc, result) in enumerate(children):
-        while not Path(str(result) + ".ready").exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited early:\n{procs.log_tail(f'{key}-{r}')}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready")
-            time.sleep(0.05)
-    _settle(svc.server_pid)
+    _wait_ready(procs, name, key, children)
+    settle(svc.server_pid)
     server0, requests0 = tree_cpu_s(svc.server_pid), standin_requests(svc.standin_url)
     go.write_text("go")
     outs = []
@@ -155,7 +155,7 @@ def row(
         if code != 0 or not result.exists():
             raise RuntimeError(f"{name} failed (exit {code})")
         outs.append(json.loads(result.read_text()))
-    _settle(svc.server_pid)
+    settle(svc.server_pid)
     images = runs * n
     first = min(o["started"] for o in outs)
     wall = max(o["started"] + o["wall_s"] for o in outs) - first
@@ -180,6 +180,25 @@ def row(
     return stats
 
 
+def row_specs(args: argparse.Namespace) -> list[tuple[str, int, int, dict[str, str]]]:
+    """Rows (a)-(e): name, runs at once, images per run, the limits each run takes."""
+    n, c = args.n, args.concurrency
+    limit = {"concurrency-limit": "fireworks-api"}
+    rate_n = args.rate_n or max(50, round(args.rpm / 60 * 15))
+    return [
+        ("(a) no shared limit", 1, n, {}),
+        (f"(b) concurrency_limit ({c} slots)", 1, n, limit),
+        ("(c) two runs sharing it", 2, n, limit),
+        ("(d) rate_limit, not binding", 1, n, {"rate-limit": "fireworks-rpm-free"}),
+        (
+            f"(e) two runs sharing rate_limit {args.rpm:g}/min",
+            2,
+            rate_n,
+            {"rate-limit": "fireworks-rpm"},
+        ),
+    ]
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     print(f"bench_shared_limit: {started}; {git_state()}")
@@ -189,11 +208,11 @@ def orchestrate(args: argparse.Namespace) -> int:
         f"per run, rate row at {args.rpm:g}/min"
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench-shared-limit-"))
-    args.s3_n = 0
     procs = Processes(workdir)
     rows: list[dict[str, Any]] = []
+    c = args.concurrency
     try:
-        with services(args, workdir, procs) as svc:
+        with standin_services(procs, workdir, latency=args.latency, s3=False) as svc:
             conc = gcl_create(svc.env, "fireworks-api", args.concurrency)
             # (d): far above what one process reaches, so only the cost of taking shows.
             free_rate = gcl_create(svc.env, "fireworks-rpm-free", 1000, 2000.0)
@@ -205,71 +224,10 @@ def orchestrate(args: argparse.Namespace) -> int:
             header = f"  {'row':<52} {'images':>6} {'wall s':>7} {'img/s':>7}"
             print(f"{header} {'client ms':>9} {'server ms':>9} {'requests':>8} {'failed':>6}")
             print("  " + "-" * 104)
-            n, c = args.n, args.concurrency
-            rows.append(
-                row(
-                    procs,
-                    svc,
-                    workdir,
-                    "(a) no shared limit",
-                    runs=1,
-                    n=n,
-                    concurrency=c,
-                    limits={},
+            for name, runs, n, limits in row_specs(args):
+                rows.append(
+                    row(procs, svc, workdir, name, runs=runs, n=n, concurrency=c, limits=limits)
                 )
-            )
-            limit = {"concurrency-limit": "fireworks-api"}
-            rows.append(
-                row(
-                    procs,
-                    svc,
-                    workdir,
-                    f"(b) concurrency_limit ({c} slots)",
-                    runs=1,
-                    n=n,
-                    concurrency=c,
-                    limits=limit,
-                )
-            )
-            rows.append(
-                row(
-                    procs,
-                    svc,
-                    workdir,
-                    "(c) two runs sharing it",
-                    runs=2,
-                    n=n,
-                    concurrency=c,
-                    limits=limit,
-                )
-            )
-            free = {"rate-limit": "fireworks-rpm-free"}
-            rows.append(
-                row(
-                    procs,
-                    svc,
-                    workdir,
-                    "(d) rate_limit, not binding",
-                    runs=1,
-                    n=n,
-                    concurrency=c,
-                    limits=free,
-                )
-            )
-            bound = {"rate-limit": "fireworks-rpm"}
-            rate_n = args.rate_n or max(50, round(args.rpm / 60 * 15))
-            rows.append(
-                row(
-                    procs,
-                    svc,
-                    workdir,
-                    f"(e) two runs sharing rate_limit {args.rpm:g}/min",
-                    runs=2,
-                    n=rate_n,
-                    concurrency=c,
-                    limits=bound,
-                )
-            )
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -314,13 +272,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_run":
-        run_child(argv[1:])
-        return 0
-    _terminate_on_sigterm()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return orchestrate(parse_args(argv))
+    return run_script(argv, {"_run": run_child}, lambda args: orchestrate(parse_args(args)))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's flux_flows, not an installed one
 
 import pydantic  # noqa: E402
+from harness.report import stamp  # noqa: E402
+from harness.timing import timed  # noqa: E402
 
 from flux_flows.models import FinishReason, request_for  # noqa: E402
 from flux_flows.planning.plan import PlannedImage  # noqa: E402
@@ -98,19 +98,9 @@ class PydanticResult(pydantic.BaseModel):
 
 
 def header() -> str:
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True)
-        return done.stdout.strip()
-
-    dirty = (
-        " + uncommitted changes in flux_flows/"
-        if git("status", "--porcelain", "flux_flows")
-        else ""
-    )
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
-        f"bench_sizes: {when}; flux-flows {git('rev-parse', '--short', 'HEAD') or '?'}{dirty}; "
+        f"bench_sizes: {stamp()}; "
         f"python {sys.version.split()[0]}, pydantic {pydantic.VERSION}; load average {load}"
     )
 
@@ -141,10 +131,10 @@ def main() -> int:
         ),
     }
     planned = [PlannedImage.of(i, 0, requests[i]) for i in range(min(n, args.calls))]
-    cpu0 = time.process_time()
-    for i in range(args.calls):
-        planned[i % len(planned)].request  # noqa: B018 (the property is what is timed)
-    rebuild_us = (time.process_time() - cpu0) / args.calls * 1e6
+    with timed() as t:
+        for i in range(args.calls):
+            planned[i % len(planned)].request  # noqa: B018 (the property is what is timed)
+    rebuild_us = t.cpu_s / args.calls * 1e6
 
     print(f"{'kept per image, N=' + str(n):44} {'bytes':>8}")
     for name, size in sizes.items():

@@ -27,6 +27,7 @@ from flux_flows.planning import layout
 from flux_flows.planning.claims import close_heartbeat, remove_run_holders
 from flux_flows.planning.plan import BatchPlan, PlannedImage, plan_run
 from flux_flows.planning.sources import PromptRow, iter_prompts, normalize_prompts
+from flux_flows.planning.templates import table_spec
 from flux_flows.records.join import finished_records, iter_records
 from flux_flows.records.manifests import (
     ManifestSpool,
@@ -267,6 +268,9 @@ def generate_images(
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
+    prompt_template: str | None = D.prompt_template,
+    template_defaults: dict[str, str] | None = D.template_defaults,
+    keep_columns: list[str] | None = D.keep_columns,
     staged_prompts: str | None = None,
 ) -> BatchReport:
     """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
@@ -309,11 +313,12 @@ def generate_images(
         ```
     """
     options = BatchOptions.from_params(locals())
+    table = table_spec(prompt_template, template_defaults, keep_columns)
     if staged_prompts:  # a list too big for a flow-run parameter, written there by the caller
         get_run_logger().info("reading the prompt list staged at %s", staged_prompts)
-        rows = iter_prompts(staged_prompts, aws_credentials=aws_credentials)
+        rows = iter_prompts(staged_prompts, aws_credentials=aws_credentials, table=table)
     else:
-        rows = iter(normalize_prompts(prompts))  # let go of each row once it is planned
+        rows = iter(normalize_prompts(prompts, table))  # let go of each row once it is planned
     return run_batch(rows, options)  # type: ignore[return-value]
 
 
@@ -349,14 +354,20 @@ def generate_images_from_file(
     input_images: list[str] | str | None = D.input_images,
     safety_tolerance: int | None = D.safety_tolerance,
     prompt_upsampling: bool | None = D.prompt_upsampling,
+    prompt_template: str | None = D.prompt_template,
+    template_defaults: dict[str, str] | None = D.template_defaults,
+    keep_columns: list[str] | None = D.keep_columns,
 ) -> BatchReport:
     """The batch, reading prompts from a file: local path or `s3://bucket/key`.
 
     `.txt`: one prompt a line (blank lines and `#` comments skipped). `.csv`: a `prompt` column and
     optional per-row `model`, `aspect_ratio`, `seed`, `guidance_scale`, `num_inference_steps`,
     `safety_check`, `output_format`, `id` (and for Kontext `input_image`, `safety_tolerance`,
-    `prompt_upsampling`). `.jsonl`: one object a line with the same keys. `input_images` makes it
-    an edit batch, as in `generate_images`.
+    `prompt_upsampling`). `.jsonl`: one object a line with the same keys. `.parquet` (with
+    `pip install 'flux-flows[parquet]'`): the same columns. `input_images` makes it an edit batch,
+    as in `generate_images`. `prompt_template="studio photo of a {name} in {colour}"` makes each
+    row's prompt from its columns (`template_defaults={"colour": "white"}` fills gaps), and
+    `keep_columns=["sku"]` carries those columns into the manifest and the S3 metadata.
 
     Example:
         ```python
@@ -364,7 +375,8 @@ def generate_images_from_file(
         ```
     """
     options = BatchOptions.from_params(locals())
-    rows = iter_prompts(source, aws_credentials=aws_credentials)
+    table = table_spec(prompt_template, template_defaults, keep_columns)
+    rows = iter_prompts(source, aws_credentials=aws_credentials, table=table)
     return run_batch(rows, options)  # type: ignore[return-value]
 
 
@@ -384,7 +396,9 @@ def replay_rows(
             if record.item_id is not None:
                 fields["id"] = record.item_id
             where = f"{manifest_uri} line {number}"
-            rows.append(PromptRow(fields, where, index=record.index, variant=record.variant))
+            rows.append(
+                PromptRow(fields, where, record.index, record.variant, columns=record.columns)
+            )
     return rows
 
 
@@ -437,6 +451,13 @@ def replay_failed(
     # The rows carry every request field of the original records; the batch defaults do not apply.
     # The destination's manifest stays the whole of the replayed one, with the new outcomes in.
     options = BatchOptions.from_params(
-        {**locals(), "destination": target, "merge_into": manifest_uri}
+        {
+            **locals(),
+            "destination": target,
+            "merge_into": manifest_uri,
+            "prompt_template": next(
+                (r.prompt_template for r in records if r.prompt_template), None
+            ),
+        }
     )
     return run_batch(rows, options)  # type: ignore[return-value]

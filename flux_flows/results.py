@@ -88,6 +88,10 @@ class ImageRecord(BaseModel):
     cache_key: str
     finish_reason: FinishReason
     item_id: str | None = Field(default=None, description="the user's id for the prompt row")
+    # A prompt rendered from table columns: its template, and the columns asked to be kept
+    # (`keep_columns`), so downstream jobs can join the images back to their rows.
+    prompt_template: str | None = None
+    columns: dict[str, str] | None = None
     uri: str | None = Field(
         default=None, description="where the real image is; None unless SUCCESS"
     )

@@ -89,6 +89,11 @@ class BatchSettings(RequestDefaults):
     chunk_deployment: str | None = None
     # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
     input_images: list[str] | str | None = None
+    # Prompts from table columns (`prompt_templates`): "photo of a {name}" rendered per row, its
+    # fields' defaults, and the columns carried into the manifest and the S3 metadata.
+    prompt_template: str | None = None
+    template_defaults: dict[str, str] | None = None
+    keep_columns: list[str] | None = None
 
     @field_validator(*_LOWER_BOUNDS, mode="before")
     @classmethod

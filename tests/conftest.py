@@ -36,6 +36,36 @@ REQUIRED_FAMILIES = ("test_browser.py", "test_dask.py", "test_deployment.py", "d
 _required_skips: list[str] = []
 
 
+# The slow lane: end-to-end files (subprocess CLIs and workers, a real browser, Dask clusters,
+# deployments, benchmark scripts, the fault matrix), named once here, and any test anywhere that
+# runs flows against the session's Prefect API (it uses the `prefect_api` fixture, directly or
+# through `flow_env`/`cli_env`). Everything else is the fast lane: `pytest -m "not slow"`.
+SLOW_FILES = (
+    "faults/",
+    "test_bench_scale_smoke.py",
+    "test_benchmark_smoke.py",
+    "test_browser.py",
+    "test_cli.py",
+    "test_cli_outcomes.py",
+    "test_dask.py",
+    "test_deployment.py",
+    "test_first_run.py",
+    "test_fleet.py",
+    "test_fleet_workers.py",
+    "test_local_server.py",
+    "test_shared_limit.py",
+)
+SLOW_FIXTURES = {"prefect_api"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        where = item.path.relative_to(tests).as_posix()
+        if where.startswith(SLOW_FILES) or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 def _note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
     if report.skipped and any(family in report.nodeid for family in REQUIRED_FAMILIES):
         _required_skips.append(report.nodeid)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,3 +256,42 @@ def test_a_ctrl_c_during_a_retry_pass_ends_the_wait(tmp_path: Path) -> None:
     assert passes == [[free.cache_key]]
     assert {r.error for r in done.values()} == {INTERRUPTED} and len(done) == 2
     claims.close_heartbeat(store, "my-run")
+
+
+def test_images_take_and_give_back_leases_while_the_holder_file_is_rewritten(
+    tmp_path: Path,
+) -> None:
+    """The heartbeat rewrites its holder file outside its lock: while a rewrite hangs on a slow
+    store, images still take and give back leases. Closing then waits for the rewrite and
+    deletes the file, so no holder file outlives its heartbeat."""
+    rewriting, finish = threading.Event(), threading.Event()
+
+    class SlowRewrites(LocalStorage):
+        def put(self, key: str, data: bytes, *, content_type: str, metadata: Any = None) -> str:
+            if threading.current_thread().name == "flux-claims":  # the renewal thread
+                rewriting.set()
+                finish.wait(30)
+            return super().put(key, data, content_type=content_type, metadata=metadata)
+
+    store = SlowRewrites(tmp_path / "dest")
+    beat = claims.Heartbeat(store, "run-1", lease=0.04)  # a rewrite every 10 ms
+    beat.acquire()  # writes the holder file and starts renewing it
+    took = threading.Event()
+
+    def image() -> None:
+        beat.acquire()
+        beat.release()
+        took.set()
+
+    try:
+        assert rewriting.wait(10)
+        threading.Thread(target=image, daemon=True).start()
+        assert took.wait(10), "an image waited for the holder file's rewrite"
+        beat.release()
+        closing = threading.Thread(target=beat.close)
+        closing.start()
+    finally:
+        finish.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert not store.exists(claims.holder_key(beat.holder.token))

@@ -338,9 +338,9 @@ def test_s3_unknown_extension_is_refused_before_any_request(s3_server: str) -> N
     # Any real call would fail: the stub has no responses queued.
     with (
         Stubber(get_s3_client()),
-        pytest.raises(PromptSourceError, match=r"unsupported prompt file type '\.parquet'"),
+        pytest.raises(PromptSourceError, match=r"unsupported prompt file type '\.xlsx'"),
     ):
-        read_prompts("s3://b/prompts.parquet")
+        read_prompts("s3://b/prompts.xlsx")
 
 
 def test_s3_source_with_credentials_block(s3_bucket: str, s3_server: str) -> None:

@@ -42,6 +42,13 @@ from flux_flows.cli._common import (
     out,
 )
 from flux_flows.cli._session import print_ui_page, run_flow
+from flux_flows.cli._tables import (
+    KeepColumnsOpt,
+    TemplateDefaultOpt,
+    TemplateOpt,
+    checked_table,
+    table_options,
+)
 from flux_flows.errors import AuthenticationError, FluxError, PromptSourceError
 from flux_flows.results import BatchReport
 from flux_flows.settings import BATCH_DEFAULTS as D
@@ -50,6 +57,7 @@ from flux_flows.settings import DEFAULT_DESTINATION, BatchSettings
 if TYPE_CHECKING:
     from flux_flows.planning.plan import PlanSummary
     from flux_flows.planning.sources import PromptRow
+    from flux_flows.planning.templates import TableSpec
 
 # On a terminal, `run` shows the plan and asks before a batch this big or this dear; batches of
 # up to PLAN_FIRST_ABOVE images (at most $4 at list prices) start without even planning twice.
@@ -171,10 +179,16 @@ def print_plan(title: str, the_plan: PlanSummary) -> None:
     out.print(table)
 
 
-def _read_rows(prompts: str | None, prompt: list[str] | None) -> list[PromptRow]:
+def _read_rows(
+    prompts: str | None, prompt: list[str] | None, table: TableSpec | None = None
+) -> list[PromptRow]:
     from flux_flows.planning.sources import normalize_prompts, read_prompts
 
-    return normalize_prompts(list(prompt)) if prompt else read_prompts(str(prompts))
+    return (
+        normalize_prompts(list(prompt), table)
+        if prompt
+        else read_prompts(str(prompts), table=table)
+    )
 
 
 def confirm_large_batch(
@@ -190,7 +204,10 @@ def confirm_large_batch(
     from flux_flows.storage import open_storage
 
     try:
-        rows = _read_rows(prompts, prompt)
+        table = checked_table(
+            settings.prompt_template, settings.template_defaults, settings.keep_columns
+        )
+        rows = _read_rows(prompts, prompt, table)
         if settings.input_images is None and len(rows) * settings.variants <= PLAN_FIRST_ABOVE:
             return
         storage = open_storage(to)
@@ -246,6 +263,9 @@ def run(
     safety_check: SafetyOpt = D.safety_check,
     safety_tolerance: SafetyToleranceOpt = D.safety_tolerance,
     prompt_upsampling: UpsamplingOpt = False,
+    prompt_template: TemplateOpt = None,
+    template_defaults: TemplateDefaultOpt = None,
+    keep_columns: KeepColumnsOpt = None,
     concurrency: ConcurrencyOpt = D.max_concurrency,
     rpm: RpmOpt = D.requests_per_minute,
     rate_limit: RateLimitOpt = D.rate_limit,
@@ -262,7 +282,9 @@ def run(
     """
     check_prompt_source(prompts, prompt, edit, model)
     check_destination(to)
-    batch = _settings(locals(), drop=("prompts", "to", "prompt", "base_url", "verbose", "yes"))
+    batch = _settings(
+        table_options(locals()), drop=("prompts", "to", "prompt", "base_url", "verbose", "yes")
+    )
     use_base_url(base_url)
     if not yes and sys.stdin.isatty():
         confirm_large_batch(prompts, prompt, batch, to)
@@ -297,6 +319,9 @@ def plan(
     safety_check: SafetyOpt = D.safety_check,
     safety_tolerance: SafetyToleranceOpt = D.safety_tolerance,
     prompt_upsampling: UpsamplingOpt = False,
+    prompt_template: TemplateOpt = None,
+    template_defaults: TemplateDefaultOpt = None,
+    keep_columns: KeepColumnsOpt = None,
     budget: BudgetOpt = D.budget_usd,
 ) -> None:
     """Say what `run` would do and cost, without generating anything (no API key needed)."""
@@ -305,12 +330,19 @@ def plan(
 
     check_prompt_source(prompts, prompt, edit, model)
     check_destination(to)
-    settings = _settings(locals(), drop=("prompts", "to", "prompt"))
+    settings = _settings(table_options(locals()), drop=("prompts", "to", "prompt"))
+    table = checked_table(
+        settings.prompt_template, settings.template_defaults, settings.keep_columns
+    )
     from flux_flows.planning.sources import iter_prompts, normalize_prompts
 
     try:
         # A file is read as a stream: planning a million rows holds their keys, not the rows.
-        rows = normalize_prompts(list(prompt)) if prompt else iter_prompts(str(prompts))
+        rows = (
+            normalize_prompts(list(prompt), table)
+            if prompt
+            else iter_prompts(str(prompts), table=table)
+        )
         storage = open_storage(to)
         the_plan = summarize_plan(rows, settings, storage)
     except (ValidationError, FluxError, PromptSourceError, ValueError) as exc:

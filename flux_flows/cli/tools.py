@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -26,6 +26,9 @@ from flux_flows.cli._common import (
 )
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import MODELS, FinishReason, ImageRequest
+
+if TYPE_CHECKING:
+    from flux_flows.results import GeneratedImage
 
 
 def generate(
@@ -58,40 +61,59 @@ def generate(
     fields = as_fields(locals(), drop=("output", "base_url", "keep_filtered"))
     from flux_flows.client import FluxClient
 
-    suffix = output.suffix.lower()
-    formats = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
-    if suffix not in formats:
-        fail(f"--output must end in .jpg, .jpeg or .png, got {output.name!r}", ExitCode.BAD_INPUT)
-    if not output.parent.exists():
-        fail(f"the folder {str(output.parent)!r} does not exist", ExitCode.BAD_INPUT)
+    output_format = _output_format(output)
     try:
-        request = ImageRequest.model_validate({**fields, "output_format": formats[suffix]})
-        if request.needs_input_hash and request.input_image is not None:
-            from flux_flows.inputs.images import hash_input_images
-
-            digest = hash_input_images([request.input_image])[request.input_image]
-            request = request.model_copy(update={"input_image_sha256": digest})
+        request = _request_of({**fields, "output_format": output_format})
         with FluxClient(base_url=base_url) as client:
             image = client.generate(request)
     except (ValidationError, FluxError, ValueError) as exc:
         fail_with(exc)
-    if image.finish_reason is FinishReason.CONTENT_FILTERED and not image.data:
-        fail(
-            f"the Kontext task was moderated (seed {image.seed}); there is no image to write.",
-            ExitCode.FILTERED,
-        )
-    if image.finish_reason is FinishReason.CONTENT_FILTERED and not keep_filtered:
-        fail(
-            f"the image was content-filtered (seed {image.seed}); nothing written. "
-            "Use --keep-filtered to write it anyway.",
-            ExitCode.FILTERED,
-        )
+    if image.finish_reason is FinishReason.CONTENT_FILTERED:
+        _check_filtered(image, keep_filtered)
     output.write_bytes(image.data)
     out.print(
         f"{output} {image.width}x{image.height} seed={image.seed} "
         f"finish={image.finish_reason} {image.latency_s:.2f}s",
         highlight=False,
     )
+
+
+def _output_format(output: Path) -> str:
+    """The API's output format for the file's extension; the CLI exits if it cannot write there."""
+    formats = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
+    suffix = output.suffix.lower()
+    if suffix not in formats:
+        fail(f"--output must end in .jpg, .jpeg or .png, got {output.name!r}", ExitCode.BAD_INPUT)
+    if not output.parent.exists():
+        fail(f"the folder {str(output.parent)!r} does not exist", ExitCode.BAD_INPUT)
+    return formats[suffix]
+
+
+def _request_of(fields: dict[str, object]) -> ImageRequest:
+    """The request, with the hash of an S3 or URL input image filled in (its cache key is
+    content-based, so it is unknown until the image is read)."""
+    request = ImageRequest.model_validate(fields)
+    if request.needs_input_hash and request.input_image is not None:
+        from flux_flows.inputs.images import hash_input_images
+
+        digest = hash_input_images([request.input_image])[request.input_image]
+        request = request.model_copy(update={"input_image_sha256": digest})
+    return request
+
+
+def _check_filtered(image: GeneratedImage, keep_filtered: bool) -> None:
+    """A filtered image is written only on request, and a moderated Kontext task has none."""
+    if not image.data:
+        fail(
+            f"the Kontext task was moderated (seed {image.seed}); there is no image to write.",
+            ExitCode.FILTERED,
+        )
+    if not keep_filtered:
+        fail(
+            f"the image was content-filtered (seed {image.seed}); nothing written. "
+            "Use --keep-filtered to write it anyway.",
+            ExitCode.FILTERED,
+        )
 
 
 def emulator(

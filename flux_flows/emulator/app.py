@@ -285,7 +285,7 @@ async def _kontext_submit(request: Request, state: _EmulatorState, request_id: s
     return JSONResponse({"request_id": task.id}, headers=headers)
 
 
-async def _kontext_poll(request: Request, state: _EmulatorState) -> Response:
+async def _kontext_poll(request: Request, state: _EmulatorState, _request_id: str) -> Response:
     model = _check_kontext_model(request, state.config)
     body = _json_object(await request.body())
     task_id = body.get("id")
@@ -294,7 +294,7 @@ async def _kontext_poll(request: Request, state: _EmulatorState) -> Response:
     return JSONResponse(state.poll(model, task_id))
 
 
-async def _kontext_result(request: Request, state: _EmulatorState) -> Response:
+async def _kontext_result(request: Request, state: _EmulatorState, _request_id: str) -> Response:
     """A result download: no key needed (a signed URL in real life); who sent one is counted."""
     task = state.ready_task(request.path_params["name"])
     if task is None:
@@ -318,52 +318,38 @@ def _config_changes(raw: bytes) -> dict[str, Any]:
     return changes
 
 
-def create_app(
-    config: EmulatorConfig, stats: EmulatorStats, *, control_token: str | None = None
-) -> Starlette:
-    """The ASGI app alone, for embedding in another server or an in-process ASGI transport.
+ApiHandler = Callable[[Request, _EmulatorState, str], Awaitable[Response]]
 
-    `control_token` is what changes through `/_emulator/config` and `/_emulator/reset` must
-    carry (see `control`); without one a random token is made. It is `app.state.control_token`.
-    """
-    state = _EmulatorState(config, stats)
-    token = control_token if control_token else new_control_token()
 
-    def guarded(handler: Endpoint, *, change: bool) -> Endpoint:
-        async def endpoint(request: Request) -> Response:
-            try:
-                check_control_request(request, token, change=change)
-            except _ApiError as error:
-                return _error_response(error, _new_request_id())
-            return await handler(request)
+def _api(handler: ApiHandler, state: _EmulatorState) -> Endpoint:
+    """An API route: an `_ApiError` becomes the real API's error body, under the request's id."""
 
-        return endpoint
-
-    async def generation(request: Request) -> Response:
+    async def endpoint(request: Request) -> Response:
         request_id = _new_request_id()
         try:
-            return await _generate(request, state, request_id)
+            return await handler(request, state, request_id)
         except _ApiError as error:
             return _error_response(error, request_id)
 
-    async def kontext_submit(request: Request) -> Response:
-        request_id = _new_request_id()
-        try:
-            return await _kontext_submit(request, state, request_id)
-        except _ApiError as error:
-            return _error_response(error, request_id)
+    return endpoint
 
-    async def kontext_poll(request: Request) -> Response:
+
+def _guarded(handler: Endpoint, token: str, *, change: bool) -> Endpoint:
+    """A control route, answered only to a request that passes `control` (with `token`)."""
+
+    async def endpoint(request: Request) -> Response:
         try:
-            return await _kontext_poll(request, state)
+            check_control_request(request, token, change=change)
         except _ApiError as error:
             return _error_response(error, _new_request_id())
+        return await handler(request)
 
-    async def kontext_result(request: Request) -> Response:
-        try:
-            return await _kontext_result(request, state)
-        except _ApiError as error:
-            return _error_response(error, _new_request_id())
+    return endpoint
+
+
+def _control_routes(state: _EmulatorState, token: str) -> list[Route]:
+    """`/_emulator/*`: the stats and config read by tests and benchmarks, and the changes."""
+    config, stats = state.config, state.stats
 
     async def read_stats(request: Request) -> Response:
         return JSONResponse(stats.as_dict())
@@ -384,30 +370,47 @@ def create_app(
         state.reset()
         return JSONResponse(stats.as_dict())
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = (
-            f"No route for {request.method} {request.url.path}"
-            if exc.status_code == 404
-            else f"Method {request.method} is not allowed on {request.url.path}"
-        )
-        error = _ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
-        return _error_response(error, _new_request_id())
+    return [
+        Route("/_emulator/stats", _guarded(read_stats, token, change=False), methods=["GET"]),
+        Route("/_emulator/config", _guarded(read_config, token, change=False), methods=["GET"]),
+        Route("/_emulator/config", _guarded(change_config, token, change=True), methods=["POST"]),
+        Route("/_emulator/reset", _guarded(reset, token, change=True), methods=["POST"]),
+    ]
 
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """No route, or a method not allowed: answered in the API's error shape, as the real one."""
+    assert isinstance(exc, HTTPException)
+    message = (
+        f"No route for {request.method} {request.url.path}"
+        if exc.status_code == 404
+        else f"Method {request.method} is not allowed on {request.url.path}"
+    )
+    error = _ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
+    return _error_response(error, _new_request_id())
+
+
+def create_app(
+    config: EmulatorConfig, stats: EmulatorStats, *, control_token: str | None = None
+) -> Starlette:
+    """The ASGI app alone, for embedding in another server or an in-process ASGI transport.
+
+    `control_token` is what changes through `/_emulator/config` and `/_emulator/reset` must
+    carry (see `control`); without one a random token is made. It is `app.state.control_token`.
+    """
+    state = _EmulatorState(config, stats)
+    token = control_token if control_token else new_control_token()
     app = Starlette(
         routes=[
-            Route(GENERATION_PATH, generation, methods=["POST"]),
-            Route(KONTEXT_SUBMIT_PATH, kontext_submit, methods=["POST"]),
-            Route(KONTEXT_RESULT_PATH, kontext_poll, methods=["POST"]),
-            Route(RESULTS_PATH, kontext_result, methods=["GET"]),
-            Route("/_emulator/stats", guarded(read_stats, change=False), methods=["GET"]),
-            Route("/_emulator/config", guarded(read_config, change=False), methods=["GET"]),
-            Route("/_emulator/config", guarded(change_config, change=True), methods=["POST"]),
-            Route("/_emulator/reset", guarded(reset, change=True), methods=["POST"]),
+            Route(GENERATION_PATH, _api(_generate, state), methods=["POST"]),
+            Route(KONTEXT_SUBMIT_PATH, _api(_kontext_submit, state), methods=["POST"]),
+            Route(KONTEXT_RESULT_PATH, _api(_kontext_poll, state), methods=["POST"]),
+            Route(RESULTS_PATH, _api(_kontext_result, state), methods=["GET"]),
+            *_control_routes(state, token),
         ],
         # The meter outside, so a refused body is counted like any other answer.
         middleware=[Middleware(_Meter, stats=stats), Middleware(BodyLimit)],
-        exception_handlers={404: http_error, 405: http_error},
+        exception_handlers={404: _http_error, 405: _http_error},
     )
     app.router.redirect_slashes = False  # the real API answers 404, not a redirect
     app.state.emulator = state

@@ -196,6 +196,10 @@ class Heartbeat:
         self.holder = Holder.of_this_process(run_id)
         self.lease_s = lease
         self._lock = threading.Lock()
+        # The renewal thread writes and deletes outside the lock, so images taking and giving
+        # back leases never wait on the store; whoever writes or deletes next waits for it.
+        self._renewed = threading.Condition(self._lock)
+        self._renewing = False
         self._held = 0
         self._running = False
         self._stop = threading.Event()
@@ -212,6 +216,7 @@ class Heartbeat:
         """Count one more lease; the holder file exists when this returns."""
         with self._lock:
             if not self._running:
+                self._renewed.wait_for(lambda: not self._renewing)  # a last delete lands first
                 self._write()
                 self._running = True
                 self._stop.clear()
@@ -228,16 +233,25 @@ class Heartbeat:
         idle_ticks = 0
         while not self._stop.wait(self.lease_s / 4):
             with self._lock:
-                if self._held:
-                    idle_ticks = 0
+                idle_ticks = 0 if self._held else idle_ticks + 1
+                if 0 < idle_ticks < 2:
+                    continue
+                last = idle_ticks >= 2
+                if last:
+                    self._running = False
+                self._renewing = True
+            try:
+                if last:
+                    self._delete()
+                else:
                     with contextlib.suppress(StorageError):
                         self._write()
-                    continue
-                idle_ticks += 1
-                if idle_ticks >= 2:
-                    self._running = False
-                    self._delete()
-                    return
+            finally:
+                with self._lock:
+                    self._renewing = False
+                    self._renewed.notify_all()
+            if last:
+                return
 
     def _delete(self) -> None:
         with contextlib.suppress(StorageError, OSError):
@@ -247,6 +261,7 @@ class Heartbeat:
         """Stop renewing and delete the holder file (its leases must be released first)."""
         with self._lock:
             self._stop.set()
+            self._renewed.wait_for(lambda: not self._renewing)  # no rewrite after the delete
             if self._running:
                 self._running = False
                 self._delete()

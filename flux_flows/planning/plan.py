@@ -56,10 +56,17 @@ class PlannedImage:
     item_id: str | None
     values: tuple[Any, ...] = field(repr=False)
     fields_set: frozenset[str] = field(repr=False)
+    # The row's kept columns (`prompt_templates`), one dict shared by its variants.
+    columns: dict[str, str] | None = field(default=None, compare=False)
 
     @classmethod
     def of(
-        cls, index: int, variant: int, request: ImageRequest, item_id: str | None = None
+        cls,
+        index: int,
+        variant: int,
+        request: ImageRequest,
+        item_id: str | None = None,
+        columns: dict[str, str] | None = None,
     ) -> PlannedImage:
         given = frozenset(request.model_fields_set)
         return cls(
@@ -69,6 +76,7 @@ class PlannedImage:
             item_id,
             tuple(getattr(request, name) for name in _REQUEST_FIELDS),
             _FIELDS_SETS.setdefault(given, given),
+            columns,
         )
 
     @property
@@ -93,6 +101,7 @@ class BatchPlan:
     to_generate: list[str]
     skipped_for_budget: list[str] = field(default_factory=list)
     cost_by_key: dict[str, float] = field(default_factory=dict)
+    prompt_template: str | None = None  # recorded beside each rendered prompt
 
     @property
     def estimated_cost_usd(self) -> float:
@@ -106,29 +115,33 @@ class BatchPlan:
         )
 
 
-def _edit_pairs(
-    rows: Iterable[PromptRow], input_images: Sequence[str] | None
-) -> list[tuple[int, int, str, dict[str, Any]]]:
-    """(prompt index, first variant, where, fields): one per prompt, or one per (prompt, image)
-    in an edit batch. A replayed record keeps its index and variant (its seed is explicit).
+_Pair = tuple[int, int, str, dict[str, str] | None, dict[str, Any]]
+
+
+def _edit_pairs(rows: Iterable[PromptRow], input_images: Sequence[str] | None) -> list[_Pair]:
+    """(prompt index, first variant, where, kept columns, fields): one per prompt, or one per
+    (prompt, image) in an edit batch. A replayed record keeps its index and variant (its seed is
+    explicit).
 
     A row that names its own `input_image` keeps it and is not crossed with the batch's images.
     """
-    pairs: list[tuple[int, int, str, dict[str, Any]]] = []
+    pairs: list[_Pair] = []
     for position, row in enumerate(rows):
         index = position if row.index is None else row.index
         variant = row.variant or 0
         if input_images and row.fields.get("input_image") is None:
             for ref in input_images:
                 where = f"{row.where} with input image {describe_reference(ref)}"
-                pairs.append((index, variant, where, {**row.fields, "input_image": ref}))
+                pairs.append(
+                    (index, variant, where, row.columns, {**row.fields, "input_image": ref})
+                )
         else:
-            pairs.append((index, variant, row.where, dict(row.fields)))
+            pairs.append((index, variant, row.where, row.columns, dict(row.fields)))
     return pairs
 
 
 def _fill_input_hashes(
-    pairs: list[tuple[int, int, str, dict[str, Any]]],
+    pairs: list[_Pair],
     defaults: Mapping[str, Any],
     aws_credentials: Any,
 ) -> None:
@@ -179,7 +192,7 @@ def expand(
     _fill_input_hashes(pairs, defaults, aws_credentials)
     images: list[PlannedImage] = []
     problems: list[str] = []
-    for index, first_variant, where, fields in pairs:
+    for index, first_variant, where, columns, fields in pairs:
         item_id = fields.get("id")
         for variant in range(variants):
             try:
@@ -190,9 +203,8 @@ def expand(
                 problems.append(f"{where}: {describe_validation_error(exc)}")
                 break
             label = variant + first_variant
-            images.append(
-                PlannedImage.of(index, label, request, None if item_id is None else str(item_id))
-            )
+            item = None if item_id is None else str(item_id)
+            images.append(PlannedImage.of(index, label, request, item, columns))
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
         more = len(problems) - len(shown)
@@ -301,12 +313,14 @@ def plan_run(
     images = plan_images(rows, settings, aws_credentials)
     if preflight is not None:
         preflight()
-    return plan_batch(
+    plan = plan_batch(
         images,
         find_stored(storage),
         prices=price_table(settings.prices),
         budget_usd=settings.budget_usd,
     )
+    plan.prompt_template = settings.prompt_template
+    return plan
 
 
 @dataclass

@@ -31,6 +31,8 @@ from flux_flows.storage import (
 if TYPE_CHECKING:
     from prefect_aws import AwsCredentials
 
+    from flux_flows.planning.templates import TableSpec
+
 __all__ = [
     "ALLOWED_FIELDS",
     "OVERRIDE_FIELDS",
@@ -47,7 +49,7 @@ OVERRIDE_FIELDS: tuple[str, ...] = tuple(
     name for name in ImageRequest.model_fields if name != "prompt"
 )
 ALLOWED_FIELDS: tuple[str, ...] = ("prompt", "id", *OVERRIDE_FIELDS)
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".jsonl", ".ndjson")
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
 
 
 class PromptRow(NamedTuple):
@@ -61,6 +63,7 @@ class PromptRow(NamedTuple):
     where: str
     index: int | None = None  # type: ignore[assignment]  # typeshed's tuple.index; the field wins at runtime
     variant: int | None = None
+    columns: dict[str, str] | None = None  # kept columns (`prompt_templates`), for the manifest
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,14 +104,19 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-def _parse_txt(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
+def _parse_txt(lines: Iterable[str], name: str, table: TableSpec | None) -> Iterator[PromptRow]:
     for number, line in enumerate(lines, start=1):
         prompt = line.strip()
         if prompt and not prompt.startswith("#"):
-            yield PromptRow({"prompt": prompt}, f"{name} line {number}")
+            where = f"{name} line {number}"
+            yield (
+                table.shape({"prompt": prompt}, where)
+                if table
+                else PromptRow({"prompt": prompt}, where)
+            )
 
 
-def _parse_jsonl(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
+def _parse_jsonl(lines: Iterable[str], name: str, table: TableSpec | None) -> Iterator[PromptRow]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -124,7 +132,10 @@ def _parse_jsonl(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
                 f'{where}: expected a JSON object such as {{"prompt": "..."}}, got '
                 f"{_json_kind(value)}"
             )
-        yield PromptRow(_check_fields(value, where, PromptSourceError), where)
+        if table is not None:
+            yield table.shape(value, where)
+        else:
+            yield PromptRow(_check_fields(value, where, PromptSourceError), where)
 
 
 def _json_kind(value: object) -> str:
@@ -159,7 +170,24 @@ def _csv_header(header: list[str], name: str) -> list[str]:
     return columns
 
 
-def _csv_row(columns: list[str], cells: list[str], where: str) -> dict[str, Any]:
+def _table_header(header: list[str], name: str, table: TableSpec) -> list[str]:
+    """With a template or kept columns, any column may be there; request fields' names are
+    matched without case, as in `_csv_header`."""
+    columns = [
+        c.strip().lower() if c.strip().lower() in ALLOWED_FIELDS else c.strip() for c in header
+    ]
+    duplicated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if duplicated:
+        raise PromptSourceError(
+            f"{name} line 1: column {', '.join(map(repr, duplicated))} appears twice"
+        )
+    table.check_header(columns, f"{name} line 1")
+    return columns
+
+
+def _csv_row(
+    columns: list[str], cells: list[str], where: str, need_prompt: bool = True
+) -> dict[str, Any]:
     if len(cells) > len(columns):
         raise PromptSourceError(
             f"{where}: {len(cells)} cells but the header has {len(columns)} columns "
@@ -173,12 +201,12 @@ def _csv_row(columns: list[str], cells: list[str], where: str) -> dict[str, Any]
         if not column:
             raise PromptSourceError(f"{where}: value {value!r} is under a column with no name")
         fields[column] = value
-    if "prompt" not in fields:
+    if need_prompt and "prompt" not in fields:
         raise PromptSourceError(f"{where}: the prompt is empty")
     return fields
 
 
-def _parse_csv(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
+def _parse_csv(lines: Iterable[str], name: str, table: TableSpec | None) -> Iterator[PromptRow]:
     """Strict CSV: an unclosed quote is an error, not a prompt swallowing the rest of the file."""
     reader = csv.reader(lines, strict=True)
     columns: list[str] | None = None
@@ -190,9 +218,14 @@ def _parse_csv(lines: Iterable[str], name: str) -> Iterator[PromptRow]:
             if not any(cell.strip() for cell in cells):
                 continue
             if columns is None:
-                columns = _csv_header(cells, name)
+                columns = (
+                    _csv_header(cells, name) if table is None else _table_header(cells, name, table)
+                )
                 continue
-            yield PromptRow(_csv_row(columns, cells, where), where)
+            if table is not None:
+                yield table.shape(_csv_row(columns, cells, where, need_prompt=False), where)
+            else:
+                yield PromptRow(_csv_row(columns, cells, where), where)
     except csv.Error as exc:
         raise PromptSourceError(_csv_error(name, start, reader.line_num, exc)) from exc
 
@@ -204,7 +237,7 @@ def _csv_error(name: str, start: int, end: int, exc: csv.Error) -> str:
     return message
 
 
-_Parser = Callable[[Iterable[str], str], Iterator[PromptRow]]
+_Parser = Callable[[Iterable[str], str, "TableSpec | None"], Iterator[PromptRow]]
 _PARSERS: dict[str, _Parser] = {
     ".txt": _parse_txt,
     ".csv": _parse_csv,
@@ -282,27 +315,39 @@ def _text_lines(raw: Iterable[bytes], source: str) -> Iterator[str]:
 
 
 def iter_prompts(
-    source: str | Path, *, aws_credentials: AwsCredentials | None = None
+    source: str | Path,
+    *,
+    aws_credentials: AwsCredentials | None = None,
+    table: TableSpec | None = None,
 ) -> Iterator[PromptRow]:
     """`read_prompts` as a stream: each row is parsed as its line is read, so a file of any
     length costs one row's memory, and a run holds no row once its plan is made.
 
     The source's name and file type are checked now, before anything is read (a typo in the
     extension costs no S3 round trip); problems inside the file are raised as they are reached.
+    `table` (`prompt_templates.table_spec`) renders each row's prompt from a template and keeps
+    the columns it names; `.parquet` files are read by `prompt_tables`.
     """
     if not isinstance(source, str | Path) or not str(source).strip():
         raise PromptSourceError("prompt source is empty: pass a file path or s3://BUCKET/KEY")
     source = str(source).strip()
     if is_s3_uri(source):
         source = "s3://" + source[len("s3://") :]
-    parser = _parser_for(source)
     _check_s3_source(source)
-    return _rows_of(parser, source, aws_credentials)
+    if PurePosixPath(source).suffix.lower() == ".parquet":
+        from flux_flows.planning.tables import iter_parquet
+
+        return iter_parquet(source, aws_credentials=aws_credentials, table=table)
+    parser = _parser_for(source)
+    return _rows_of(parser, source, aws_credentials, table)
 
 
-def _rows_of(parser: _Parser, source: str, aws_credentials: Any) -> Iterator[PromptRow]:
+def _rows_of(
+    parser: _Parser, source: str, aws_credentials: Any, table: TableSpec | None = None
+) -> Iterator[PromptRow]:
     found = False
-    for row in parser(_text_lines(_raw_lines(source, aws_credentials), source), source):
+    lines = _text_lines(_raw_lines(source, aws_credentials), source)
+    for row in parser(lines, source, table):
         found = True
         yield row
     if not found:
@@ -310,13 +355,16 @@ def _rows_of(parser: _Parser, source: str, aws_credentials: Any) -> Iterator[Pro
 
 
 def read_prompts(
-    source: str | Path, *, aws_credentials: AwsCredentials | None = None
+    source: str | Path,
+    *,
+    aws_credentials: AwsCredentials | None = None,
+    table: TableSpec | None = None,
 ) -> list[PromptRow]:
-    """Rows from a `.txt`, `.csv` or `.jsonl`/`.ndjson` file, given as a path or `s3://` URI.
+    """Rows from a `.txt`, `.csv`, `.jsonl`/`.ndjson` or `.parquet` file, path or `s3://` URI.
 
     Rows are reported as "<source> line N". A batch reads its file with `iter_prompts`.
     """
-    return list(iter_prompts(source, aws_credentials=aws_credentials))
+    return list(iter_prompts(source, aws_credentials=aws_credentials, table=table))
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,17 +387,37 @@ def _normalize_one(item: object, where: str) -> dict[str, Any]:
     )
 
 
-def normalize_prompts(prompts: Sequence[str | Mapping[str, Any] | BaseModel]) -> list[PromptRow]:
+def normalize_prompts(
+    prompts: Sequence[str | Mapping[str, Any] | BaseModel], table: TableSpec | None = None
+) -> list[PromptRow]:
     """Rows from what a flow caller passes: strings, dicts of overrides, or ImageRequest models.
 
     A bare string is refused rather than iterated, which would turn "a cat" into five prompts.
+    With `table`, each dict is a table row (`prompt_templates`) and a string is its `prompt`.
     """
     if isinstance(prompts, str | bytes | Mapping | BaseModel) or not isinstance(prompts, Iterable):
         raise TypeError(
             f"prompts must be a list, e.g. ['a red fox', {{'prompt': 'a cat', 'seed': 7}}]; got "
             f"{type(prompts).__name__} (wrap a single prompt in a list)"
         )
+    if table is not None:
+        return [
+            table.shape(_table_item(item, f"prompts[{i}]"), f"prompts[{i}]")
+            for i, item in enumerate(prompts)
+        ]
     return [
         PromptRow(_normalize_one(item, f"prompts[{i}]"), f"prompts[{i}]")
         for i, item in enumerate(prompts)
     ]
+
+
+def _table_item(item: object, where: str) -> Mapping[Any, Any]:
+    if isinstance(item, str):
+        return {"prompt": item}
+    if isinstance(item, BaseModel):
+        return item.model_dump()
+    if isinstance(item, Mapping):
+        return item
+    raise TypeError(
+        f"{where}: expected a dict of columns or a prompt string, got {type(item).__name__}"
+    )

@@ -31,6 +31,8 @@ def record_of(
         "index": planned.index,
         "variant": planned.variant,
         "item_id": planned.item_id,
+        "prompt_template": plan.prompt_template,
+        "columns": planned.columns,
     }
     if key in plan.stored:
         stored = plan.stored[key]

@@ -96,6 +96,17 @@ def read_results(
             f"ended {ended}"
         )
         return _all_failed(planned, error)
+    accepted = _first_planned(reported, planned, where)
+    checked = _verify(storage, planned, accepted, where)
+    missing = f"the chunk's results file {where} has no result for it; its flow run ended {ended}"
+    return [checked.get(k) or _failed(k, missing) for k in planned]
+
+
+def _first_planned(
+    reported: list[RenderResult], planned: dict[str, PlannedImage], where: str
+) -> dict[str, RenderResult]:
+    """Each planned image's first result; results for images the chunk did not plan, and
+    repeats, are dropped with a warning (a results file anyone could have written)."""
     accepted: dict[str, RenderResult] = {}
     unplanned: list[str] = []
     repeated = 0
@@ -121,9 +132,7 @@ def read_results(
         _log().warning(
             "%s: dropped %d repeated result(s), kept each image's first", where, repeated
         )
-    checked = _verify(storage, planned, accepted, where)
-    missing = f"the chunk's results file {where} has no result for it; its flow run ended {ended}"
-    return [checked.get(k) or _failed(k, missing) for k in planned]
+    return accepted
 
 
 def _ended_parts(state: Any) -> tuple[str, str]:
@@ -170,65 +179,75 @@ def _verify(
     """Each reported result as the batch can vouch for it: a SUCCESS or CONTENT_FILTERED only
     at the object the plan expects, found in the destination now (one HEAD each, a few at
     once); anything else ERROR, saying why."""
-    checked: dict[str, RenderResult] = {}
-    refused = 0
+    checked, refusals, to_check = _read_claims(storage, planned, reported, where)
+    refusals |= _not_found(storage, reported, to_check)
+    checked |= {k: reported[k] for k in to_check if k not in refusals}
+    checked |= {k: _unverified(reported[k], error) for k, error in refusals.items()}
+    if refusals:
+        _log().warning("%s: %d result(s) not verified, recorded as ERROR", where, len(refusals))
+    return checked
 
-    def refuse(cache_key: str, result: RenderResult, error: str) -> None:
-        nonlocal refused
-        refused += 1
-        checked[cache_key] = _unverified(result, error)
 
+def _read_claims(
+    storage: Storage,
+    planned: dict[str, PlannedImage],
+    reported: dict[str, RenderResult],
+    where: str,
+) -> tuple[dict[str, RenderResult], dict[str, str], dict[str, str]]:
+    """What the results file says, judged without the store: (ERROR results, kept as ERROR;
+    why each result wrong on its face is refused; the object each other one must be at)."""
+    errors: dict[str, RenderResult] = {}
+    refusals: dict[str, str] = {}
     to_check: dict[str, str] = {}  # cache key -> the object the plan expects
     for cache_key, result in reported.items():
         said = result.finish_reason
         if said is FinishReason.ERROR:
             error = result.error or f"the chunk's results file {where} says ERROR, without why"
-            checked[cache_key] = dataclasses.replace(
+            errors[cache_key] = dataclasses.replace(
                 result, object_key=None, thumbnail=False, error=error
             )
         elif said not in (FinishReason.SUCCESS, FinishReason.CONTENT_FILTERED):
-            error = (
+            refusals[cache_key] = (
                 f"the chunk's results file {where} says {said.value}, which no chunk run reports"
             )
-            refuse(cache_key, result, error)
         elif result.object_key is None:
             kept = f" (kept on its worker at {result.spill_path})" if result.spill_path else ""
-            error = (
+            refusals[cache_key] = (
                 f"the chunk's results file says {said.value}{kept} but names no object in the "
                 f"destination{f': {result.error}' if result.error else ''}"
             )
-            refuse(cache_key, result, error)
-        else:
-            expected = layout.image_key(planned[cache_key].request, said)
-            if result.object_key == expected:
-                to_check[cache_key] = expected
-            else:
-                error = (
-                    f"the chunk's results file says {said.value} at {result.object_key[:200]!r}, "
-                    f"not at {storage.uri_for(expected)} where the plan puts it"
-                )
-                refuse(cache_key, result, error)
-    found: dict[str, bool | str] = {}
-    if to_check:
-        with ThreadPoolExecutor(min(EXISTS_CHECKS_AT_ONCE, len(to_check))) as pool:
-            found = dict(zip(to_check, pool.map(_exists(storage), to_check.values()), strict=True))
-    for cache_key, expected in to_check.items():
-        result, there = reported[cache_key], found[cache_key]
-        said_value, uri = result.finish_reason.value, storage.uri_for(expected)
-        if there is True:
-            checked[cache_key] = result
-        elif there is False:
-            refuse(
-                cache_key,
-                result,
-                f"the chunk's results file says {said_value} but {uri} does not exist",
+        elif result.object_key != (expected := layout.image_key(planned[cache_key].request, said)):
+            refusals[cache_key] = (
+                f"the chunk's results file says {said.value} at {result.object_key[:200]!r}, "
+                f"not at {storage.uri_for(expected)} where the plan puts it"
             )
         else:
-            error = f"the chunk's results file says {said_value} but {uri} could not be checked ({there})"
-            refuse(cache_key, result, error)
-    if refused:
-        _log().warning("%s: %d result(s) not verified, recorded as ERROR", where, refused)
-    return checked
+            to_check[cache_key] = expected
+    return errors, refusals, to_check
+
+
+def _not_found(
+    storage: Storage, reported: dict[str, RenderResult], to_check: dict[str, str]
+) -> dict[str, str]:
+    """Why each result whose object is not in the destination (or cannot be checked) is
+    refused; one HEAD each, EXISTS_CHECKS_AT_ONCE at once."""
+    if not to_check:
+        return {}
+    with ThreadPoolExecutor(min(EXISTS_CHECKS_AT_ONCE, len(to_check))) as pool:
+        found = dict(zip(to_check, pool.map(_exists(storage), to_check.values()), strict=True))
+    refusals: dict[str, str] = {}
+    for cache_key, expected in to_check.items():
+        there = found[cache_key]
+        said_value, uri = reported[cache_key].finish_reason.value, storage.uri_for(expected)
+        if there is False:
+            refusals[cache_key] = (
+                f"the chunk's results file says {said_value} but {uri} does not exist"
+            )
+        elif there is not True:
+            refusals[cache_key] = (
+                f"the chunk's results file says {said_value} but {uri} could not be checked ({there})"
+            )
+    return refusals
 
 
 def _exists(storage: Storage) -> Callable[[str], bool | str]:

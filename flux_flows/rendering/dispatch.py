@@ -20,6 +20,7 @@ from flux_flows.rendering.one_image import RenderJob, RenderResult
 from flux_flows.rendering.progress import ProgressReporter
 from flux_flows.rendering.window import PlainRunner, render_windowed
 from flux_flows.rendering.work_pools import render_on_pool
+from flux_flows.storage.metadata import row_metadata
 
 if TYPE_CHECKING:
     import functools
@@ -51,7 +52,11 @@ class Chunk:
     limits: AccountLimits | None = None  # the user's shared limits, held by the chunk for its life
 
     def job_for(self, planned: PlannedImage) -> RenderJob:
-        return self.make_job(request=planned.request, known_key=planned.cache_key)
+        return self.make_job(
+            request=planned.request,
+            known_key=planned.cache_key,
+            row=row_metadata(planned.item_id, planned.columns),
+        )
 
 
 @task(name="render-chunk-task", retries=0, cache_policy=NO_CACHE, persist_result=False)
@@ -125,7 +130,11 @@ def render_all(
                 stack.callback(runner.shutdown)
             return render_windowed(
                 images,
-                lambda planned: make_job(request=planned.request, known_key=planned.cache_key),
+                lambda planned: make_job(
+                    request=planned.request,
+                    known_key=planned.cache_key,
+                    row=row_metadata(planned.item_id, planned.columns),
+                ),
                 max_concurrency=options.max_concurrency,
                 requests_per_minute=options.requests_per_minute,
                 runner=runner,

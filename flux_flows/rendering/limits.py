@@ -18,10 +18,8 @@ in blocks so they cost a few Prefect calls per run rather than one or two per im
   increment loses *all* the decay since then, so polling by increments (what
   `prefect.concurrency.sync.rate_limit` does on 423) would run well under the rate.
 
-In any window of T seconds a rate limit of burst B and decay d grants at most B + d*T tokens,
-and a batch spends a token within moments of taking it (it takes more only once it has none
-left). So `prefect gcl create fireworks-rpm --limit B --slot-decay-per-second d` with
-B + 60*d <= the account's requests per minute keeps every run and worker together under it.
+How to size a rate limit, and the checks of the limits' settings before a run, are in
+`limit_settings`.
 
 One `SharedLimits` per windowed loop (`window.render_windowed`): one process, one Dask chunk
 or one work-pool chunk run, each holding its blocks for its life.
@@ -35,19 +33,34 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from flux_flows.settings import seconds_from_env
+from flux_flows.rendering.limit_settings import (
+    SLOT_LEASE_S,
+    AccountLimits,
+    LimitError,
+    check_rate_limit,
+    lease_s,
+    missing_message,
+    read_limit,
+)
+
+# The settings' names stay importable from here, where callers found them before the split.
+__all__ = [
+    "RENEW_FRACTION",
+    "SLOT_LEASE_S",
+    "AccountLimits",
+    "LimitError",
+    "SharedLimits",
+    "check_rate_limit",
+    "lease_s",
+    "sharing",
+]
 
 logger = logging.getLogger("flux_flows.rendering.limits")
 
-# How long slots taken from a concurrency limit outlive a holder that stopped renewing them
-# (renewed every RENEW_FRACTION of it while held). The Prefect server refuses shorter leases.
-SLOT_LEASE_S = 60.0
-MIN_LEASE_S = 60.0
-LEASE_ENV = "FLUX_FLOWS_SLOT_LEASE_S"
+# Leased slots are renewed every RENEW_FRACTION of their lease (`limit_settings.lease_s`).
 RENEW_FRACTION = 0.5
 # A batch takes its concurrency slots in blocks of max_concurrency / BLOCKS_PER_WINDOW.
 BLOCKS_PER_WINDOW = 4
@@ -61,71 +74,6 @@ RATE_MARGIN_S = 0.01
 # Prefect API errors (connection, 5xx) are retried with backoff up to this long, then the batch
 # stops sending (what is in flight finishes) and says why.
 GIVE_UP_S = 300.0
-
-
-def lease_s() -> float:
-    """Seconds a block's lease lasts: FLUX_FLOWS_SLOT_LEASE_S, else SLOT_LEASE_S (>= 60)."""
-    return seconds_from_env(LEASE_ENV, SLOT_LEASE_S, minimum=MIN_LEASE_S)
-
-
-@dataclass(frozen=True)
-class AccountLimits:
-    """The names of the user's shared limits; picklable, so it travels with a chunk."""
-
-    concurrency_limit: str | None = None
-    rate_limit: str | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.concurrency_limit or self.rate_limit)
-
-
-class LimitError(RuntimeError):
-    """A shared limit is missing, or cannot be used as asked: nothing more is sent."""
-
-
-def _missing(name: str, rate: bool) -> str:
-    if rate:
-        return (
-            f"rate_limit={name!r}: no Prefect global concurrency limit has this name; create it "
-            f"with `prefect gcl create {name} --limit 10 --slot-decay-per-second 9` "
-            "(a burst of 10, 540 requests a minute; keep limit + 60 x decay <= your account's "
-            "requests per minute)"
-        )
-    return (
-        f"concurrency_limit={name!r}: no Prefect global concurrency limit has this name; "
-        f"create it with `prefect gcl create {name} --limit 8`"
-    )
-
-
-def read_limit(client: Any, name: str, *, rate: bool) -> Any:
-    """The limit (its `active_slots` after decay), or LimitError saying how to create it."""
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        limit = client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        raise LimitError(_missing(name, rate)) from None
-    if rate and limit.active and limit.slot_decay_per_second <= 0:
-        raise LimitError(
-            f"rate_limit={name!r} has no slot decay, so it is not a rate limit: "
-            f"`prefect gcl update {name} --slot-decay-per-second N` (requests a second)"
-        )
-    if limit.active and limit.limit < 1:
-        raise LimitError(f"global concurrency limit {name!r} has a limit of {limit.limit}")
-    return limit
-
-
-def check_rate_limit(name: str) -> None:
-    """Preflight: the rate limit exists and decays (LimitError turned into ValueError)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = read_limit(client, name, rate=True)
-        except LimitError as exc:
-            raise ValueError(f"{exc} (nothing was generated)") from None
-    if not limit.active:
-        logger.warning("global concurrency limit %r is inactive: it limits no request", name)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -422,7 +370,7 @@ class SharedLimits:
             raise
         body = response.json()
         if not body.get("limits"):
-            raise LimitError(_missing(str(self.concurrency), rate=False))
+            raise LimitError(missing_message(str(self.concurrency), rate=False))
         return UUID(body["lease_id"]), slots
 
     def _take_tokens(self, client: Any) -> None:

@@ -72,6 +72,8 @@ class RenderJob:
     known_key: str | None = None  # the request's cache key, when the plan already has it
     thumbnails: bool = True  # make the contact sheet's thumbnail of each SUCCESS image
     run_id: str | None = None  # the run whose lease on the image is taken first (`claims`)
+    # The first planned row's id and kept columns, as `row-*` metadata (`row_metadata`).
+    row: tuple[tuple[str, str], ...] = ()
 
     @property
     def cache_key(self) -> str:
@@ -163,8 +165,14 @@ def _api_slot(job: RenderJob) -> Iterator[None]:
         yield
 
 
-def image_metadata(image: GeneratedImage, *, flow_run_id: str | None = None) -> dict[str, str]:
-    """Provenance stored on the object itself, so an image found alone still says where it came from."""
+def image_metadata(
+    image: GeneratedImage,
+    *,
+    flow_run_id: str | None = None,
+    row: tuple[tuple[str, str], ...] = (),
+) -> dict[str, str]:
+    """Provenance stored on the object itself, so an image found alone still says where it came
+    from; `row` joins it back to the prompt row that asked for it first."""
     request = image.request
     fields: dict[str, object] = {
         "seed": request.seed,
@@ -185,12 +193,17 @@ def image_metadata(image: GeneratedImage, *, flow_run_id: str | None = None) -> 
         fields["request-id"] = image.request_id
     if flow_run_id:
         fields["flow-run-id"] = flow_run_id
+    fields.update(row)
     fields["prompt"] = request.prompt
     return s3_metadata(fields)
 
 
 def store_image(
-    storage: Storage, image: GeneratedImage, *, flow_run_id: str | None = None
+    storage: Storage,
+    image: GeneratedImage,
+    *,
+    flow_run_id: str | None = None,
+    row: tuple[tuple[str, str], ...] = (),
 ) -> tuple[str, str]:
     """Write one answer where its cache key says; filtered answers never land beside real images."""
     key = layout.image_key(image.request, image.finish_reason)
@@ -198,7 +211,7 @@ def store_image(
         key,
         image.data,
         content_type=image.content_type,
-        metadata=image_metadata(image, flow_run_id=flow_run_id),
+        metadata=image_metadata(image, flow_run_id=flow_run_id, row=row),
     )
     return key, uri
 
@@ -236,7 +249,7 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
     """Upload; if storage still fails after boto3's retries, keep the bytes in the spill folder."""
     storage, spill = job.storage, job.spill
     try:
-        key, _ = store_image(storage, image, flow_run_id=job.flow_run_id)
+        key, _ = store_image(storage, image, flow_run_id=job.flow_run_id, row=job.row)
     except (StorageError, OSError) as exc:
         key = layout.image_key(image.request, image.finish_reason)
         try:
@@ -245,7 +258,7 @@ def _store_or_spill(job: RenderJob, image: GeneratedImage, result: RenderResult)
                 image.data,
                 object_key=key,
                 content_type=image.content_type,
-                metadata=image_metadata(image, flow_run_id=job.flow_run_id),
+                metadata=image_metadata(image, flow_run_id=job.flow_run_id, row=job.row),
             )
         except OSError as spill_exc:
             error = (

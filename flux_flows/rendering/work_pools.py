@@ -68,6 +68,7 @@ from flux_flows.storage import Storage, open_storage
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
+    from flux_flows.models import ImageRequest
     from flux_flows.planning.plan import PlannedImage
 
 WAIT_FOR_CHUNK_S = 6 * 3600.0
@@ -156,16 +157,14 @@ def render_on_pool(
     At most two runs per share of the window exist at once (one rendering, one starting up
     behind it); the next chunk's run is started as one ends, oldest first.
     """
-    from prefect.deployments import run_deployment
-
     storage: Storage = make_job.keywords["storage"]
     results: dict[str, RenderResult] = {}
     size = max(1, options.chunk_size)
     deployment = options.chunk_deployment or ""
     chunks = -(-len(images) // size)
     share = chunk_share(options.max_concurrency, chunks, online_workers(deployment))
-    rpm = options.requests_per_minute
     beat = heartbeat_s()
+    shared = _run_parameters(options, make_job, storage, share, beat)
     # Only the runs that can render now, plus one starting up behind each, exist at a time: a
     # run started early would sit in a process of its own polling the server for slots.
     window = 2 * max(1, options.max_concurrency // share)
@@ -180,28 +179,13 @@ def render_on_pool(
                 body = b"".join(p.request.model_dump_json().encode() + b"\n" for p in chunk)
                 storage.put(key, body, content_type=NDJSON)
                 parameters = {
-                    "destination": storage.root_uri,
+                    **shared,
                     "chunk_key": key,
                     # The chunk run renders only the file the batch wrote (see the docstring).
                     "requests_sha256": hashlib.sha256(body).hexdigest(),
                     "in_flight": in_flight,
-                    "share": share,
-                    "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
-                    "heartbeat_s": beat,
-                    "concurrency_limit": options.concurrency_limit,
-                    "rate_limit": options.rate_limit,
-                    "thumbnails": options.thumbnails,
-                    "credentials_block": _block_name(options.credentials),
-                    "aws_credentials_block": _block_name(options.aws_credentials),
-                    "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
-                    "run_id": make_job.keywords.get("run_id"),
                 }
-                # Called from sync code, so the FlowRun itself rather than a coroutine.
-                run = cast(
-                    "FlowRun",
-                    run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False),
-                )
-                active.append((run.id, key, chunk))
+                active.append((_start_run(deployment, parameters), key, chunk))
             run_id, key, chunk = active.popleft()
             state = _wait_for(run_id, storage, _alive_key(key), beat)
             finished = read_results(storage, key, chunk, state)
@@ -209,6 +193,43 @@ def render_on_pool(
             on_results(finished)
             progress.add(sum(1 for r in finished if not r.taken_by))
     return results
+
+
+def _run_parameters(
+    options: BatchOptions,
+    make_job: functools.partial[RenderJob],
+    storage: Storage,
+    share: int,
+    beat: float,
+) -> dict[str, Any]:
+    """What every chunk run of the batch is given: paths, names and its share, never values of
+    credentials (blocks travel by name)."""
+    rpm = options.requests_per_minute
+    return {
+        "destination": storage.root_uri,
+        "share": share,
+        "requests_per_minute": rpm * share / options.max_concurrency if rpm else None,
+        "heartbeat_s": beat,
+        "concurrency_limit": options.concurrency_limit,
+        "rate_limit": options.rate_limit,
+        "thumbnails": options.thumbnails,
+        "credentials_block": _block_name(options.credentials),
+        "aws_credentials_block": _block_name(options.aws_credentials),
+        "parent_flow_run_id": make_job.keywords.get("flow_run_id"),
+        "run_id": make_job.keywords.get("run_id"),
+    }
+
+
+def _start_run(deployment: str, parameters: dict[str, Any]) -> Any:
+    """Start one chunk run of `deployment` without waiting for it; its flow run id."""
+    from prefect.deployments import run_deployment
+
+    # Called from sync code, so the FlowRun itself rather than a coroutine.
+    run = cast(
+        "FlowRun",
+        run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False),
+    )
+    return run.id
 
 
 def _wait_for(flow_run_id: Any, storage: Storage, alive_key: str, beat_s: float) -> Any:
@@ -319,6 +340,47 @@ def _holding(in_flight: str | None, share: int) -> Iterator[None]:
         yield
 
 
+def _load_blocks(
+    credentials_block: str | None, aws_credentials_block: str | None
+) -> tuple[FireworksCredentials | None, Any]:
+    """The credentials blocks the batch named (they travel by name, never by value)."""
+    from prefect.blocks.core import Block
+
+    aws = Block.load(aws_credentials_block) if aws_credentials_block else None
+    credentials = (  # a sync load returns the block itself, not a coroutine
+        cast(FireworksCredentials, FireworksCredentials.load(credentials_block))
+        if credentials_block
+        else None
+    )
+    return credentials, aws
+
+
+def _render_share(
+    requests: list[ImageRequest],
+    make_job: functools.partial[RenderJob],
+    share: int,
+    requests_per_minute: float | None,
+    limits: AccountLimits | None,
+) -> dict[str, RenderResult]:
+    """The chunk rendered on `share` threads at its share of the batch's pace."""
+    if requests_per_minute:
+        # The slots may come from a chunk that just sent its last request: start one
+        # interval after it, as its own pace would have.
+        threading.Event().wait(60.0 / (requests_per_minute * RPM_HEADROOM))
+    runner = PlainRunner(share)
+    try:
+        return render_windowed(
+            requests,
+            lambda request: make_job(request=request),
+            max_concurrency=share,
+            requests_per_minute=requests_per_minute,
+            runner=runner,
+            limits=limits,
+        )
+    finally:
+        runner.shutdown()
+
+
 @flow(name="render-chunk", persist_result=False, log_prints=True)
 def render_chunk(
     destination: str,
@@ -348,14 +410,7 @@ def render_chunk(
     them (`limits`); beats `<chunk>.alive` every
     `heartbeat_s`; writes `<chunk>.results.jsonl` beside it. Returns how many it rendered.
     """
-    from prefect.blocks.core import Block
-
-    aws = Block.load(aws_credentials_block) if aws_credentials_block else None
-    credentials = (  # a sync load returns the block itself, not a coroutine
-        cast(FireworksCredentials, FireworksCredentials.load(credentials_block))
-        if credentials_block
-        else None
-    )
+    credentials, aws = _load_blocks(credentials_block, aws_credentials_block)
     storage = open_storage(destination, aws_credentials=aws)
     with _heartbeat(storage, _alive_key(chunk_key), heartbeat_s):
         requests = read_requests(storage, chunk_key, requests_sha256, aws)
@@ -371,22 +426,15 @@ def render_chunk(
             run_id=run_id,
         )
         with _holding(in_flight, share):
-            if requests_per_minute:
-                # The slots may come from a chunk that just sent its last request: start one
-                # interval after it, as its own pace would have.
-                threading.Event().wait(60.0 / (requests_per_minute * RPM_HEADROOM))
-            runner = PlainRunner(share)
             try:
-                results = render_windowed(
+                results = _render_share(
                     requests,
-                    lambda request: make_job(request=request),
-                    max_concurrency=share,
-                    requests_per_minute=requests_per_minute,
-                    runner=runner,
-                    limits=AccountLimits(concurrency_limit, rate_limit) or None,
+                    make_job,
+                    share,
+                    requests_per_minute,
+                    AccountLimits(concurrency_limit, rate_limit) or None,
                 )
             finally:
-                runner.shutdown()
                 if run_id:
                     close_heartbeat(storage, run_id)
         body = b"".join(r.to_json() + b"\n" for r in results.values())

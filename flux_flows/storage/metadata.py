@@ -17,9 +17,11 @@ __all__ = [
     "FIELD_VALUE_MAX",
     "PROMPT_FIELD",
     "PROMPT_HASH_FIELD",
+    "ROW_FIELDS_MAX",
     "S3_METADATA_LIMIT",
     "TRUNCATION_MARKER",
     "metadata_size",
+    "row_metadata",
     "s3_metadata",
 ]
 
@@ -31,6 +33,9 @@ PROMPT_HASH_FIELD = "prompt-sha256"
 # Any one other field (a user's id, an error text) may take at most this much, so the prompt
 # always keeps most of the 2 KB.
 FIELD_VALUE_MAX = 256
+# The row's id and kept columns (`row-<column>`) share this much, so the prompt keeps the rest.
+ROW_FIELDS_MAX = 1024
+ROW_PREFIX = "row-"
 # Printable ASCII stays readable; '%' is escaped (so `unquote` reverses exactly), as are control
 # characters and everything non-ASCII.
 _SAFE_CHARS = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -131,6 +136,33 @@ def s3_metadata(fields: Mapping[str, object]) -> dict[str, str]:
         if value is not None:
             result[PROMPT_FIELD] = value
     return result
+
+
+def row_metadata(
+    item_id: str | None, columns: Mapping[str, str] | None
+) -> tuple[tuple[str, str], ...]:
+    """The prompt row's id and kept columns as `row-<column>` fields, for `s3_metadata`.
+
+    Column names are the user's: one with no usable character, or whose key another already
+    took ("SKU" after "sku"), is left out rather than failing the upload of a paid image, as are
+    the columns past `ROW_FIELDS_MAX`; the manifest keeps them all.
+    """
+    named = {"id": item_id} if item_id is not None else {}
+    fields: dict[str, str] = {}
+    used = 0
+    for name, value in {**named, **(columns or {})}.items():
+        try:
+            key = ROW_PREFIX + _metadata_key(name)
+        except ValueError:
+            continue
+        size = (
+            _META_PREFIX_LEN + len(key) + min(FIELD_VALUE_MAX, len("".join(_encode_chars(value))))
+        )
+        if key in fields or used + size > ROW_FIELDS_MAX:
+            continue
+        fields[key] = value
+        used += size
+    return tuple(fields.items())
 
 
 def metadata_size(metadata: Mapping[str, str]) -> int:

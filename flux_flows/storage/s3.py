@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flux_flows.errors import StorageError
 from flux_flows.storage.base import Metadata, ReadError, TooLargeError, check_key
@@ -239,6 +239,14 @@ def iter_object_keys(
 # --------------------------------------------------------------------------------------------
 
 
+def _lost_race(exc: Exception) -> bool:
+    """A conditional PUT refused because the object exists (412) or is being written (409)."""
+    response = getattr(exc, "response", {})
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
 class S3Storage:
     """Objects under `s3://bucket/prefix`. Holds settings only; the client comes from the cache."""
 
@@ -291,6 +299,14 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, *, content_type: str, metadata: Metadata = None) -> str:
         """Store one object. `metadata` must already be S3-safe: build it with `s3_metadata`."""
+        self._put_object(key, data, content_type=content_type, Metadata=dict(metadata or {}))
+        return self.uri_for(key)
+
+    def _put_object(self, key: str, data: bytes, *, content_type: str, **conditions: Any) -> bool:
+        """One PutObject with extra arguments (`Metadata`, `IfNoneMatch`...): False only when its
+        `IfNoneMatch` refused it, StorageError for any other failure."""
+        from botocore.exceptions import ClientError
+
         object_key = self._object_key(key)
         try:
             self.client.put_object(
@@ -298,11 +314,15 @@ class S3Storage:
                 Key=object_key,
                 Body=data,
                 ContentType=content_type,
-                Metadata=dict(metadata or {}),
+                **conditions,
             )
+        except ClientError as exc:
+            if "IfNoneMatch" in conditions and _lost_race(exc):
+                return False
+            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
         except _boto_errors() as exc:
             raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
-        return f"s3://{self.bucket}/{object_key}"
+        return True
 
     def put_file(self, key: str, path: Path, *, content_type: str) -> str:
         """Upload a file of any size without reading it into memory (multipart when large)."""
@@ -336,26 +356,7 @@ class S3Storage:
         S3 decides atomically which of two racing writers wins (412 for the loser; 409 when the
         two overlap in flight, which also means "someone else is writing it").
         """
-        from botocore.exceptions import ClientError
-
-        object_key = self._object_key(key)
-        try:
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=object_key,
-                Body=data,
-                ContentType=content_type,
-                IfNoneMatch="*",
-            )
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = exc.response.get("Error", {}).get("Code")
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
-        except _boto_errors() as exc:
-            raise _storage_error(exc, bucket=self.bucket, key=object_key, action="upload") from exc
-        return True
+        return self._put_object(key, data, content_type=content_type, IfNoneMatch="*")
 
     def age_s(self, key: str) -> float | None:
         """Seconds since `key` was last written, by S3's own clock: its `Last-Modified` against
