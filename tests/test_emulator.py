@@ -440,8 +440,8 @@ def test_rpm_limit_answers_429_once_the_window_is_full(
     assert third.headers["x-ratelimit-remaining-requests"] == "0"
     assert emu.stats.generations == 2
 
-    later = emulator_state._now() + 61  # the window slides: move the clock, don't sleep
-    monkeypatch.setattr(emulator_state, "_now", lambda: later)
+    later = emulator_state.monotonic_now() + 61  # the window slides: move the clock, don't sleep
+    monkeypatch.setattr(emulator_state, "monotonic_now", lambda: later)
     assert post(client, {"prompt": "d"}).status_code == 200
 
 

@@ -26,8 +26,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux_flows.emulator.config import (
-    _GENERATION_RE,
     GENERATION_PATH,
+    GENERATION_RE,
     KONTEXT_RESULT_PATH,
     KONTEXT_SUBMIT_PATH,
     RESULTS_PATH,
@@ -37,24 +37,24 @@ from flux_flows.emulator.config import (
 )
 from flux_flows.emulator.control import check_control_request, new_control_token
 from flux_flows.emulator.errors import (
-    _ApiError,
-    _error_response,
-    _new_request_id,
-    _retry_after_headers,
+    ApiError,
+    error_response,
+    new_request_id,
+    retry_after_headers,
 )
 from flux_flows.emulator.limits import BodyLimit
-from flux_flows.emulator.markers import _Markers, _parse_markers
+from flux_flows.emulator.markers import Markers, parse_markers
 from flux_flows.emulator.parsing import (
-    _check_auth,
-    _jpeg_quality,
-    _json_object,
-    _parse_generation,
-    _parse_kontext,
-    _ParsedRequest,
+    ParsedRequest,
+    check_auth,
+    jpeg_quality,
+    json_object,
     negotiate,
+    parse_generation,
+    parse_kontext,
 )
-from flux_flows.emulator.pictures import _HTML_PAGE, _garbage, _image_bytes, _kontext_image_bytes
-from flux_flows.emulator.state import _EmulatorState, _KontextTask, _now
+from flux_flows.emulator.pictures import HTML_PAGE, garbage_bytes, image_bytes, kontext_image_bytes
+from flux_flows.emulator.state import EmulatorState, KontextTask, monotonic_now
 from flux_flows.models import KONTEXT_MODELS, MAX_SEED, MODELS
 
 _CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -72,7 +72,7 @@ class _QuietDrops(logging.Filter):
         return not (_dropping.get() and "without completing response" in str(record.msg))
 
 
-def _install_log_filter() -> None:
+def install_log_filter() -> None:
     target = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _QuietDrops) for f in target.filters):
         target.addFilter(_QuietDrops())
@@ -107,7 +107,7 @@ class _Meter:
         self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _GENERATION_RE.match(scope["path"]):
+        if scope["type"] != "http" or not GENERATION_RE.match(scope["path"]):
             await self.app(scope, receive, send)
             return
         status, finished = 500, False
@@ -146,7 +146,7 @@ async def _client_stayed(request: Request, seconds: float) -> bool:
     return False
 
 
-def _generation_key(gen: _ParsedRequest, seed: int, mode: Mode) -> tuple[Any, ...]:
+def _generation_key(gen: ParsedRequest, seed: int, mode: Mode) -> tuple[Any, ...]:
     return (
         gen.model,
         gen.prompt,
@@ -159,7 +159,7 @@ def _generation_key(gen: _ParsedRequest, seed: int, mode: Mode) -> tuple[Any, ..
     )
 
 
-def _is_filtered(gen: _ParsedRequest, words: tuple[str, ...]) -> bool:
+def _is_filtered(gen: ParsedRequest, words: tuple[str, ...]) -> bool:
     lowered = gen.prompt.lower()
     return gen.safety_check and any(word.lower() in lowered for word in words if word)
 
@@ -194,25 +194,25 @@ def _image_response(data: bytes, answer: _Answer, finish: str) -> Response:
     return response_cls(body, media_type=media_type, headers=headers)
 
 
-async def _validated(request: Request, config: EmulatorConfig) -> _ParsedRequest:
+async def _validated(request: Request, config: EmulatorConfig) -> ParsedRequest:
     """Checks in the API's order: key, then model, then body."""
-    _check_auth(request.headers.get("authorization"), config.api_key)
+    check_auth(request.headers.get("authorization"), config.api_key)
     model = request.path_params["model"]
     if model not in MODELS:
-        raise _ApiError(404, f"Model not found, inaccessible, and/or not deployed: {model}")
-    return _parse_generation(await request.body(), model)
+        raise ApiError(404, f"Model not found, inaccessible, and/or not deployed: {model}")
+    return parse_generation(await request.body(), model)
 
 
-def _raise_forced_status(markers: _Markers, config: EmulatorConfig) -> None:
+def _raise_forced_status(markers: Markers, config: EmulatorConfig) -> None:
     if markers.status is not None:
-        extra = _retry_after_headers(config) if markers.status == 429 else {}
-        raise _ApiError(markers.status, headers=extra)
+        extra = retry_after_headers(config) if markers.status == 429 else {}
+        raise ApiError(markers.status, headers=extra)
 
 
-async def _answer(state: _EmulatorState, gen: _ParsedRequest, answer: _Answer) -> Response:
+async def _answer(state: EmulatorState, gen: ParsedRequest, answer: _Answer) -> Response:
     """Produce (and bill) the image, then apply the requested delivery fault."""
     if answer.fault == "html":
-        return HTMLResponse(_HTML_PAGE, headers={"x-request-id": answer.request_id})
+        return HTMLResponse(HTML_PAGE, headers={"x-request-id": answer.request_id})
     if answer.fault == "json-no-images":
         body = {
             "id": answer.request_id,
@@ -223,26 +223,26 @@ async def _answer(state: _EmulatorState, gen: _ParsedRequest, answer: _Answer) -
         return JSONResponse(body, headers={"x-request-id": answer.request_id})
     filtered = _is_filtered(gen, state.config.filter_words)
     data = await anyio.to_thread.run_sync(
-        _image_bytes, gen, answer.seed, answer.mode, answer.quality, filtered, state.config.image_kb
+        image_bytes, gen, answer.seed, answer.mode, answer.quality, filtered, state.config.image_kb
     )
     state.stats.record_generation(_generation_key(gen, answer.seed, answer.mode))
     if answer.fault == "truncate":
         data = data[: len(data) // 2]
     elif answer.fault == "garbage":
-        data = _garbage()
+        data = garbage_bytes()
     return _image_response(data, answer, "CONTENT_FILTERED" if filtered else "SUCCESS")
 
 
-async def _generate(request: Request, state: _EmulatorState, request_id: str) -> Response:
+async def _generate(request: Request, state: EmulatorState, request_id: str) -> Response:
     config = state.config
     gen = await _validated(request, config)
-    markers = _parse_markers(gen.prompt)
+    markers = parse_markers(gen.prompt)
     _raise_forced_status(markers, config)
     limit_headers = state.admit(gen, markers)
     answer = _Answer(
         request_id=request_id,
         mode=negotiate(request.headers.get("accept")),
-        quality=_jpeg_quality(request.headers.get("jpeg-quality")),
+        quality=jpeg_quality(request.headers.get("jpeg-quality")),
         seed=gen.seed or secrets.randbelow(MAX_SEED) + 1,
         limit_headers=limit_headers,
         fault=markers.mode,
@@ -255,28 +255,28 @@ async def _generate(request: Request, state: _EmulatorState, request_id: str) ->
 
 def _check_kontext_model(request: Request, config: EmulatorConfig) -> str:
     """Key first, then model, as on the generation route."""
-    _check_auth(request.headers.get("authorization"), config.api_key)
+    check_auth(request.headers.get("authorization"), config.api_key)
     model = request.path_params["model"]
     if model not in KONTEXT_MODELS:
-        raise _ApiError(404, f"Model not found, inaccessible, and/or not deployed: {model}")
+        raise ApiError(404, f"Model not found, inaccessible, and/or not deployed: {model}")
     return model
 
 
-async def _kontext_submit(request: Request, state: _EmulatorState, request_id: str) -> Response:
+async def _kontext_submit(request: Request, state: EmulatorState, request_id: str) -> Response:
     config = state.config
     model = _check_kontext_model(request, config)
     # Decoding a multi-megabyte data URI is CPU work: keep it off the event loop.
-    job, input_bytes = await anyio.to_thread.run_sync(_parse_kontext, await request.body(), model)
-    markers = _parse_markers(job.prompt)
+    job, input_bytes = await anyio.to_thread.run_sync(parse_kontext, await request.body(), model)
+    markers = parse_markers(job.prompt)
     _raise_forced_status(markers, config)
     limit_headers = state.admit(job, markers)
     origin = config.kontext_results_url or str(request.base_url)
-    task = _KontextTask(
+    task = KontextTask(
         id=request_id,
         job=job,
         seed=job.seed or secrets.randbelow(MAX_SEED) + 1,
         markers=markers,
-        created=_now(),
+        created=monotonic_now(),
         results_origin=origin.rstrip("/"),
         input_bytes=input_bytes,
     )
@@ -285,23 +285,23 @@ async def _kontext_submit(request: Request, state: _EmulatorState, request_id: s
     return JSONResponse({"request_id": task.id}, headers=headers)
 
 
-async def _kontext_poll(request: Request, state: _EmulatorState, _request_id: str) -> Response:
+async def _kontext_poll(request: Request, state: EmulatorState, _request_id: str) -> Response:
     model = _check_kontext_model(request, state.config)
-    body = _json_object(await request.body())
+    body = json_object(await request.body())
     task_id = body.get("id")
     if not isinstance(task_id, str) or not task_id:
-        raise _ApiError(400, "id is required: the request_id the submit answered", param="id")
+        raise ApiError(400, "id is required: the request_id the submit answered", param="id")
     return JSONResponse(state.poll(model, task_id))
 
 
-async def _kontext_result(request: Request, state: _EmulatorState, _request_id: str) -> Response:
+async def _kontext_result(request: Request, state: EmulatorState, _request_id: str) -> Response:
     """A result download: no key needed (a signed URL in real life); who sent one is counted."""
     task = state.ready_task(request.path_params["name"])
     if task is None:
-        raise _ApiError(404, "No such result (unknown, not ready, or expired)")
+        raise ApiError(404, "No such result (unknown, not ready, or expired)")
     state.stats.record_download(with_auth="authorization" in request.headers)
     if task.image is None:
-        task.image = await anyio.to_thread.run_sync(_kontext_image_bytes, task)
+        task.image = await anyio.to_thread.run_sync(kontext_image_bytes, task)
         task.input_bytes = None
     return Response(task.image, media_type=_CONTENT_TYPES[task.job.output_format])
 
@@ -310,26 +310,26 @@ def _config_changes(raw: bytes) -> dict[str, Any]:
     try:
         changes = json.loads(raw or b"{}")
     except ValueError:
-        raise _ApiError(400, "body must be a JSON object of settings") from None
+        raise ApiError(400, "body must be a JSON object of settings") from None
     if not isinstance(changes, dict):
-        raise _ApiError(400, "body must be a JSON object of settings")
+        raise ApiError(400, "body must be a JSON object of settings")
     if isinstance(changes.get("filter_words"), list):
         changes["filter_words"] = tuple(changes["filter_words"])
     return changes
 
 
-ApiHandler = Callable[[Request, _EmulatorState, str], Awaitable[Response]]
+ApiHandler = Callable[[Request, EmulatorState, str], Awaitable[Response]]
 
 
-def _api(handler: ApiHandler, state: _EmulatorState) -> Endpoint:
-    """An API route: an `_ApiError` becomes the real API's error body, under the request's id."""
+def _api(handler: ApiHandler, state: EmulatorState) -> Endpoint:
+    """An API route: an `ApiError` becomes the real API's error body, under the request's id."""
 
     async def endpoint(request: Request) -> Response:
-        request_id = _new_request_id()
+        request_id = new_request_id()
         try:
             return await handler(request, state, request_id)
-        except _ApiError as error:
-            return _error_response(error, request_id)
+        except ApiError as error:
+            return error_response(error, request_id)
 
     return endpoint
 
@@ -340,14 +340,14 @@ def _guarded(handler: Endpoint, token: str, *, change: bool) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         try:
             check_control_request(request, token, change=change)
-        except _ApiError as error:
-            return _error_response(error, _new_request_id())
+        except ApiError as error:
+            return error_response(error, new_request_id())
         return await handler(request)
 
     return endpoint
 
 
-def _control_routes(state: _EmulatorState, token: str) -> list[Route]:
+def _control_routes(state: EmulatorState, token: str) -> list[Route]:
     """`/_emulator/*`: the stats and config read by tests and benchmarks, and the changes."""
     config, stats = state.config, state.stats
 
@@ -360,10 +360,10 @@ def _control_routes(state: _EmulatorState, token: str) -> list[Route]:
     async def change_config(request: Request) -> Response:
         try:
             state.configure(_config_changes(await request.body()))
-        except _ApiError as error:
-            return _error_response(error, _new_request_id())
+        except ApiError as error:
+            return error_response(error, new_request_id())
         except (TypeError, ValueError) as error:
-            return _error_response(_ApiError(400, str(error)), _new_request_id())
+            return error_response(ApiError(400, str(error)), new_request_id())
         return JSONResponse(config.public_dict())
 
     async def reset(request: Request) -> Response:
@@ -386,8 +386,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         if exc.status_code == 404
         else f"Method {request.method} is not allowed on {request.url.path}"
     )
-    error = _ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
-    return _error_response(error, _new_request_id())
+    error = ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
+    return error_response(error, new_request_id())
 
 
 def create_app(
@@ -398,7 +398,7 @@ def create_app(
     `control_token` is what changes through `/_emulator/config` and `/_emulator/reset` must
     carry (see `control`); without one a random token is made. It is `app.state.control_token`.
     """
-    state = _EmulatorState(config, stats)
+    state = EmulatorState(config, stats)
     token = control_token if control_token else new_control_token()
     app = Starlette(
         routes=[

@@ -19,7 +19,7 @@ KONTEXT_SUBMIT_PATH = "/inference/v1/workflows/accounts/fireworks/models/{model}
 KONTEXT_RESULT_PATH = "/inference/v1/workflows/accounts/fireworks/models/{model}/get_result"
 RESULTS_PATH = "/_emulator/results/{name}"
 # Every API route is metered: text_to_image, Kontext submit and get_result.
-_GENERATION_RE = re.compile(
+GENERATION_RE = re.compile(
     r"^/inference/v1/workflows/accounts/fireworks/models/[^/]+(/text_to_image|/get_result)?$"
 )
 API_PREFIX = "/inference/v1"
@@ -109,7 +109,7 @@ class EmulatorConfig:
         return data
 
 
-def _apply_changes(config: EmulatorConfig, changes: dict[str, Any]) -> None:
+def apply_changes(config: EmulatorConfig, changes: dict[str, Any]) -> None:
     """Validate the whole new configuration first, so a bad change leaves the old one intact."""
     known = {f.name for f in dataclasses.fields(EmulatorConfig)}
     unknown = sorted(set(changes) - known)

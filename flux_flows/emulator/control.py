@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
-from flux_flows.emulator.errors import _ApiError
+from flux_flows.emulator.errors import ApiError
 
 CONTROL_TOKEN_HEADER = "X-Emulator-Token"
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -60,14 +60,14 @@ def _server(request: Request) -> tuple[str, int] | None:
 
 
 def check_control_request(request: Request, token: str, *, change: bool) -> None:
-    """Raise `_ApiError` (403, or 401 for the token) unless the request may use a control route.
+    """Raise `ApiError` (403, or 401 for the token) unless the request may use a control route.
 
     Messages name the rule that failed, never the expected token or the one sent.
     """
     server = _server(request)
     host = _split_host(request.headers.get("host", ""))
     if host is None or not _is_this_server(*host, server):
-        raise _ApiError(
+        raise ApiError(
             403,
             "control routes answer only to Host 127.0.0.1:PORT or localhost:PORT (this "
             "server's own address); another Host is how a web page reaches it by DNS rebinding",
@@ -82,13 +82,13 @@ def check_control_request(request: Request, token: str, *, change: bool) -> None
         except ValueError:
             same = False
         if not same:
-            raise _ApiError(403, "cross-origin requests to the control routes are refused")
+            raise ApiError(403, "cross-origin requests to the control routes are refused")
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-        raise _ApiError(403, "cross-site requests to the control routes are refused")
+        raise ApiError(403, "cross-site requests to the control routes are refused")
     if change and not secrets.compare_digest(
         request.headers.get(CONTROL_TOKEN_HEADER, "").encode(), token.encode()
     ):
-        raise _ApiError(
+        raise ApiError(
             401,
             f"changing the emulator needs its control token in the {CONTROL_TOKEN_HEADER} "
             "header (printed by `flux-flows emulator`; Emulator.control_token in Python)",

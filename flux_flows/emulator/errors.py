@@ -1,4 +1,4 @@
-"""Errors in the Fireworks API's shape. Any check, anywhere in a handler, raises one `_ApiError`;
+"""Errors in the Fireworks API's shape. Any check, anywhere in a handler, raises one `ApiError`;
 it is turned into the status, JSON error body and headers (`x-request-id`, `Retry-After`) the real
 service sends in one place, so clients are tested against the answers they meet in production.
 """
@@ -28,10 +28,10 @@ _ERROR_KINDS: dict[int, tuple[str, str]] = {
     503: ("UNAVAILABLE", "server_error"),
     504: ("DEADLINE_EXCEEDED", "server_error"),
 }
-_INVALID_KEY_MESSAGE = "The API key you provided is invalid."
+INVALID_KEY_MESSAGE = "The API key you provided is invalid."
 
 
-class _ApiError(Exception):
+class ApiError(Exception):
     """An answer other than an image; raised anywhere in the handler, rendered in one place."""
 
     def __init__(
@@ -56,11 +56,11 @@ def _status_phrase(status: int) -> str:
         return f"HTTP {status}"
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _error_response(error: _ApiError, request_id: str) -> JSONResponse:
+def error_response(error: ApiError, request_id: str) -> JSONResponse:
     code, kind = _ERROR_KINDS.get(error.status, ("UNKNOWN", "api_error"))
     body = {
         "error": {"message": error.message, "code": code, "type": kind, "param": error.param},
@@ -75,7 +75,7 @@ def _format_retry_after(seconds: float) -> str:
     return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
 
 
-def _retry_after_headers(config: EmulatorConfig) -> dict[str, str]:
+def retry_after_headers(config: EmulatorConfig) -> dict[str, str]:
     if config.retry_after_s is None:
         return {}
     return {"Retry-After": _format_retry_after(config.retry_after_s)}

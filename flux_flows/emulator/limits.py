@@ -6,7 +6,7 @@ A handler that calls `request.body()` buffers the whole body before it can see i
 - a `Content-Length` over the route's limit is answered 413 at once, before a byte of the body
   is read;
 - a body without one (chunked) is counted as it streams: the chunk that passes the limit raises
-  `BodyTooLarge` (an `_ApiError(413)`) inside the handler's `receive`, so the handler answers
+  `BodyTooLarge` (an `ApiError(413)`) inside the handler's `receive`, so the handler answers
   with the emulator's usual error body, and nothing past the limit is kept;
 - every such 413 says `Connection: close`, and so does any answer sent before its request's body
   was read (a 401 for a missing key, say): the server then stops reading the connection instead
@@ -23,7 +23,7 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flux_flows.emulator.config import KONTEXT_MAX_BODY_BYTES, MAX_BODY_BYTES
-from flux_flows.emulator.errors import _ApiError, _error_response, _new_request_id
+from flux_flows.emulator.errors import ApiError, error_response, new_request_id
 
 __all__ = ["BodyLimit", "BodyTooLarge", "body_limit_for"]
 
@@ -31,7 +31,7 @@ _KONTEXT_SUBMIT_RE = re.compile(r"^/inference/v1/workflows/accounts/fireworks/mo
 _CLOSE = (b"connection", b"close")
 
 
-class BodyTooLarge(_ApiError):
+class BodyTooLarge(ApiError):
     """A request body past its route's limit: the 413 every route answers, connection closed."""
 
     def __init__(self, limit: int) -> None:
@@ -76,7 +76,7 @@ class BodyLimit:
         limit = body_limit_for(scope["path"])
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
-            await _error_response(BodyTooLarge(limit), _new_request_id())(scope, receive, send)
+            await error_response(BodyTooLarge(limit), new_request_id())(scope, receive, send)
             return
 
         received = 0
@@ -109,4 +109,4 @@ class BodyLimit:
         except BodyTooLarge as error:
             if started:
                 raise
-            await _error_response(error, _new_request_id())(scope, receive, closing_send)
+            await error_response(error, new_request_id())(scope, receive, closing_send)

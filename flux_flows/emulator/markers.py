@@ -1,5 +1,5 @@
 """Fault markers written in prompts (`[[status:NNN]]`, `[[flaky:N]]`, `[[fault:...]]`,
-`[[kontext:...]]`): read here into one `_Markers` value, so a test in any process, through any
+`[[kontext:...]]`): read here into one `Markers` value, so a test in any process, through any
 client, can ask for a fault without a side channel to the server.
 """
 
@@ -17,7 +17,7 @@ _MAX_SLOW_S = 600.0
 
 
 @dataclass(frozen=True)
-class _Markers:
+class Markers:
     status: int | None = None
     flaky: int = 0
     mode: str | None = None
@@ -26,7 +26,7 @@ class _Markers:
     not_found_first: int = 0
 
 
-def _parse_markers(prompt: str) -> _Markers:
+def parse_markers(prompt: str) -> Markers:
     """Markers live in the prompt so any client, in any process, can trigger a fault."""
     status: int | None = None
     flaky = 0
@@ -50,7 +50,7 @@ def _parse_markers(prompt: str) -> _Markers:
                 not_found_first = max(int(value.partition("=")[2]), 0)
         elif kind == "kontext" and value in ("request-moderated", "error") and kontext is None:
             kontext = value
-    return _Markers(
+    return Markers(
         status=status,
         flaky=flaky,
         mode=mode,

@@ -1,6 +1,6 @@
 """Reading a request as the real API does: the key, the body of a generation or a Kontext submit
 (defaults for absent fields, unknown ones ignored, the API's messages for bad ones) and the
-`Accept` and `Jpeg-Quality` headers. Anything wrong becomes an `_ApiError` before any work is done.
+`Accept` and `Jpeg-Quality` headers. Anything wrong becomes an `ApiError` before any work is done.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from flux_flows.emulator.config import (
     MAX_BODY_BYTES,
     Mode,
 )
-from flux_flows.emulator.errors import _INVALID_KEY_MESSAGE, _ApiError
+from flux_flows.emulator.errors import INVALID_KEY_MESSAGE, ApiError
 from flux_flows.models import (
     ASPECT_RATIO_SIZES,
     DEFAULT_STEPS,
@@ -37,7 +37,7 @@ from flux_flows.models import (
 
 
 @dataclass(frozen=True)
-class _ParsedRequest:
+class ParsedRequest:
     model: str
     prompt: str
     aspect_ratio: str
@@ -52,22 +52,22 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _json_object(raw: bytes, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+def json_object(raw: bytes, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     if len(raw) > limit:
-        raise _ApiError(413, f"request body is larger than {limit} bytes")
+        raise ApiError(413, f"request body is larger than {limit} bytes")
     try:
         body = json.loads(raw)
     except ValueError:
-        raise _ApiError(400, "request body must be a JSON object") from None
+        raise ApiError(400, "request body must be a JSON object") from None
     if not isinstance(body, dict):
-        raise _ApiError(400, "request body must be a JSON object")
+        raise ApiError(400, "request body must be a JSON object")
     return body
 
 
 def _prompt(body: dict[str, Any]) -> str:
     value = body.get("prompt")
     if not isinstance(value, str) or not value.strip():
-        raise _ApiError(400, "prompt is required and must be a non-empty string", param="prompt")
+        raise ApiError(400, "prompt is required and must be a non-empty string", param="prompt")
     return value
 
 
@@ -77,7 +77,7 @@ def _aspect_ratio(body: dict[str, Any]) -> str:
         return DEFAULT_ASPECT_RATIO
     if not isinstance(value, str) or value not in ASPECT_RATIO_SIZES:
         allowed = ", ".join(ASPECT_RATIO_SIZES)
-        raise _ApiError(
+        raise ApiError(
             400,
             f"aspect_ratio must be one of {allowed}; got {_short_repr(value)}",
             param="aspect_ratio",
@@ -91,7 +91,7 @@ def _guidance(body: dict[str, Any]) -> float:
         return DEFAULT_GUIDANCE
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not 0 < value <= MAX_GUIDANCE:
-        raise _ApiError(
+        raise ApiError(
             400,
             f"guidance_scale must be a number with 0 < guidance_scale <= {MAX_GUIDANCE:g}; "
             f"got {_short_repr(value)}",
@@ -108,7 +108,7 @@ def _bounded_int(
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _ApiError(
+        raise ApiError(
             400,
             f"{name} must be an integer in {low}..{high}{note}; got {_short_repr(value)}",
             param=name,
@@ -121,7 +121,7 @@ def _safety_check(body: dict[str, Any]) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _ApiError(
+        raise ApiError(
             400,
             f"safety_check must be true or false; got {_short_repr(value)}",
             param="safety_check",
@@ -129,10 +129,10 @@ def _safety_check(body: dict[str, Any]) -> bool:
     return value
 
 
-def _parse_generation(raw: bytes, model: str) -> _ParsedRequest:
+def parse_generation(raw: bytes, model: str) -> ParsedRequest:
     """Validate like the API: defaults for absent or null fields, unknown fields ignored."""
-    body = _json_object(raw)
-    return _ParsedRequest(
+    body = json_object(raw)
+    return ParsedRequest(
         model=model,
         prompt=_prompt(body),
         aspect_ratio=_aspect_ratio(body),
@@ -146,7 +146,7 @@ def _parse_generation(raw: bytes, model: str) -> _ParsedRequest:
 
 
 @dataclass(frozen=True)
-class _KontextJob:
+class KontextJob:
     """A validated Kontext submit. `input_hash` identifies the input: bytes of a data URI, or the
     URL string itself (the emulator fetches nothing)."""
 
@@ -165,14 +165,14 @@ def _kontext_input(body: dict[str, Any]) -> tuple[str | None, bytes | None]:
     if value is None:
         return None, None
     if not isinstance(value, str) or not value.strip():
-        raise _ApiError(
+        raise ApiError(
             400, "input_image must be a base64 data URI or an http(s) URL", param="input_image"
         )
     if value.startswith(("http://", "https://")):
         return hashlib.sha256(value.encode()).hexdigest(), None
     header, sep, payload = value.partition(",")
     if not (value.startswith("data:image/") and sep and header.endswith(";base64")):
-        raise _ApiError(
+        raise ApiError(
             400,
             "input_image must be a base64 data URI (data:image/...;base64,...) or an http(s) URL",
             param="input_image",
@@ -182,35 +182,35 @@ def _kontext_input(body: dict[str, Any]) -> tuple[str | None, bytes | None]:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
     except (ValueError, OSError):
-        raise _ApiError(400, "input_image is not a decodable image", param="input_image") from None
+        raise ApiError(400, "input_image is not a decodable image", param="input_image") from None
     return hashlib.sha256(data).hexdigest(), data
 
 
-def _parse_kontext(raw: bytes, model: str) -> tuple[_KontextJob, bytes | None]:
+def parse_kontext(raw: bytes, model: str) -> tuple[KontextJob, bytes | None]:
     """Validate a Kontext submit like the API: defaults for absent fields, unknown ones ignored.
 
     Returns the job and the decoded input image (kept by the task only until it is rendered).
     """
-    body = _json_object(raw, KONTEXT_MAX_BODY_BYTES)
+    body = json_object(raw, KONTEXT_MAX_BODY_BYTES)
     prompt = _prompt(body)
     output_format = body.get("output_format")
     if output_format is None:
         output_format = "jpeg"
     if output_format not in ("jpeg", "png"):
-        raise _ApiError(
+        raise ApiError(
             400,
             f"output_format must be jpeg or png; got {_short_repr(output_format)}",
             param="output_format",
         )
     upsampling = body.get("prompt_upsampling")
     if upsampling is not None and not isinstance(upsampling, bool):
-        raise _ApiError(
+        raise ApiError(
             400,
             f"prompt_upsampling must be true or false; got {_short_repr(upsampling)}",
             param="prompt_upsampling",
         )
     input_hash, input_bytes = _kontext_input(body)
-    job = _KontextJob(
+    job = KontextJob(
         model=model,
         prompt=prompt,
         seed=_bounded_int(body, "seed", 0, MAX_SEED, 0, " (0 picks a random seed)"),
@@ -225,14 +225,14 @@ def _parse_kontext(raw: bytes, model: str) -> tuple[_KontextJob, bytes | None]:
     return job, input_bytes
 
 
-def _check_auth(header: str | None, expected: str | None) -> None:
+def check_auth(header: str | None, expected: str | None) -> None:
     """Constant-time compare; the same message whatever went wrong, and never the key itself."""
     scheme, _, key = (header or "").strip().partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key or any(ch.isspace() for ch in key):
-        raise _ApiError(401, _INVALID_KEY_MESSAGE)
+        raise ApiError(401, INVALID_KEY_MESSAGE)
     if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
-        raise _ApiError(401, _INVALID_KEY_MESSAGE)
+        raise ApiError(401, INVALID_KEY_MESSAGE)
 
 
 _ACCEPT_MODES: dict[str, Mode] = {
@@ -279,7 +279,7 @@ def _q_value(params: list[str]) -> float:
     return 1.0
 
 
-def _jpeg_quality(header: str | None) -> int:
+def jpeg_quality(header: str | None) -> int:
     """Honour `Jpeg-Quality` when it is an integer 0-100; otherwise ignore it, leniently."""
     try:
         quality = int((header or "").strip())

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from flux_flows.emulator.config import DEFAULT_JPEG_QUALITY, Mode
-from flux_flows.emulator.parsing import _ParsedRequest
+from flux_flows.emulator.parsing import ParsedRequest
 from flux_flows.models import ASPECT_RATIO_SIZES
 
 if TYPE_CHECKING:  # only an annotation: state imports nothing from here, so no cycle at runtime
-    from flux_flows.emulator.state import _KontextTask
+    from flux_flows.emulator.state import KontextTask
 
 
 _fonts = threading.local()
@@ -221,8 +221,8 @@ def _jpeg_of_size(
     return result
 
 
-def _image_bytes(
-    gen: _ParsedRequest, seed: int, mode: Mode, quality: int, filtered: bool, image_kb: int | None
+def image_bytes(
+    gen: ParsedRequest, seed: int, mode: Mode, quality: int, filtered: bool, image_kb: int | None
 ) -> bytes:
     """Runs in a worker thread: rendering and encoding are the only CPU-heavy part of a request."""
     width, height = ASPECT_RATIO_SIZES[gen.aspect_ratio]
@@ -249,7 +249,7 @@ def _render_edit(source: bytes, prompt: str, seed: int, width: int, height: int)
     return image
 
 
-def _kontext_image_bytes(task: _KontextTask) -> bytes:
+def kontext_image_bytes(task: KontextTask) -> bytes:
     """Runs in a worker thread. Depends only on (prompt, seed, size, input image hash)."""
     job = task.job
     width, height = ASPECT_RATIO_SIZES[job.aspect_ratio]
@@ -261,12 +261,12 @@ def _kontext_image_bytes(task: _KontextTask) -> bytes:
     return _encode(image, job.output_format, DEFAULT_JPEG_QUALITY)
 
 
-def _garbage(size: int = 4096) -> bytes:
+def garbage_bytes(size: int = 4096) -> bytes:
     """Bytes no image decoder accepts (no JPEG/PNG magic), yet looking like a plausible payload."""
     return b"NOT-AN-IMAGE\n" + _seeded("garbage").randbytes(size)
 
 
-_HTML_PAGE = (
+HTML_PAGE = (
     "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>"
     "<h1>502 Bad Gateway</h1><p>The upstream server did not answer in time.</p>"
     "<hr><address>edge-proxy</address></body></html>"

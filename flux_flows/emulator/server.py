@@ -18,10 +18,10 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
-from flux_flows.emulator.app import _install_log_filter, create_app
+from flux_flows.emulator.app import create_app, install_log_filter
 from flux_flows.emulator.config import API_PREFIX, DEFAULT_PORT, EmulatorConfig, EmulatorStats
 from flux_flows.emulator.control import CONTROL_TOKEN_HEADER
-from flux_flows.emulator.state import _EmulatorState
+from flux_flows.emulator.state import EmulatorState
 
 
 def _loopback_address(host: str) -> str:
@@ -75,7 +75,7 @@ def _uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
         server_header=False,
         timeout_graceful_shutdown=1,
     )
-    _install_log_filter()
+    install_log_filter()
     return config
 
 
@@ -132,7 +132,7 @@ class Emulator:
         self.config = config if config is not None else EmulatorConfig()
         self.stats = EmulatorStats()
         self.app = create_app(self.config, self.stats)
-        self._state: _EmulatorState = self.app.state.emulator
+        self._state: EmulatorState = self.app.state.emulator
         self.control_token: str = self.app.state.control_token
         self._port: int | None = None
         self._server: _ThreadedServer | None = None

@@ -18,27 +18,27 @@ from flux_flows.emulator.config import (
     RATE_WINDOW_S,
     EmulatorConfig,
     EmulatorStats,
-    _apply_changes,
+    apply_changes,
 )
-from flux_flows.emulator.errors import _ApiError, _retry_after_headers
-from flux_flows.emulator.markers import _Markers
-from flux_flows.emulator.parsing import _KontextJob, _ParsedRequest
+from flux_flows.emulator.errors import ApiError, retry_after_headers
+from flux_flows.emulator.markers import Markers
+from flux_flows.emulator.parsing import KontextJob, ParsedRequest
 
 
-def _now() -> float:
+def monotonic_now() -> float:
     """Clock of the rate-limit window; a module function so tests can move time without sleeping."""
     return time.monotonic()
 
 
 @dataclass
-class _KontextTask:
-    """One submitted Kontext task. Its status is decided when polled (see `_EmulatorState.poll`);
+class KontextTask:
+    """One submitted Kontext task. Its status is decided when polled (see `EmulatorState.poll`);
     the picture is rendered on first download and kept until the task is forgotten."""
 
     id: str
-    job: _KontextJob
+    job: KontextJob
     seed: int
-    markers: _Markers
+    markers: Markers
     created: float
     results_origin: str
     polls: int = 0
@@ -83,7 +83,7 @@ def _poll_body(
     }
 
 
-class _EmulatorState:
+class EmulatorState:
     """What changes between requests; locked because tests reset it from other threads."""
 
     def __init__(self, config: EmulatorConfig, stats: EmulatorStats) -> None:
@@ -93,11 +93,11 @@ class _EmulatorState:
         self._rng = random.Random(config.fault_seed)
         self._flaky: Counter[tuple[str, int]] = Counter()
         self._window: deque[float] = deque()
-        self._tasks: dict[str, _KontextTask] = {}
+        self._tasks: dict[str, KontextTask] = {}
 
     def configure(self, changes: dict[str, Any]) -> None:
         with self._lock:
-            _apply_changes(self.config, changes)
+            apply_changes(self.config, changes)
             if "fault_seed" in changes:
                 self._rng = random.Random(self.config.fault_seed)
 
@@ -110,7 +110,7 @@ class _EmulatorState:
             self._tasks.clear()
         self.stats.reset()
 
-    def add_task(self, task: _KontextTask) -> None:
+    def add_task(self, task: KontextTask) -> None:
         """Remember a task; the oldest are forgotten beyond KONTEXT_MAX_TASKS (results expire)."""
         with self._lock:
             self._tasks[task.id] = task
@@ -132,7 +132,7 @@ class _EmulatorState:
                 reasons = {"moderation_reasons": ["input refused ([[kontext:request-moderated]])"]}
                 return _poll_body(task_id, "Request Moderated", details=reasons)
             pending_s = self.config.kontext_pending_s
-            age = _now() - task.created
+            age = monotonic_now() - task.created
             if age < pending_s:
                 return _poll_body(task_id, "Pending", progress=round(age / pending_s, 2))
             if markers.kontext == "error":
@@ -153,7 +153,7 @@ class _EmulatorState:
             result = {"sample": sample, "seed": task.seed}
             return _poll_body(task_id, "Ready", result=result, progress=1.0)
 
-    def ready_task(self, name: str) -> _KontextTask | None:
+    def ready_task(self, name: str) -> KontextTask | None:
         """The task whose result `name` (`<id>.<ext>`) is, if it has been seen Ready."""
         task_id, _, extension = name.rpartition(".")
         with self._lock:
@@ -162,7 +162,7 @@ class _EmulatorState:
             return None
         return task
 
-    def admit(self, gen: _ParsedRequest | _KontextJob, markers: _Markers) -> dict[str, str]:
+    def admit(self, gen: ParsedRequest | KontextJob, markers: Markers) -> dict[str, str]:
         """Decide, atomically, whether this request is served; returns its rate-limit headers.
 
         Order: rate window, then flaky marker, then random faults. Only admitted requests take a
@@ -172,19 +172,19 @@ class _EmulatorState:
             limit_headers = self._check_window()
             busy = self.config.max_concurrent
             if busy is not None and self.stats.in_flight > busy:
-                raise _ApiError(
+                raise ApiError(
                     429,
                     f"Too many concurrent requests (more than {busy}); slow down.",
-                    headers=_retry_after_headers(self.config),
+                    headers=retry_after_headers(self.config),
                 )
             if markers.flaky:
                 key = (gen.prompt, gen.seed)
                 self._flaky[key] += 1
                 if self._flaky[key] <= markers.flaky:
-                    raise _ApiError(503, "The service is temporarily unavailable (flaky marker).")
+                    raise ApiError(503, "The service is temporarily unavailable (flaky marker).")
             self._random_fault()
             if self.config.rpm_limit is not None:
-                self._window.append(_now())
+                self._window.append(monotonic_now())
                 limit_headers = self._limit_headers(over=False)
             return limit_headers
 
@@ -192,13 +192,13 @@ class _EmulatorState:
         limit = self.config.rpm_limit
         if limit is None:
             return {}
-        now = _now()
+        now = monotonic_now()
         while self._window and self._window[0] <= now - RATE_WINDOW_S:
             self._window.popleft()
         if len(self._window) >= limit:
             wait = max(1, math.ceil(self._window[0] + RATE_WINDOW_S - now))
             headers = {**self._limit_headers(over=True), "Retry-After": str(wait)}
-            raise _ApiError(
+            raise ApiError(
                 429, f"Request rate limit of {limit} requests per minute exceeded.", headers=headers
             )
         return self._limit_headers(over=False)
@@ -217,8 +217,8 @@ class _EmulatorState:
             return
         draw = self._rng.random()
         if draw < config.rate_429:
-            raise _ApiError(
-                429, "Too many requests, please slow down.", headers=_retry_after_headers(config)
+            raise ApiError(
+                429, "Too many requests, please slow down.", headers=retry_after_headers(config)
             )
         if draw < config.rate_429 + config.rate_5xx:
-            raise _ApiError(config.status_5xx)
+            raise ApiError(config.status_5xx)
