@@ -34,7 +34,8 @@ from prefect.settings import PREFECT_API_URL
 from flux_flows import FinishReason
 from flux_flows.emulator import state as emulator_state
 from flux_flows.flows import generate_images
-from flux_flows.rendering.limits import RENEW_FRACTION, lease_s
+from flux_flows.rendering.limit_settings import lease_s
+from flux_flows.rendering.limits import RENEW_FRACTION
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

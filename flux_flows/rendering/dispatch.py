@@ -15,7 +15,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flux_flows.models import FinishReason
-from flux_flows.rendering.limits import AccountLimits
+from flux_flows.rendering.limit_settings import AccountLimits
 from flux_flows.rendering.one_image import RenderJob, RenderResult
 from flux_flows.rendering.progress import ProgressReporter
 from flux_flows.rendering.window import PlainRunner, render_windowed

@@ -37,26 +37,14 @@ from typing import Any
 from uuid import UUID
 
 from flux_flows.rendering.limit_settings import (
-    SLOT_LEASE_S,
     AccountLimits,
     LimitError,
-    check_rate_limit,
     lease_s,
     missing_message,
     read_limit,
 )
 
-# The settings' names stay importable from here, where callers found them before the split.
-__all__ = [
-    "RENEW_FRACTION",
-    "SLOT_LEASE_S",
-    "AccountLimits",
-    "LimitError",
-    "SharedLimits",
-    "check_rate_limit",
-    "lease_s",
-    "sharing",
-]
+__all__ = ["RENEW_FRACTION", "SharedLimits", "sharing"]
 
 logger = logging.getLogger("flux_flows.rendering.limits")
 

@@ -27,7 +27,7 @@ from flux_flows.blocks import FireworksCredentials, shared_client
 from flux_flows.errors import FluxError, StorageError
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.planning import claims, layout
-from flux_flows.rendering import limits
+from flux_flows.rendering import limit_settings
 from flux_flows.rendering.spill import SpillFolder
 from flux_flows.rendering.thumbnails import store_thumbnail
 from flux_flows.results import GeneratedImage
@@ -133,8 +133,8 @@ _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(RenderResult))
 
 # How long a slot taken from a Prefect global concurrency limit outlives a holder that stopped
 # renewing it: a killed process's slots come back after a minute, not Prefect's default five
-# (the server's minimum; `limits.lease_s` reads FLUX_FLOWS_SLOT_LEASE_S).
-SLOT_LEASE_S = limits.SLOT_LEASE_S
+# (the server's minimum; `limit_settings.lease_s` reads FLUX_FLOWS_SLOT_LEASE_S).
+SLOT_LEASE_S = limit_settings.SLOT_LEASE_S
 
 
 @contextlib.contextmanager
@@ -159,7 +159,7 @@ def _api_slot(job: RenderJob) -> Iterator[None]:
         job.concurrency_limit,
         occupy=1,
         strict=True,
-        lease_duration=limits.lease_s(),
+        lease_duration=limit_settings.lease_s(),
         raise_on_lease_renewal_failure=False,
     ):
         yield

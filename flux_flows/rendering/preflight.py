@@ -10,7 +10,7 @@ from prefect import get_run_logger
 
 from flux_flows.blocks import shared_client
 from flux_flows.planning.claims import check_claims_writable
-from flux_flows.rendering.limits import check_rate_limit
+from flux_flows.rendering.limit_settings import check_rate_limit
 from flux_flows.rendering.spill import SpillFolder
 from flux_flows.settings import BatchOptions
 from flux_flows.storage import Storage

@@ -24,7 +24,8 @@ from prefect.states import State
 from flux_flows.errors import AuthenticationError
 from flux_flows.models import FinishReason
 from flux_flows.rendering.interrupts import first_ctrl_c_stops
-from flux_flows.rendering.limits import AccountLimits, SharedLimits, sharing
+from flux_flows.rendering.limit_settings import AccountLimits
+from flux_flows.rendering.limits import SharedLimits, sharing
 from flux_flows.rendering.one_image import RenderJob, RenderResult, render_image
 from flux_flows.rendering.pacing import AdaptiveWindow, Pacer
 from flux_flows.rendering.progress import ProgressReporter

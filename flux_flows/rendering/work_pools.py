@@ -56,7 +56,7 @@ from flux_flows.rendering.chunk_files import (
     read_results,
     results_key,
 )
-from flux_flows.rendering.limits import AccountLimits
+from flux_flows.rendering.limit_settings import AccountLimits
 from flux_flows.rendering.one_image import SLOT_LEASE_S, RenderJob, RenderResult
 from flux_flows.rendering.pacing import RPM_HEADROOM
 from flux_flows.rendering.progress import ProgressReporter
