@@ -35,29 +35,16 @@ def record_of(
         "columns": planned.columns,
     }
     if key in plan.stored:
-        stored = plan.stored[key]
-        uri: str | None = storage.uri_for(stored.object_key)
-        success = stored.finish_reason is FinishReason.SUCCESS
-        return ImageRecord.for_request(
-            request,
-            **base,
-            finish_reason=stored.finish_reason,
-            uri=uri if success else None,
-            filtered_uri=None if success else uri,
-            # Made with the image; if it went missing since, the contact sheet shows the image.
-            thumbnail_uri=storage.uri_for(layout.thumbnail_key(key)) if success else None,
-            cached=True,
-            width=request.size[0],
-            height=request.size[1],
-            content_type=request.content_type,
-        )
+        return _found_stored(planned, plan, storage, base)
+    # Only the first line of a distinct request carries its cost and calls.
+    cost = plan.cost_by_key[key] if first else 0.0
     if key in skipped:
         return ImageRecord.for_request(
             request,
             **base,
             finish_reason=FinishReason.SKIPPED_BUDGET,
             error="not generated: the run's budget_usd would have been exceeded",
-            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
+            estimated_cost_usd=cost,
         )
     if key not in results:  # a dry run
         return ImageRecord.for_request(
@@ -65,21 +52,56 @@ def record_of(
             **base,
             finish_reason=FinishReason.PLANNED,
             cached=not first,
-            estimated_cost_usd=plan.cost_by_key[key] if first else 0.0,
+            estimated_cost_usd=cost,
         )
-    result = results[key]
+    return _rendered(planned, results[key], cost, storage, base, first)
+
+
+def _found_stored(
+    planned: PlannedImage, plan: BatchPlan, storage: Storage, base: dict[str, Any]
+) -> ImageRecord:
+    """An image the destination held before the run: no call, no cost."""
+    key, request = planned.cache_key, planned.request
+    stored = plan.stored[key]
+    uri: str | None = storage.uri_for(stored.object_key)
+    success = stored.finish_reason is FinishReason.SUCCESS
+    return ImageRecord.for_request(
+        request,
+        **base,
+        finish_reason=stored.finish_reason,
+        uri=uri if success else None,
+        filtered_uri=None if success else uri,
+        # Made with the image; if it went missing since, the contact sheet shows the image.
+        thumbnail_uri=storage.uri_for(layout.thumbnail_key(key)) if success else None,
+        cached=True,
+        width=request.size[0],
+        height=request.size[1],
+        content_type=request.content_type,
+    )
+
+
+def _rendered(
+    planned: PlannedImage,
+    result: RenderResult,
+    cost: float,
+    storage: Storage,
+    base: dict[str, Any],
+    first: bool,
+) -> ImageRecord:
+    """An image this run rendered (or found stored under its lease, or took from the spill)."""
     success = result.finish_reason is FinishReason.SUCCESS
     uri = storage.uri_for(result.object_key) if result.object_key else None
     unpaid = result.recovered_from_spill or result.already_stored
     paid = first and not unpaid and result.finish_reason != FinishReason.ERROR
+    thumbnail = success and result.thumbnail
     return ImageRecord.for_request(
-        request,
+        planned.request,
         **base,
         finish_reason=result.finish_reason,
         uri=uri if success else None,
         filtered_uri=uri if result.finish_reason is FinishReason.CONTENT_FILTERED else None,
-        thumbnail_uri=storage.uri_for(layout.thumbnail_key(key))
-        if success and result.thumbnail
+        thumbnail_uri=storage.uri_for(layout.thumbnail_key(planned.cache_key))
+        if thumbnail
         else None,
         cached=not first or unpaid,
         error=result.error,
@@ -91,7 +113,7 @@ def record_of(
         request_id=result.request_id,
         latency_s=result.latency_s,
         api_calls=result.api_calls if first else 0,
-        estimated_cost_usd=plan.cost_by_key[key] if paid else 0.0,
+        estimated_cost_usd=cost if paid else 0.0,
     )
 
 
