@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import pytest
-from synthetic_runs import report_of, synthetic_run
 
 from flux_flows import layout
 from flux_flows.flows import generate_images
@@ -26,6 +25,7 @@ from flux_flows.prompts import read_prompts
 from flux_flows.reporting import summary_lines, write_manifests
 from flux_flows.results import BatchReport
 from flux_flows.storage import LocalStorage
+from helpers.runs import report_of, synthetic_run
 
 pytestmark = pytest.mark.browser
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from conftest import TEST_API_KEY
+from helpers.common import TEST_API_KEY
 
 
 def cli(

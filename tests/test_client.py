@@ -15,7 +15,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import TEST_API_KEY
 from flux_flows.client import (
     AsyncFluxClient,
     FluxClient,
@@ -39,6 +38,7 @@ from flux_flows.errors import (
 )
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.results import GeneratedImage
+from helpers.common import TEST_API_KEY
 
 FAST = RetryPolicy(max_retries=3, initial_delay_s=0.01, max_delay_s=0.05)
 

@@ -31,7 +31,7 @@ import boto3
 import httpx
 import pytest
 
-from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port, wait_for_online_workers
+from helpers.common import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port, wait_for_online_workers
 
 pytestmark = pytest.mark.deployment
 

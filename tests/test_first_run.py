@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY
+from helpers.common import PREFECT_START_TIMEOUT_S, TEST_API_KEY
 
 UI_PAGE_RE = re.compile(r"(http://127\.0\.0\.1:\d+)/runs/flow-run/([0-9a-f-]{36})")
 

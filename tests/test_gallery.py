@@ -24,7 +24,6 @@ from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from synthetic_runs import report_of, synthetic_run
 from typer.testing import CliRunner
 
 from flux_flows import generate_image, layout, reporting, thumbnails, upload_image
@@ -50,6 +49,7 @@ from flux_flows.reporting import (
 )
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage, get_s3_client
+from helpers.runs import report_of, synthetic_run
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

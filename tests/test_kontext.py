@@ -26,7 +26,6 @@ import pytest
 from PIL import Image, ImageStat
 from pydantic import ValidationError
 
-from conftest import free_port
 from flux_flows.client import (
     AsyncFluxClient,
     FluxClient,
@@ -57,6 +56,7 @@ from flux_flows.models import (
     describe_validation_error,
 )
 from flux_flows.results import GeneratedImage, ImageRecord
+from helpers.common import free_port
 
 KEY = "fw-kontext-test-key-0123456789abcdef"
 SUBMIT = "/workflows/accounts/fireworks/models/{model}"

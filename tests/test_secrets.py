@@ -32,12 +32,12 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from test_faults import S3Faults
 
-from conftest import TEST_API_KEY
 from flux_flows import FireworksCredentials, FluxClient, FluxError, ImageRequest, RetryPolicy
 from flux_flows.emulator import Emulator, EmulatorConfig, serve
 from flux_flows.flows import generate_images
+from helpers.common import TEST_API_KEY
+from helpers.s3 import S3Faults
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 
