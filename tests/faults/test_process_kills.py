@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.kills import (
-    BATCH_SCRIPT,
-    CHUNKED_BATCH_SCRIPT,
-    kill_mid_batch,
-    kill_row,
-    rerun_after_kill,
-)
+from helpers.kills import BATCH_SCRIPT, CHUNKED_BATCH_SCRIPT, kill_mid_batch, rerun_and_record
 from helpers.matrix import Scenario, distinct
 
 pytestmark = pytest.mark.usefixtures("flow_env")
@@ -38,28 +32,19 @@ def test_sigkill_mid_batch_then_rerun(
     left = kill_mid_batch(sc, [*argv, str(concurrency)], tmp_path, at_least=n // 2, group=False)
     assert n // 2 <= len(left.stored) < n
 
-    after = rerun_after_kill(
+    after = rerun_and_record(
         sc,
         prompts,
         tmp_path,
-        paid_before_kill=left.paid,
-        stored_at_kill=left.stored,
+        left,
         in_flight_bound=concurrency,
+        describe=lambda after: (
+            f"SIGKILL once {len(left.stored)} were stored; the re-run in a new process finds "
+            f"them ({after.report.cache_hits} cache hits) and generates only the other "
+            f"{after.report.api_calls}, each once"
+        ),
     )
     assert set(after.rerun.values()) == {1}  # half the batch was left: the re-run made each once
-    kill_row(
-        sc,
-        f"SIGKILL once {len(left.stored)} were stored; the re-run in a new process finds "
-        f"them ({after.report.cache_hits} cache hits) and generates only the other "
-        f"{after.report.api_calls}, each once",
-        requested=n,
-        stored=len(left.stored),
-        filtered=left.filtered,
-        errors="-",
-        spilled=left.spilled,
-        after=after,
-        expected_rerun=n - len(left.stored),
-    )
 
 
 def test_sigkill_mid_batch_in_chunked_mode_then_rerun(
@@ -86,24 +71,15 @@ def test_sigkill_mid_batch_in_chunked_mode_then_rerun(
     assert left.processes >= 3, left.processes
     assert n // 2 <= len(left.stored) < n
 
-    after = rerun_after_kill(
+    rerun_and_record(
         sc,
         prompts,
         tmp_path,
-        paid_before_kill=left.paid,
-        stored_at_kill=left.stored,
+        left,
         in_flight_bound=concurrency,
-    )
-    kill_row(
-        sc,
-        f"SIGKILL of the group ({left.processes} processes) once {len(left.stored)} were "
-        f"stored; the re-run in a new process finds them ({after.report.cache_hits} cache "
-        f"hits) and generates only the other {after.report.api_calls}, each once",
-        requested=n,
-        stored=len(left.stored),
-        filtered=left.filtered,
-        errors="-",
-        spilled=left.spilled,
-        after=after,
-        expected_rerun=n - len(left.stored),
+        describe=lambda after: (
+            f"SIGKILL of the group ({left.processes} processes) once {len(left.stored)} were "
+            f"stored; the re-run in a new process finds them ({after.report.cache_hits} cache "
+            f"hits) and generates only the other {after.report.api_calls}, each once"
+        ),
     )

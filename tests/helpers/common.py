@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 TEST_API_KEY = "fw-test-key-do-not-leak-0123456789"
@@ -23,7 +24,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`flux-flows ARGS` in a fresh interpreter, as a user runs it (Prefect server start-up
     included in the time it may take)."""
     return subprocess.run(
@@ -31,6 +34,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=env,
+        cwd=cwd,
         timeout=PREFECT_START_TIMEOUT_S + 120,
     )
 

@@ -350,3 +350,35 @@ def kill_tree(pid: int, *, whole_tree: bool = True) -> None:
     for group in groups:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
+
+
+def rerun_and_record(
+    sc: Scenario,
+    prompts: list[str],
+    tmp_path: Path,
+    left: Killed,
+    *,
+    in_flight_bound: int,
+    describe: Callable[[AfterKill], str],
+) -> AfterKill:
+    """`rerun_after_kill` after `kill_mid_batch`, then the scenario's row (`describe` words it)."""
+    after = rerun_after_kill(
+        sc,
+        prompts,
+        tmp_path,
+        paid_before_kill=left.paid,
+        stored_at_kill=left.stored,
+        in_flight_bound=in_flight_bound,
+    )
+    kill_row(
+        sc,
+        describe(after),
+        requested=len(prompts),
+        stored=len(left.stored),
+        filtered=left.filtered,
+        errors="-",
+        spilled=left.spilled,
+        after=after,
+        expected_rerun=len(prompts) - len(left.stored),
+    )
+    return after
