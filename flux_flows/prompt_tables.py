@@ -185,7 +185,8 @@ def iter_parquet(
 
     with _local_copy(source, aws_credentials) as path:
         try:
-            file = pq.ParquetFile(path)
+            # Streamed column chunks, not whole ones buffered ahead: the memory of a batch.
+            file = pq.ParquetFile(path, pre_buffer=False, buffer_size=_CHUNK)
         except (pa.ArrowException, OSError) as exc:
             raise PromptSourceError(f"{source}: not a readable Parquet file ({exc})") from exc
         found = False
