@@ -23,7 +23,7 @@ import pytest
 
 from helpers.common import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "flux-flows-pool"
