@@ -185,7 +185,7 @@ def _step_costs(dest: str, requests: list[Any], conc: int) -> dict[str, float]:
         calls, lambda i: client.generate(requests[i]), threads=conc
     )
     # The public names, so the same line times older trees too (Pillow-based size reading).
-    from flux_flows.client import image_size, sniff_image
+    from flux_flows.client._kontext import image_size, sniff_image
 
     out["verify the answer (sniff + image size)"], _ = cpu_per_call_ms(
         calls * 20, lambda i: (sniff_image(image.data), image_size(image.data))

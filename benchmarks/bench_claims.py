@@ -30,7 +30,8 @@ from harness.timing import timed
 from flux_flows.models import ImageRequest
 from flux_flows.planning import claims
 from flux_flows.rendering.one_image import found_stored
-from flux_flows.storage import LocalStorage, S3Storage, Storage, clear_s3_client_cache
+from flux_flows.storage import LocalStorage, S3Storage, Storage
+from flux_flows.storage.s3_client import clear_s3_client_cache
 
 
 def _timed(n: int, step: Callable[[int], None], exclude: list[int]) -> tuple[float, float]:

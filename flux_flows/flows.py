@@ -28,6 +28,7 @@ from flux_flows.planning.claims import close_heartbeat, remove_run_holders
 from flux_flows.planning.plan import BatchPlan, PlannedImage, plan_run
 from flux_flows.planning.sources import PromptRow, iter_prompts, normalize_prompts
 from flux_flows.planning.templates import table_spec
+from flux_flows.records.events import BatchAnnouncer
 from flux_flows.records.join import finished_records, iter_records
 from flux_flows.records.manifests import (
     ManifestSpool,
@@ -64,8 +65,18 @@ __all__ = [
 D = BATCH_DEFAULTS  # the signatures' defaults, written once in settings.py
 
 
-def run_batch(rows: Iterable[PromptRow], options: BatchOptions) -> State:
-    """The body shared by both flows; returns the final state carrying the BatchReport."""
+def run_batch(
+    rows: Iterable[PromptRow], options: BatchOptions, *, source: str | None = None
+) -> State:
+    """The body shared by the flows; returns the final state carrying the BatchReport. Its end
+    is announced as one Prefect event, its manifest as an asset (`batch_events`)."""
+    with BatchAnnouncer(options, source) as announcer:
+        return announcer.ended(_run_batch(rows, options, announcer))
+
+
+def _run_batch(
+    rows: Iterable[PromptRow], options: BatchOptions, announcer: BatchAnnouncer
+) -> State:
     started = time.perf_counter()
     logger = get_run_logger()
     storage = open_storage(options.destination, aws_credentials=options.aws_credentials)
@@ -89,7 +100,7 @@ def run_batch(rows: Iterable[PromptRow], options: BatchOptions) -> State:
     context = FlowRunContext.get()
     flow_run = context.flow_run if context else None
     flow_run_id = str(flow_run.id) if flow_run else None
-    run_id = layout.new_run_id(flow_run.name if flow_run else None)
+    run_id = announcer.run_id = layout.new_run_id(flow_run.name if flow_run else None)
     parts = PartWriter(storage, run_id)
     results: dict[str, RenderResult] = {}
     if not options.dry_run:
@@ -271,6 +282,7 @@ def generate_images(
     prompt_template: str | None = D.prompt_template,
     template_defaults: dict[str, str] | None = D.template_defaults,
     keep_columns: list[str] | None = D.keep_columns,
+    events: bool = D.events,
     staged_prompts: str | None = None,
 ) -> BatchReport:
     """Generate an image per prompt (x `variants`) into `destination`, never paying twice.
@@ -296,6 +308,9 @@ def generate_images(
     `thumbnails=False` skips the contact sheet's 256 px thumbnails (~4 ms of CPU and one more
     PUT per image: `bench_batch.py --repeat 3` in benchmarks/RESULTS.md); the sheet then shows
     the full images.
+    When the batch ends it sends one `flux-flows.batch.completed` or `.failed` Prefect event and
+    records the manifest as an asset, for triggers downstream (deployments/README.md);
+    `events=False` sends neither.
 
     FLUX Kontext (`model="flux-kontext-pro"` or `"flux-kontext-max"`, batch-wide or per prompt)
     takes `safety_tolerance` (0 strict .. 6 permissive) and `prompt_upsampling`. `input_images`
@@ -357,6 +372,7 @@ def generate_images_from_file(
     prompt_template: str | None = D.prompt_template,
     template_defaults: dict[str, str] | None = D.template_defaults,
     keep_columns: list[str] | None = D.keep_columns,
+    events: bool = D.events,
 ) -> BatchReport:
     """The batch, reading prompts from a file: local path or `s3://bucket/key`.
 
@@ -377,7 +393,7 @@ def generate_images_from_file(
     options = BatchOptions.from_params(locals())
     table = table_spec(prompt_template, template_defaults, keep_columns)
     rows = iter_prompts(source, aws_credentials=aws_credentials, table=table)
-    return run_batch(rows, options)  # type: ignore[return-value]
+    return run_batch(rows, options, source=source)  # type: ignore[return-value]
 
 
 def replay_rows(
@@ -418,6 +434,7 @@ def replay_failed(
     concurrency_limit: str | None = D.concurrency_limit,
     rate_limit: str | None = D.rate_limit,
     fail_on_error: bool = D.fail_on_error,
+    events: bool = D.events,
 ) -> BatchReport:
     """Re-submit exactly the ERROR (and, if asked, SKIPPED_BUDGET) records of an earlier manifest.
 

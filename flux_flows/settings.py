@@ -94,6 +94,9 @@ class BatchSettings(RequestDefaults):
     prompt_template: str | None = None
     template_defaults: dict[str, str] | None = None
     keep_columns: list[str] | None = None
+    # When the batch ends: a `flux-flows.batch.*` Prefect event and the manifest as an asset
+    # (`batch_events`), so the next job can start on a trigger instead of polling.
+    events: bool = True
 
     @field_validator(*_LOWER_BOUNDS, mode="before")
     @classmethod

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-TEST_API_KEY = "fw-test-key-do-not-leak-0123456789"
+from helpers.common import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port
 
 # No telemetry from the test servers (there is no network to send it to anyway).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -23,9 +18,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # background server there, never in the developer's own home, and the session stops it at the end.
 TEST_PREFECT_HOME = tempfile.mkdtemp(prefix="flux-flows-tests-prefect-home-")
 os.environ["PREFECT_HOME"] = TEST_PREFECT_HOME
-# A fresh Prefect database takes ~30 s to migrate on 2 busy cores: no start-up may rely on
-# Prefect's 20 s default (issue 13).
-PREFECT_START_TIMEOUT_S = 240
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(PREFECT_START_TIMEOUT_S)
 os.environ["FLUX_FLOWS_SERVER_TIMEOUT"] = str(PREFECT_START_TIMEOUT_S)
 
@@ -94,12 +86,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             for line in lines:
                 reporter.write_line(line, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -213,28 +199,3 @@ def cli_env(flow_env: object, tmp_path: object) -> dict[str, str]:
         "COLUMNS": "200",
     }
     return env
-
-
-def wait_for_online_workers(
-    client: Any,
-    pool: str,
-    names: list[str],
-    workers: list[subprocess.Popen[Any]],
-    describe: Callable[[], str] = lambda: "",
-    timeout_s: float = 60.0,
-) -> None:
-    """Until every named worker of `pool` is ONLINE at the API (a batch sizes its chunks' shares
-    from them); fails at once if one of the worker processes exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        online = [
-            w.name
-            for w in client.read_workers_for_work_pool(pool)
-            if w.status and w.status.value == "ONLINE" and w.name in names
-        ]
-        if len(online) == len(names):
-            return
-        assert all(w.poll() is None for w in workers), f"a worker exited\n{describe()}"
-        assert time.monotonic() < deadline, f"workers not online: {online}\n{describe()}"
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            workers[0].wait(timeout=0.2)  # a poll interval that returns if it dies

@@ -9,7 +9,7 @@ must stop the batch after at most `max_concurrency` requests, with no generation
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,7 @@ from flux_flows.errors import MissingCredentialsError, PromptSourceError, Storag
 from flux_flows.flows import generate_images, generate_images_from_file
 from flux_flows.models import describe_validation_error
 
-pytestmark = pytest.mark.usefixtures("flow_env")
-
-
-@pytest.fixture(autouse=True)
-def _no_flow_heartbeats(prefect_api: None) -> Iterator[None]:
-    """Prefect's heartbeat thread sleeps in 1 s steps and is joined when a flow run ends: about
-    1 s per flow run. Heartbeats only detect crashed runs on a server; nothing here needs them."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+pytestmark = pytest.mark.usefixtures("flow_env")  # heartbeats off: the `prefect_api` fixture
 
 
 def refused(

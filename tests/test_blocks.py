@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from conftest import TEST_API_KEY
 from flux_flows import (
     APIConnectionError,
     FinishReason,
@@ -20,6 +19,7 @@ from flux_flows import (
 )
 from flux_flows.blocks import shared_client
 from flux_flows.client import DEFAULT_BASE_URL
+from helpers.common import TEST_API_KEY
 
 
 def test_block_saves_loads_and_builds_a_working_client(prefect_api: None, emulator: Any) -> None:

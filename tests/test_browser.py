@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import pytest
-from synthetic_runs import report_of, synthetic_run
 
 from flux_flows.flows import generate_images
 from flux_flows.gallery import write_contact_sheets
@@ -30,6 +29,7 @@ from flux_flows.records.manifests import write_manifests
 from flux_flows.records.reports import summary_lines
 from flux_flows.results import BatchReport
 from flux_flows.storage import LocalStorage
+from helpers.runs import report_of, synthetic_run
 
 pytestmark = pytest.mark.browser
 

@@ -11,20 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from conftest import TEST_API_KEY
-
-
-def cli(
-    *args: str, env: dict[str, str], cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flux_flows.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=240,
-    )
+from helpers.common import TEST_API_KEY, cli, summary_row
 
 
 def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
@@ -134,22 +121,14 @@ def test_run_then_plan_then_rerun(tmp_path: Path, cli_env: dict[str, str], flow_
     assert flow_env.stats.generations == 6
     planned = cli("plan", str(prompts), "--to", str(out), "--variants", "3", env=cli_env)
     assert planned.returncode == 0, planned.stderr
-    assert _row(planned.stdout, "already stored") == "6"
-    assert _row(planned.stdout, "to generate") == "3"
-    assert _row(planned.stdout, "estimated cost") == "$0.0042"
+    assert summary_row(planned.stdout, "already stored") == "6"
+    assert summary_row(planned.stdout, "to generate") == "3"
+    assert summary_row(planned.stdout, "estimated cost") == "$0.0042"
     assert flow_env.stats.generations == 6  # planning spends nothing
     again = cli("run", str(prompts), "--to", str(out), "--variants", "2", env=cli_env)
     assert again.returncode == 0
-    assert _row(again.stdout, "API calls") == "0"
+    assert summary_row(again.stdout, "API calls") == "0"
     assert flow_env.stats.generations == 6
-
-
-def _row(table: str, name: str) -> str:
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip("│|┃ ").replace("┃", "│").split("│")]
-        if cells and cells[0].startswith(name):
-            return cells[-1]
-    raise AssertionError(f"no row {name!r} in:\n{table}")
 
 
 def test_run_with_failures_exits_1_and_replay_finishes_them(
@@ -192,7 +171,7 @@ def test_demo_runs_offline_and_reruns_for_free(tmp_path: Path, cli_env: dict[str
     assert "Manifest:" in done.stdout
     assert "generating 16 images" in done.stderr
     again = cli("demo", "--to", str(tmp_path / "demo"), env=env)
-    assert _row(again.stdout, "API calls") == "0"
+    assert summary_row(again.stdout, "API calls") == "0"
     # Issue 22 item 7: the second demo says what really happens, and shows no empty 0/0 bar.
     assert "16 images already stored: nothing to generate" in again.stderr
     assert "generating 16" not in again.stderr and "0/0" not in again.stderr
@@ -209,9 +188,9 @@ def test_plan_an_edit_batch_with_inline_prompts(tmp_path: Path, cli_env: dict[st
         "plan", *args, "--model", "flux-kontext-pro", "--to", str(tmp_path / "out"), env=cli_env
     )
     assert done.returncode == 0, done.stderr
-    assert _row(done.stdout, "images requested") == "6"
-    assert _row(done.stdout, "to generate") == "6"
-    assert _row(done.stdout, "estimated cost") == "$0.2400"  # Kontext pro: $0.04 an image
+    assert summary_row(done.stdout, "images requested") == "6"
+    assert summary_row(done.stdout, "to generate") == "6"
+    assert summary_row(done.stdout, "estimated cost") == "$0.2400"  # Kontext pro: $0.04 an image
     wrong = cli("plan", *args, "--to", str(tmp_path / "out"), env=cli_env)
     assert wrong.returncode == 2 and "Kontext" in wrong.stderr
     both = cli("plan", str(tmp_path / "p.txt"), "--prompt", "x", env=cli_env)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import TEST_API_KEY
 from flux_flows.client import AsyncFluxClient, FluxClient, RetryPolicy
+from flux_flows.client._kontext import image_size, sniff_image
 from flux_flows.client._protocol import Sleep, generation_flow
 from flux_flows.client._wire import api_error_message, parse_response, parse_retry_after
 from flux_flows.errors import (
@@ -29,9 +29,9 @@ from flux_flows.errors import (
     ResponseError,
     ServerError,
 )
-from flux_flows.inputs.sniff import image_size, sniff_image
 from flux_flows.models import FinishReason, ImageRequest
 from flux_flows.results import GeneratedImage
+from helpers.common import TEST_API_KEY
 
 FAST = RetryPolicy(max_retries=3, initial_delay_s=0.01, max_delay_s=0.05)
 

@@ -14,175 +14,39 @@ Every subprocess has a timeout and is stopped by its own pid (its process group)
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
 import pytest
 
-from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY, free_port, wait_for_online_workers
+from helpers import prefect_server as served
+from helpers.common import TEST_API_KEY, wait_for_online_workers
+from helpers.prefect_server import (
+    CLI_TIMEOUT_S,
+    NIGHTLY,
+    POOL,
+    PREFECT,
+    PREFECT_FILE,
+    PROJECT_ROOT,
+    SHOTS,
+    PrefectServer,
+    log_tail,
+    prefect_cli,
+    prefect_client,
+    run_worker_once,
+    stop,
+    worker_env,
+)
 
 pytestmark = pytest.mark.deployment
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-POOL = "flux-flows-pool"
-NIGHTLY = "nightly-batch/nightly-product-images"
-SHOTS = "product-shots/product-shots"
-SERVER_START_TIMEOUT_S = float(PREFECT_START_TIMEOUT_S)
-CLI_TIMEOUT_S = 60.0
-WORKER_TIMEOUT_S = 150.0
-
-
-@dataclass
-class PrefectServer:
-    api_url: str
-    env: dict[str, str]
-    log: Path
-
-
-def _log_tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-
-def _stop(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
-    """SIGTERM the process group we started (server workers, flow-run children), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-
-
-def _base_env(home: Path) -> dict[str, str]:
-    """The test's environment without any ambient Prefect settings, plus a private Prefect home."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_CLI_COLORS="false",
-        COLUMNS="200",
-    )
-    return env
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """`prefect server start` on a free loopback port with its own SQLite database."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = _base_env(root / "home")
-    env.update(
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}",
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
-    )
-    log = root / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        with httpx.Client(timeout=2.0) as http:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"prefect server exited with {proc.returncode}:\n{_log_tail(log)}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if http.get(f"{api_url}/health").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"prefect server not healthy in time:\n{_log_tail(log)}")
-                # Wait on the process, not a bare sleep: returns early if it dies.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=0.25)
-        env["PREFECT_API_URL"] = api_url
-        yield PrefectServer(api_url=api_url, env=env, log=log)
-    finally:
-        _stop(proc)
-
-
-def prefect_cli(server: PrefectServer, *args: str, env: dict[str, str] | None = None) -> str:
-    """Run a `prefect` command from the project root; fail with its output if it fails."""
-    done = subprocess.run(
-        [PREFECT, *args],
-        env=env or server.env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{output}"
-    return output
-
-
-@contextlib.contextmanager
-def prefect_client(server: PrefectServer) -> Iterator[Any]:
-    """A sync client of the test server, whatever API this process was pointed at before."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as c:
-        yield c
-
-
-def worker_env(server: PrefectServer, emulator: Any, tmp_path: Path) -> dict[str, str]:
-    """What a worker host provides: the Prefect API, Fireworks env vars, AWS env (moto)."""
-    env = dict(server.env)
-    env.update(
-        FIREWORKS_API_KEY=TEST_API_KEY,
-        FIREWORKS_BASE_URL=emulator.base_url,
-        FLUX_FLOWS_SPILL_DIR=str(tmp_path / "spill"),
-    )
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        env[name] = os.environ[name]
-    env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
-    return env
-
-
-def run_worker_once(env: dict[str, str], log: Path) -> int:
-    """One poll of the pool; returns when the runs it picked up have finished (or times out)."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--run-once"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        return proc.wait(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"worker did not finish in {WORKER_TIMEOUT_S}s:\n{_log_tail(log)}")
-    finally:
-        _stop(proc)
+prefect_server = served.prefect_server  # the module's server fixture
 
 
 def test_deploy_and_run_with_a_process_worker(
@@ -205,7 +69,7 @@ def test_deploy_and_run_with_a_process_worker(
     output = prefect_cli(
         prefect_server, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), "--all"
     )
-    assert output.count("successfully created") == 3, output
+    assert output.count("successfully created") == 4, output
 
     with prefect_client(prefect_server) as client:
         nightly = client.read_deployment_by_name(NIGHTLY)
@@ -246,7 +110,7 @@ def test_deploy_and_run_with_a_process_worker(
 
     worker_log = tmp_path / "worker.log"
     code = run_worker_once(worker_env(prefect_server, emulator, tmp_path), worker_log)
-    assert code == 0, _log_tail(worker_log)
+    assert code == 0, log_tail(worker_log)
 
     with prefect_client(prefect_server) as client:
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -259,8 +123,8 @@ def test_deploy_and_run_with_a_process_worker(
         }
     [nightly_run] = [r for r in runs[nightly.id] if r.state and not r.state.is_scheduled()]
     [shots_run] = [r for r in runs[shots.id] if r.state]
-    assert nightly_run.state.is_completed(), f"{nightly_run.state}\n{_log_tail(worker_log)}"
-    assert shots_run.state.is_completed(), f"{shots_run.state}\n{_log_tail(worker_log)}"
+    assert nightly_run.state.is_completed(), f"{nightly_run.state}\n{log_tail(worker_log)}"
+    assert shots_run.state.is_completed(), f"{shots_run.state}\n{log_tail(worker_log)}"
 
     # Nightly: images and manifest under the prefix dated by the run's scheduled start (UTC).
     day = nightly_run.expected_start_time.astimezone(UTC).date().isoformat()
@@ -403,8 +267,8 @@ def test_a_batch_spreads_its_chunks_over_two_pool_workers(
                 EventsWorker.drain_all(timeout=60)
     finally:
         for worker in workers:
-            _stop(worker)
-    tails = "\n".join(_log_tail(log) for log in logs)
+            stop(worker)
+    tails = "\n".join(log_tail(log) for log in logs)
     assert report.counts["SUCCESS"] == 10, tails
     assert emulator.stats.generations == 10 and emulator.stats.duplicates == 0
     assert emulator.stats.max_in_flight <= concurrency, "the batch's limit must hold across workers"

@@ -15,19 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY
+from helpers.common import TEST_API_KEY, cli
 
 UI_PAGE_RE = re.compile(r"(http://127\.0\.0\.1:\d+)/runs/flow-run/([0-9a-f-]{36})")
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flux_flows.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=PREFECT_START_TIMEOUT_S + 120,
-    )
 
 
 def prefect_modules_after(argv: list[str]) -> list[str]:

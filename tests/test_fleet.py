@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 
 import boto3
 import pytest
-from fleet_helpers import (
+
+from helpers.fleet import (
     Fleet,
     Run,
     applied_offset,

@@ -16,11 +16,11 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from conftest import TEST_API_KEY
 from flux_flows import FinishReason, ImageRequest, generate_image
 from flux_flows.errors import StorageError
 from flux_flows.flows import generate_images, generate_images_from_file
 from flux_flows.results import BatchReport
+from helpers.common import TEST_API_KEY
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

@@ -24,7 +24,6 @@ from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from synthetic_runs import report_of, synthetic_run
 from typer.testing import CliRunner
 
 from flux_flows import generate_image, upload_image
@@ -44,7 +43,8 @@ from flux_flows.records.reports import OUTCOME_ORDER, count_outcomes, problems_f
 from flux_flows.rendering import thumbnails
 from flux_flows.results import BatchReport, ImageRecord
 from flux_flows.storage import LocalStorage
-from flux_flows.storage.s3 import get_s3_client
+from flux_flows.storage.s3_client import get_s3_client
+from helpers.runs import report_of, synthetic_run
 
 pytestmark = pytest.mark.usefixtures("flow_env")
 

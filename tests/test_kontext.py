@@ -13,8 +13,6 @@ import base64
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,6 @@ import pytest
 from PIL import Image, ImageStat
 from pydantic import ValidationError
 
-from conftest import free_port
 from flux_flows.client import AsyncFluxClient, FluxClient, KontextPolicy, RetryPolicy
 from flux_flows.client._async import drive as async_drive
 from flux_flows.client._protocol import Exchange, Offload, generation_flow
@@ -52,6 +49,7 @@ from flux_flows.models import (
     describe_validation_error,
 )
 from flux_flows.results import GeneratedImage, ImageRecord
+from helpers.common import cli, free_port, summary_row
 
 KEY = "fw-kontext-test-key-0123456789abcdef"
 SUBMIT = "/workflows/accounts/fireworks/models/{model}"
@@ -993,24 +991,6 @@ def test_bad_edit_inputs_fail_before_any_spend(tmp_path: Path, kontext_env: Any)
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flux_flows.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
-
-
-def summary_row(table: str, name: str) -> str:
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip("│|┃ ").replace("┃", "│").split("│")]
-        if cells and cells[0].startswith(name):
-            return cells[-1]
-    raise AssertionError(f"no row {name!r} in:\n{table}")
 
 
 def test_cli_run_edit_folder(tmp_path: Path, cli_env: dict[str, str], kontext_env: Any) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import PREFECT_START_TIMEOUT_S, TEST_API_KEY
 from flux_flows.cli import local_server
+from helpers.common import PREFECT_START_TIMEOUT_S, TEST_API_KEY
 
 PROMPT = "a secret heron at dawn, do not leak"
 

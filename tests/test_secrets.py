@@ -32,24 +32,14 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from test_faults import S3Faults
 
-from conftest import TEST_API_KEY
 from flux_flows import FireworksCredentials, FluxClient, FluxError, ImageRequest, RetryPolicy
 from flux_flows.emulator import Emulator, EmulatorConfig, serve
 from flux_flows.flows import generate_images
+from helpers.common import TEST_API_KEY
+from helpers.s3 import S3Faults
 
-pytestmark = pytest.mark.usefixtures("flow_env")
-
-
-@pytest.fixture(autouse=True)
-def _no_flow_heartbeats(prefect_api: None) -> Iterator[None]:
-    """Prefect's heartbeat thread sleeps in 1 s steps and is joined when a flow run ends: about
-    1 s per flow run. Heartbeats only detect crashed runs on a server; nothing here needs them."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+pytestmark = pytest.mark.usefixtures("flow_env")  # heartbeats off: the `prefect_api` fixture
 
 
 FAST = RetryPolicy(max_retries=2, initial_delay_s=0.005, max_delay_s=0.01)

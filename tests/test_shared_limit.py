@@ -340,7 +340,7 @@ def server_with_repossessor(tmp_path: Path) -> Iterator[str]:
     """The API URL of a `prefect server start` of its own, stopped afterwards."""
     import httpx
 
-    from conftest import free_port
+    from helpers.common import free_port
 
     home = tmp_path / "prefect-server"
     home.mkdir()

@@ -7,7 +7,6 @@ import hashlib
 import os
 import pickle
 import random
-import socket
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,17 +26,13 @@ from flux_flows.storage.metadata import (
     TRUNCATION_MARKER,
     metadata_size,
 )
-from flux_flows.storage.s3 import EXPECT_CONTINUE_MIN_BYTES, explain_s3_error, get_s3_client
+from flux_flows.storage.s3 import EXPECT_CONTINUE_MIN_BYTES, explain_s3_error
+from flux_flows.storage.s3_client import get_s3_client
+from helpers.common import free_port
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes\xff\xd9"
 LONG_PROMPT = "A photorealistic product shot of a ceramic mug on oak, soft window light. " * 80
 UNICODE_PROMPT = 'Ein Café in Zürich, 東京の夜景 🌸, «quotes» and 100% "ascii"\nsecond line\t tab '
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def head(bucket: str, key: str) -> dict[str, Any]:

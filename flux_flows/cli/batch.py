@@ -240,6 +240,16 @@ def use_base_url(base_url: str | None) -> None:
         fail_with(exc)
 
 
+EventsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--events/--no-events",
+        help="When the batch ends, send a flux-flows.batch.* Prefect event and record the "
+        "manifest as an asset (deployments/README.md).",
+    ),
+]
+
+
 def _settings(options: dict[str, Any], drop: tuple[str, ...]) -> BatchSettings:
     """`run` and `plan` read their options the same way: as the one list of settings."""
     try:
@@ -271,6 +281,7 @@ def run(
     rate_limit: RateLimitOpt = D.rate_limit,
     budget: BudgetOpt = D.budget_usd,
     thumbnails: ThumbnailsOpt = D.thumbnails,
+    events: EventsOpt = D.events,
     base_url: BaseUrlOpt = None,
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
@@ -365,6 +376,7 @@ def replay(
     concurrency: ConcurrencyOpt = D.max_concurrency,
     rpm: RpmOpt = D.requests_per_minute,
     budget: BudgetOpt = D.budget_usd,
+    events: EventsOpt = D.events,
     base_url: BaseUrlOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -383,6 +395,7 @@ def replay(
             max_concurrency=concurrency,
             requests_per_minute=rpm,
             budget_usd=budget,
+            events=events,
         ),
         verbose=verbose,
         label="replaying",

@@ -13,12 +13,18 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from flux_flows.errors import PromptSourceError
-from flux_flows.models import ImageRequest
+from flux_flows.planning.rows import (
+    ALLOWED_FIELDS,
+    OVERRIDE_FIELDS,
+    SUPPORTED_EXTENSIONS,
+    PromptRow,
+)
+from flux_flows.planning.tables import iter_parquet
 from flux_flows.storage import (
     IsAFolderError,
     NotFoundError,
@@ -42,29 +48,6 @@ __all__ = [
     "normalize_prompts",
     "read_prompts",
 ]
-
-# Per-prompt overrides are exactly the request fields besides the prompt, so a new field on
-# ImageRequest becomes a valid column without touching this module.
-OVERRIDE_FIELDS: tuple[str, ...] = tuple(
-    name for name in ImageRequest.model_fields if name != "prompt"
-)
-ALLOWED_FIELDS: tuple[str, ...] = ("prompt", "id", *OVERRIDE_FIELDS)
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".jsonl", ".ndjson", ".parquet")
-
-
-class PromptRow(NamedTuple):
-    """One prompt with its overrides, and where it came from for error messages.
-
-    `index` and `variant` are set only for a replayed record, which keeps its place in the
-    manifest it came from.
-    """
-
-    fields: dict[str, Any]
-    where: str
-    index: int | None = None  # type: ignore[assignment]  # typeshed's tuple.index; the field wins at runtime
-    variant: int | None = None
-    columns: dict[str, str] | None = None  # kept columns (`prompt_templates`), for the manifest
-
 
 # --------------------------------------------------------------------------------------------
 # Field checks shared by JSONL and in-memory prompts
@@ -335,8 +318,6 @@ def iter_prompts(
         source = "s3://" + source[len("s3://") :]
     _check_s3_source(source)
     if PurePosixPath(source).suffix.lower() == ".parquet":
-        from flux_flows.planning.tables import iter_parquet
-
         return iter_parquet(source, aws_credentials=aws_credentials, table=table)
     parser = _parser_for(source)
     return _rows_of(parser, source, aws_credentials, table)

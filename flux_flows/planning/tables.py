@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flux_flows.errors import PromptSourceError
-from flux_flows.planning.sources import PromptRow
+from flux_flows.planning.rows import PromptRow
 from flux_flows.planning.templates import TableSpec
 from flux_flows.storage import is_s3_uri, split_s3_uri
 
@@ -185,7 +185,8 @@ def iter_parquet(
 
     with _local_copy(source, aws_credentials) as path:
         try:
-            file = pq.ParquetFile(path)
+            # Streamed column chunks, not whole ones buffered ahead: the memory of a batch.
+            file = pq.ParquetFile(path, pre_buffer=False, buffer_size=_CHUNK)
         except (pa.ArrowException, OSError) as exc:
             raise PromptSourceError(f"{source}: not a readable Parquet file ({exc})") from exc
         found = False

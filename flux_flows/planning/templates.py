@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flux_flows.errors import PromptSourceError
-from flux_flows.planning.sources import ALLOWED_FIELDS, PromptRow
+from flux_flows.planning.rows import ALLOWED_FIELDS, PromptRow
 
 __all__ = ["PromptTemplate", "TableSpec", "table_spec"]
 

@@ -1,0 +1,400 @@
+"""The fault matrix's machinery: scenarios, the invariants every run is checked against, rows.
+
+Used by the tests under tests/faults/ (their docstrings say which faults). Each scenario runs the
+real flow against the emulator over HTTP and a moto S3 server, injects one kind of fault, and then
+checks the same invariants (`Scenario.run`):
+
+1. every requested image ends as exactly one of: stored (SUCCESS, the object exists),
+   CONTENT_FILTERED (recorded, bytes under filtered/), ERROR (with a message), or spilled (the
+   local file exists);
+2. nothing the emulator generated (billed) is lost: every generation is stored, spilled or
+   recorded as filtered. A generation whose *delivery* broke (connection dropped mid-body,
+   truncated or garbled bytes) never reached the library: it must be an ERROR, and is counted
+   apart as "billed, not delivered";
+3. nothing is paid twice, and a re-run generates only what the earlier run did not deliver;
+4. the manifest (<destination>/manifest.jsonl, and the run's own copy) equals the BatchReport
+   line for line, and the report's API calls equal the requests the emulator saw.
+
+Each scenario adds a row to a table written at the end of the session (tests/faults/conftest.py)
+to $FLUX_FLOWS_MATRIX_FILE (default /tmp/flux-flows-fault-matrix.md) and printed with `-s`, under
+a line naming the command, the date and the commit; RELIABILITY.md is pasted from it. Every
+figure in a row is counted from the run (or is a parameter of the test), never typed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from flux_flows.client import RetryPolicy
+from flux_flows.flows import generate_images
+from flux_flows.models import FinishReason
+from flux_flows.results import BatchReport, ImageRecord
+
+pytestmark = pytest.mark.usefixtures("flow_env")
+
+MATRIX_FILE = Path(os.environ.get("FLUX_FLOWS_MATRIX_FILE", "/tmp/flux-flows-fault-matrix.md"))
+FAST = RetryPolicy(max_retries=4, initial_delay_s=0.005, max_delay_s=0.02)
+DELIVERY_FAULT = re.compile(r"\[\[fault:(drop|truncate|garbage)\]\]")
+
+# --------------------------------------------------------------------------------------------
+# The matrix: one row per scenario, written once at the end of the session
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One scenario. `requested` to `spilled` describe the run with the fault (for a process
+    killed by SIGKILL, which writes no records: what the destination and the spill folder held at
+    the kill, and `errors` is "-"); `lost`, `paid_twice` and `billed_undelivered` cover every run
+    of the scenario; `rerun_generations` is what the follow-up run(s) generated."""
+
+    fault: str
+    behaviour: str
+    test: str
+    requested: int
+    stored: int
+    filtered: int
+    errors: int | str
+    spilled: int
+    lost: int
+    paid_twice: int
+    billed_undelivered: int
+    rerun_generations: str
+    in_flight_at_kill: int | None = None
+
+
+ROWS: list[Row] = []
+_HEADER = (
+    "| fault | what happens | test | requested | stored | filtered | errors | spilled | lost "
+    "| paid twice | billed, not delivered | re-run generations |\n"
+    "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+)
+
+
+def line_of(row: Row) -> str:
+    paid_twice = str(row.paid_twice)
+    if row.in_flight_at_kill is not None:
+        paid_twice += f" (+{row.in_flight_at_kill} in flight at kill)"
+    return (
+        f"| {row.fault} | {row.behaviour} | `{row.test}` | {row.requested} | {row.stored} | "
+        f"{row.filtered} | {row.errors} | {row.spilled} | {row.lost} | {paid_twice} | "
+        f"{row.billed_undelivered} | {row.rerun_generations} |"
+    )
+
+
+def _provenance(config: pytest.Config) -> str:
+    """The command, the date and the commit the table comes from (a changed tree is said)."""
+    import datetime as dt
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "flux_flows", "tests")
+    tree = "with uncommitted changes in flux_flows/ or tests/" if changed else "clean tree"
+    env = f"FLUX_FLOWS_MATRIX_FILE={MATRIX_FILE} " if "FLUX_FLOWS_MATRIX_FILE" in os.environ else ""
+    command = env + "python -m pytest " + " ".join(config.invocation_params.args)
+    return (
+        f"Generated by `{command}` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC at "
+        f"commit {commit} ({tree}); every figure below was counted by the tests."
+    )
+
+
+def write_matrix(config: pytest.Config) -> None:
+    """Write the rows of this session to MATRIX_FILE and print them (`-s` shows them)."""
+    if not ROWS:
+        return
+    table = "\n".join([_HEADER, *(line_of(r) for r in sorted(ROWS, key=lambda r: r.test))])
+    text = f"{_provenance(config)}\n\n{table}\n"
+    MATRIX_FILE.write_text(text, encoding="utf-8")
+    print(f"\nfault matrix ({len(ROWS)} rows) written to {MATRIX_FILE}\n{text}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading what a run left behind (independently of the library's storage code)
+# --------------------------------------------------------------------------------------------
+
+
+class Destination:
+    """An s3:// prefix (read with a plain boto3 client, not the library's hooked one) or a folder."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.s3 = boto3.client("s3") if uri.startswith("s3://") else None
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return bucket, key
+
+    def read(self, uri: str) -> bytes | None:
+        if self.s3 is None:
+            path = Path(uri)
+            return path.read_bytes() if path.is_file() else None
+        bucket, key = self._split(uri)
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def exists(self, uri: str) -> bool:
+        if self.s3 is None:
+            return Path(uri).is_file()
+        bucket, key = self._split(uri)
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+        except Exception:
+            return False
+        return True
+
+    def keys(self, folder: str) -> set[str]:
+        """Object names under <destination>/<folder>, relative to the destination."""
+        if self.s3 is None:
+            root = Path(self.uri)
+            return {
+                p.relative_to(root).as_posix() for p in (root / folder).glob("*") if p.is_file()
+            }
+        bucket, prefix = self._split(self.uri)
+        root = f"{prefix}/" if prefix else ""
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=root + folder
+        )
+        return {o["Key"][len(root) :] for page in pages for o in page.get("Contents", [])}
+
+    def manifest(self) -> bytes | None:
+        return self.read(f"{self.uri}/manifest.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants
+# --------------------------------------------------------------------------------------------
+
+GenKey = tuple[Any, ...]
+
+
+def emulator_key(record: ImageRecord) -> GenKey:
+    """The emulator's identity of a generation (its `stats.generated` key) for a record."""
+    return (
+        record.model,
+        record.prompt,
+        record.seed,
+        record.aspect_ratio,
+        record.num_inference_steps,
+        float(record.guidance_scale),
+        record.safety_check,
+        record.output_format,
+    )
+
+
+def outcome_of(record: ImageRecord, dest: Destination) -> str:
+    """Exactly one of stored / filtered / error / spilled, each with its evidence checked."""
+    kinds = []
+    if record.spill_path:
+        kinds.append("spilled")
+    elif record.finish_reason is FinishReason.SUCCESS and record.uri:
+        kinds.append("stored")
+    elif record.finish_reason is FinishReason.CONTENT_FILTERED:
+        kinds.append("filtered")
+    if record.finish_reason is FinishReason.ERROR:
+        kinds.append("error")
+    assert len(kinds) == 1, f"record {record.index} has outcomes {kinds}: {record!r}"
+    kind = kinds[0]
+    if kind == "stored":
+        assert dest.exists(record.uri or ""), f"{record.uri} is reported stored but is missing"
+    elif kind == "filtered":
+        assert record.uri is None, "a filtered answer must never be reported as a real image"
+        assert record.filtered_uri and dest.exists(record.filtered_uri), record
+    elif kind == "spilled":
+        assert record.uri is None and Path(record.spill_path or "").is_file(), record
+        assert record.error, "a spilled image must say why it is not in the destination"
+    else:
+        assert record.uri is None and (record.error or "").strip(), record
+    return kind
+
+
+@dataclass
+class RunResult:
+    report: BatchReport
+    state: Any
+    generated: Counter[GenKey]  # generations the emulator billed during this run
+    requests: int
+    outcomes: dict[str, str]  # cache key -> outcome
+    lost: int
+    undelivered: int
+
+    @property
+    def kinds(self) -> Counter[str]:
+        """Outcomes per requested image (a duplicate request counts as its first's outcome)."""
+        return Counter(self.outcomes[r.cache_key] for r in self.report.records)
+
+    def keys(self, kind: str) -> set[GenKey]:
+        return {emulator_key(r) for r in self.report.records if self.outcomes[r.cache_key] == kind}
+
+
+def generated_snapshot(emulator: Any) -> tuple[Counter[GenKey], int]:
+    """The emulator's billing once it is idle (no request half-way)."""
+    assert emulator.stats.wait_for(lambda s: s.in_flight == 0, timeout=30)
+    return Counter(emulator.stats.generated), emulator.stats.requests
+
+
+def check_invariants(
+    report: BatchReport,
+    dest: Destination,
+    generated: Counter[GenKey],
+    *,
+    manifest_expected: bool = True,
+) -> tuple[dict[str, str], int, int]:
+    """Outcome per cache key, lost generations, billed-but-undelivered generations."""
+    outcomes: dict[str, str] = {}
+    for record in report.records:
+        kind = outcome_of(record, dest)
+        assert outcomes.setdefault(record.cache_key, kind) == kind, "one request, two outcomes"
+    assert report.counts == {
+        reason.value: sum(1 for r in report.records if r.finish_reason is reason)
+        for reason in FinishReason
+    }
+    by_key = {emulator_key(r): r for r in report.records}
+    lost = undelivered = 0
+    for key, count in generated.items():
+        record = by_key.get(key)
+        assert record is not None, f"the emulator generated {key} that no record asked for"
+        kind = outcomes[record.cache_key]
+        if DELIVERY_FAULT.search(record.prompt):
+            assert kind == "error", f"a broken delivery must be an ERROR, got {kind}"
+            undelivered += count
+        elif kind not in ("stored", "spilled", "filtered"):
+            lost += 1
+    if manifest_expected:
+        manifest = dest.manifest()
+        assert manifest is not None, "no manifest.jsonl next to the images"
+        lines = [json.loads(line) for line in manifest.decode().splitlines()]
+        assert lines == [json.loads(r.model_dump_json()) for r in report.records]
+        assert report.manifest_uri and dest.read(report.manifest_uri) == manifest
+    return outcomes, lost, undelivered
+
+
+@dataclass
+class Scenario:
+    """One fault, one or more runs of the same batch, one row of the matrix."""
+
+    fault: str
+    test: str
+    emulator: Any
+    destination: str
+    rows: list[Row]
+    runs: list[RunResult] = field(default_factory=list)
+    expected_rerun: str = "-"  # what the re-runs should generate, shown beside what they did
+
+    def __post_init__(self) -> None:
+        self.dest = Destination(self.destination)
+        self.start, _ = generated_snapshot(self.emulator)
+
+    def run(
+        self, prompts: list[Any], *, manifest_expected: bool = True, **kwargs: Any
+    ) -> RunResult:
+        before, requests_before = generated_snapshot(self.emulator)
+        state = generate_images(prompts, self.destination, return_state=True, **kwargs)
+        report: BatchReport = state.result()
+        after, requests_after = generated_snapshot(self.emulator)
+        generated = after - before
+        outcomes, lost, undelivered = check_invariants(
+            report, self.dest, generated, manifest_expected=manifest_expected
+        )
+        result = RunResult(
+            report, state, generated, requests_after - requests_before, outcomes, lost, undelivered
+        )
+        assert report.api_calls == result.requests, "API calls in the report != requests served"
+        if self.runs:
+            # A re-run generates only what no earlier run delivered (undelivered = ERROR).
+            previous = self.runs[-1]
+            delivered = (
+                previous.keys("stored") | previous.keys("filtered") | previous.keys("spilled")
+            )
+            assert not set(generated) & delivered, "a re-run paid again for a delivered image"
+            assert set(generated) <= previous.keys("error")
+        self.runs.append(result)
+        assert lost == 0, f"{lost} generated images were lost"
+        assert self.paid_twice == 0, f"{self.paid_twice} images were paid for twice"
+        return result
+
+    @property
+    def total(self) -> Counter[GenKey]:
+        return generated_snapshot(self.emulator)[0] - self.start
+
+    @property
+    def paid_twice(self) -> int:
+        """Extra generations of an image whose delivery did not break (those are apart)."""
+        return sum(
+            count - 1
+            for key, count in self.total.items()
+            if count > 1 and not DELIVERY_FAULT.search(key[1])
+        )
+
+    def record(self, behaviour: str) -> Row:
+        first = self.runs[0]
+        kinds = first.kinds
+        reruns = self.runs[1:]
+        rerun = (
+            " + ".join(str(sum(r.generated.values())) for r in reruns)
+            + f" (expected {self.expected_rerun})"
+            if reruns
+            else "n/a"
+        )
+        row = Row(
+            fault=self.fault,
+            behaviour=behaviour,
+            test=self.test,
+            requested=len(first.report.records),
+            stored=kinds["stored"],
+            filtered=kinds["filtered"],
+            errors=kinds["error"],
+            spilled=kinds["spilled"],
+            lost=sum(r.lost for r in self.runs),
+            paid_twice=self.paid_twice,
+            billed_undelivered=sum(r.undelivered for r in self.runs),
+            rerun_generations=rerun,
+        )
+        self.rows.append(row)
+        print("MATRIX " + line_of(row))
+        return row
+
+
+def distinct(prefix: str, n: int) -> list[str]:
+    return [f"{prefix} {i:02d}" for i in range(n)]
+
+
+ATTEMPTS = RetryPolicy().max_retries + 1  # what the flow's client tries before an image is ERROR
+
+
+def errors_of(result: RunResult) -> list[ImageRecord]:
+    return [r for r in result.report.records if r.finish_reason is FinishReason.ERROR]
+
+
+def assert_retried_then_errors(result: RunResult, error_type: str) -> None:
+    """Some request was retried (more calls than images), and an image is ERROR only once it
+    used up its attempts, naming the error."""
+    assert result.requests > len(result.report.records), "nothing was retried"
+    for record in errors_of(result):
+        assert error_type in (record.error or ""), record.error
+        assert record.api_calls == ATTEMPTS, record
+
+
+# --------------------------------------------------------------------------------------------
