@@ -3,37 +3,54 @@
 Issue 24's targets: planning 1,000,000 Parquet rows through `--template` takes at most 1.5x the
 peak RSS and 2x the time of planning the same rendered prompts from a `.txt` file. Both plans run
 as `flux-flows plan` subprocesses, one after the other in the same run, into an empty folder
-(no API key, no network); each child's own peak RSS and CPU come from `os.wait4`.
+(no API key, no network), each started and reaped by `harness.procs.measured_command` (wall
+time, and the child's own CPU and peak RSS from `wait4`).
 
     python benchmarks/bench_tables.py --rows 1000000
+    python benchmarks/bench_tables.py --rows 1000000 --row-group-rows 65536
 
 The catalogue has the columns a product export would (`id`, `sku`, `name`, `colour`,
-`category`, `price`), written by pyarrow with its default row groups; the plan reads only the
-columns the template and the request fields need. Prints the date, commit and load first, a table,
-then one `RESULT` line.
+`category`, `price`), written by pyarrow with its default row groups (up to 1Mi rows each: one
+group for a million rows) unless `--row-group-rows` says otherwise; the plan reads only the
+columns the template and the request fields need. The catalogue is written by a child process
+(`_write`): Linux starts an exec'd child's peak RSS at what its parent held, so the measuring
+process stays small and prints its own peak RSS, the floor of every figure. Prints its header
+facts, a table, then one `RESULT` line; keep the whole output as `raw_output_path()` names it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from harness.cpu import max_rss_kb
+from harness.procs import REPO, measured_command, run_script
+from harness.report import (
+    cpu_model,
+    package_version,
+    print_result,
+    raw_output_path,
+    stamp,
+    uptime_text,
+)
 
 TEMPLATE = "studio photo of a {name} in {colour}, item {sku}, white background"
 NAMES = ["mug", "lamp", "chair", "sofa", "kettle", "vase", "rug", "desk", "stool", "clock"]
 COLOURS = ["red", "oak", "white", "teal", "black", "sand", "grey"]
 
 
-def write_catalogue(rows: int, parquet: Path, txt: Path) -> None:
-    """The same rows twice: as a Parquet table, and as the prompts the template renders."""
+def write_catalogue(argv: Sequence[str]) -> None:
+    """`_write ROWS PARQUET TXT GROUP_ROWS`: the same rows as a table and as rendered prompts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, parquet, txt, group_rows = int(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3])
     ids = [f"p-{i}" for i in range(rows)]
     skus = [f"SKU-{i:07d}" for i in range(rows)]
     names = [NAMES[i % len(NAMES)] for i in range(rows)]
@@ -48,94 +65,96 @@ def write_catalogue(rows: int, parquet: Path, txt: Path) -> None:
             "price": [9.5 + i % 100 for i in range(rows)],
         }
     )
-    pq.write_table(table, parquet)
+    pq.write_table(table, parquet, row_group_size=group_rows or None)
+    groups = pq.ParquetFile(parquet).metadata.num_row_groups
     with txt.open("w") as handle:
         for name, colour, sku in zip(names, colours, skus, strict=True):
             handle.write(TEMPLATE.format(name=name, colour=colour, sku=sku) + "\n")
-
-
-# Linux hands a forked child its parent's peak RSS as a floor (`ru_maxrss` survives fork and
-# exec), and this script holds the whole catalogue while writing it: each plan is therefore
-# started and waited for by a small wrapper process, whose own footprint is the floor instead.
-_WRAPPER = """
-import json, os, subprocess, sys, time
-started = time.perf_counter()
-child = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-output = child.stdout.read()
-_, status, usage = os.wait4(child.pid, 0)
-wall = time.perf_counter() - started
-sys.stdout.buffer.write(output)
-figures = [os.waitstatus_to_exitcode(status), wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss]
-sys.stderr.write(json.dumps(figures))
-"""
-
-
-def measure(args: list[str]) -> dict[str, float]:
-    """Wall time, CPU time and peak RSS (its own, from `os.wait4`) of one `flux-flows` child."""
-    done = subprocess.run(
-        [sys.executable, "-c", _WRAPPER, sys.executable, "-m", "flux_flows.cli", *args],
-        capture_output=True,
-        env={**os.environ, "COLUMNS": "120"},
-        check=False,
-    )
-    code, wall, cpu, max_rss_kb = json.loads(done.stderr)
-    output = done.stdout.decode()
-    if code != 0 or "to generate" not in output:
-        raise SystemExit(f"flux-flows {' '.join(args)} failed ({code}):\n{output}")
-    return {"wall_s": wall, "cpu_s": cpu, "rss_mb": max_rss_kb / 1024}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--workdir", type=Path, default=None)
-    options = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    commit += " (with uncommitted changes)" if dirty else ""
-    print(f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, load {os.getloadavg()}")
-    print(f"python {sys.version.split()[0]}, pyarrow {pa.__version__}, rows {options.rows}")
-    work = options.workdir or Path(tempfile.mkdtemp(prefix="bench-tables-"))
-    work.mkdir(parents=True, exist_ok=True)
-    parquet, txt = work / "catalogue.parquet", work / "catalogue.txt"
-    write_catalogue(options.rows, parquet, txt)
-    groups = pq.ParquetFile(parquet).metadata.num_row_groups
     print(
         f"catalogue.parquet {parquet.stat().st_size / 1e6:.1f} MB ({groups} row groups, 6 "
         f"columns), catalogue.txt {txt.stat().st_size / 1e6:.1f} MB"
     )
-    figures = {
-        "txt": measure(["plan", str(txt), "--to", str(work / "out-txt")]),
-        "parquet": measure(
-            ["plan", str(parquet), "--template", TEMPLATE, "--to", str(work / "out-parquet")]
-        ),
+
+
+def plan(args: list[str]) -> dict[str, Any]:
+    """One `flux-flows plan` child: wall s, CPU s, peak RSS MB; it must have planned."""
+    command = [sys.executable, "-m", "flux_flows.cli", "plan", *args]
+    figures = measured_command(command, {**os.environ, "COLUMNS": "120"})
+    if "to generate" not in figures["output"]:
+        raise SystemExit(f"flux-flows plan {' '.join(args)} did not plan:\n{figures['output']}")
+    return {
+        "wall_s": figures["wall_s"],
+        "cpu_s": figures["cpu_s"],
+        "rss_mb": figures["max_rss_kb"] / 1024,
     }
+
+
+def orchestrate(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--row-group-rows", type=int, default=0, help="0: pyarrow's default")
+    options = parser.parse_args(argv)
+    print(f"bench_tables: {stamp()}; {os.cpu_count()} cores; {cpu_model()}")
+    print(f"  command: python benchmarks/bench_tables.py {' '.join(argv) or '(defaults)'}")
+    print(f"  python {sys.version.split()[0]}, pyarrow {package_version('pyarrow')}")
+    print(f"  raw output kept as {raw_output_path(__file__).relative_to(REPO)}")
+    print(f"  start: {uptime_text()}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-tables-"))
+    try:
+        parquet, txt = work / "catalogue.parquet", work / "catalogue.txt"
+        written = measured_command(
+            [
+                sys.executable,
+                __file__,
+                "_write",
+                str(options.rows),
+                str(parquet),
+                str(txt),
+                str(options.row_group_rows),
+            ],
+            dict(os.environ),
+        )
+        print("  " + written["output"].strip())
+        figures = {
+            "txt": plan([str(txt), "--to", str(work / "out-txt")]),
+            "parquet": plan([str(parquet), "--template", TEMPLATE, "--to", str(work / "out-pq")]),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"  end: {uptime_text()}")
+    print(f"  this process's own peak RSS (the floor of a child's): {max_rss_kb() / 1024:.1f} MB")
     print(
         f"{'flux-flows plan, ' + str(options.rows) + ' rows':42} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}"
     )
-    for name, row in figures.items():
-        label = ".txt" if name == "txt" else ".parquet --template"
+    for name, label in (("txt", ".txt"), ("parquet", ".parquet --template")):
+        row = figures[name]
         print(f"{label:42} {row['wall_s']:8.1f} {row['cpu_s']:8.1f} {row['rss_mb']:12.1f}")
     txt_row, pq_row = figures["txt"], figures["parquet"]
     rss_ratio, time_ratio = (
         pq_row["rss_mb"] / txt_row["rss_mb"],
         pq_row["wall_s"] / txt_row["wall_s"],
     )
-    print(
-        f"RESULT rows={options.rows} txt_s={txt_row['wall_s']:.1f} txt_cpu_s={txt_row['cpu_s']:.1f} "
-        f"txt_rss_mb={txt_row['rss_mb']:.1f} parquet_s={pq_row['wall_s']:.1f} "
-        f"parquet_cpu_s={pq_row['cpu_s']:.1f} parquet_rss_mb={pq_row['rss_mb']:.1f} "
-        f"rss_ratio={rss_ratio:.2f} time_ratio={time_ratio:.2f} "
-        f"targets_met={'yes' if rss_ratio <= 1.5 and time_ratio <= 2 else 'no'}"
+    print_result(
+        {
+            "rows": options.rows,
+            "row_group_rows": options.row_group_rows or "default",
+            "txt_s": txt_row["wall_s"],
+            "txt_cpu_s": txt_row["cpu_s"],
+            "txt_rss_mb": txt_row["rss_mb"],
+            "parquet_s": pq_row["wall_s"],
+            "parquet_cpu_s": pq_row["cpu_s"],
+            "parquet_rss_mb": pq_row["rss_mb"],
+            "rss_ratio": rss_ratio,
+            "time_ratio": time_ratio,
+            "targets_met": "yes" if rss_ratio <= 1.5 and time_ratio <= 2 else "no",
+        }
     )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_script(argv, {"_write": write_catalogue}, orchestrate)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
