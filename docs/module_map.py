@@ -85,18 +85,30 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def readme_table() -> str:
-    text = (ROOT / "README.md").read_text()
+COPIES = ("README.md", "docs/architecture.md")
+
+
+def copy_in(name: str) -> str:
+    text = (ROOT / name).read_text()
     return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
+
+
+def write_copies() -> None:
+    """Put the current table between the markers of each copy."""
+    for name in COPIES:
+        path = ROOT / name
+        head, rest = path.read_text().split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n{table()}\n{END}{rest.split(END, 1)[1]}")
 
 
 def main() -> int:
     if "--check" in sys.argv:
-        if readme_table() != table():
-            print(
-                "README.md's module map differs from `python docs/module_map.py`", file=sys.stderr
-            )
-            return 1
+        stale = [name for name in COPIES if copy_in(name) != table()]
+        for name in stale:
+            print(f"{name}: module map differs from `python docs/module_map.py`", file=sys.stderr)
+        return 1 if stale else 0
+    if "--write" in sys.argv:
+        write_copies()
         return 0
     print(table())
     return 0
