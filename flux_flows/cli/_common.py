@@ -218,3 +218,13 @@ def check_prompt_source(
             f"--edit needs a FLUX Kontext model: --model {' or --model '.join(KONTEXT_MODELS)}",
             ExitCode.BAD_INPUT,
         )
+
+
+EventsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--events/--no-events",
+        help="When the batch ends, send a flux-flows.batch.* Prefect event and record the "
+        "manifest as an asset (deployments/README.md).",
+    ),
+]

@@ -19,6 +19,7 @@ from flux_flows.cli._common import (
     ConcurrencyOpt,
     DestOpt,
     EditOpt,
+    EventsOpt,
     ExitCode,
     GuidanceOpt,
     ModelOpt,
@@ -238,16 +239,6 @@ def use_base_url(base_url: str | None) -> None:
         os.environ[BASE_URL_ENV] = resolve_base_url(base_url)
     except ValueError as exc:
         fail_with(exc)
-
-
-EventsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--events/--no-events",
-        help="When the batch ends, send a flux-flows.batch.* Prefect event and record the "
-        "manifest as an asset (deployments/README.md).",
-    ),
-]
 
 
 def _settings(options: dict[str, Any], drop: tuple[str, ...]) -> BatchSettings:
