@@ -137,10 +137,6 @@ class BatchSettings(RequestDefaults):
             )
         return value
 
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.as_defaults()
-
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Self:
         """The settings among a flow's or command's parameters, by name; the rest is ignored."""

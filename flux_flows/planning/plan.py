@@ -286,7 +286,7 @@ def plan_images(
     """`expand` with a batch's settings: request defaults, seed, variants, input images."""
     return expand(
         rows,
-        defaults=settings.defaults,
+        defaults=settings.as_defaults(),
         seed=settings.seed,
         base_seed=settings.base_seed,
         variants=settings.variants,
