@@ -41,6 +41,7 @@ SLOW_FILES = (
     "test_cli_outcomes.py",
     "test_dask.py",
     "test_deployment.py",
+    "test_events_e2e.py",
     "test_first_run.py",
     "test_fleet.py",
     "test_fleet_workers.py",
