@@ -12,6 +12,7 @@ A run holds the user's `concurrency_limit` in leased blocks of many slots and ta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -431,6 +432,40 @@ def test_a_killed_holders_slots_come_back_with_its_lease(
 # 2 of the batch's 8 in flight, on a limit of 3: together they must fill it, never pass it.
 DASK_LIMIT = 3
 DASK_IMAGES = 16
+# How long the emulator holds the first answers for the chunks to reach the limit together.
+DASK_GATE_S = 90.0
+
+
+def hold_answers_until_in_flight(
+    monkeypatch: pytest.MonkeyPatch, stats: Any, count: int, timeout: float
+) -> threading.Event:
+    """Make the emulator hold its answers until `count` requests are in flight at once, then
+    answer as configured; the returned event is set when the gate opened on that count.
+
+    Chunks start in worker processes whose start-up differs by seconds on a loaded machine, so
+    with a fixed latency the first chunks may be done before the last begin, and the peak in
+    flight measures the machine's load, not the limit. Held answers keep every request's slot
+    taken until the others arrive: the limit is then the only thing that stops more requests,
+    so reaching `count` shows it is shared and never passing it shows it holds. Nothing is
+    decided by a clock: the timeout only turns a never-reached count into a failure, not a hang.
+    """
+    from flux_flows.emulator import app as emulator_app
+
+    stayed = emulator_app._client_stayed
+    opened, done = threading.Event(), threading.Event()
+
+    def reached() -> bool:
+        return bool(stats.wait_for(lambda s: s.in_flight >= count, timeout=timeout))
+
+    async def held_then_stayed(request: Any, seconds: float) -> bool:
+        if not done.is_set():
+            if await asyncio.to_thread(reached):
+                opened.set()
+            done.set()  # reached or timed out: later answers are not held
+        return await stayed(request, seconds)
+
+    monkeypatch.setattr(emulator_app, "_client_stayed", held_then_stayed)
+    return opened
 
 
 def test_dask_chunks_hold_the_shared_limit(
@@ -440,6 +475,7 @@ def test_dask_chunks_hold_the_shared_limit(
     from prefect_dask import DaskTaskRunner
 
     flow_env.configure(latency_s=LATENCY_S)
+    opened = hold_answers_until_in_flight(monkeypatch, flow_env.stats, DASK_LIMIT, DASK_GATE_S)
     # The workers inherit it: the same Prefect API as the batch, where the limit is.
     monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
     with (
@@ -463,6 +499,9 @@ def test_dask_chunks_hold_the_shared_limit(
         )
         report = state.result()
         assert report.counts[FinishReason.SUCCESS] == DASK_IMAGES
+        assert report.api_calls == DASK_IMAGES
+        # Filled (the chunks' slots come from one limit: 2 + 1, not 2 each) and never passed.
+        assert opened.is_set(), f"never {DASK_LIMIT} in flight: {flow_env.stats.as_dict()}"
         assert flow_env.stats.max_in_flight == DASK_LIMIT
         assert active_slots(name) == 0
 
