@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from flux_flows.flows import AdaptiveWindow, Pacer, generate_images
+from flux_flows.flows import generate_images
+from flux_flows.rendering.pacing import AdaptiveWindow, Pacer
 
 
 def test_window_halves_on_throttle_and_regrows_additively() -> None:
