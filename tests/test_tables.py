@@ -346,3 +346,36 @@ def test_cli_plan_finds_a_template_error_before_spending(
     assert good.returncode == 0, good.stderr
     assert "│ to generate                 │ 3" in good.stdout
     assert flow_env.stats.requests == 0
+
+
+def test_catalogue_example_runs_offline_as_users_run_it(
+    tmp_path: Path, cli_env: dict[str, str], flow_env: Any
+) -> None:
+    """`python flows/catalogue.py` with no Fireworks settings: its own emulator, local output."""
+    example = Path(__file__).resolve().parents[1] / "flows" / "catalogue.py"
+    env = {k: v for k, v in cli_env.items() if not k.startswith("FIREWORKS_")}
+    out = tmp_path / "out"
+
+    def run() -> str:
+        done = subprocess.run(
+            [sys.executable, str(example), "--destination", str(out)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    first = run()
+    assert "3 images, 3 API calls" in first
+    assert "using a local Fireworks emulator" in first
+    shots = [json.loads(line[line.index("{") :]) for line in first.splitlines() if '"sku"' in line]
+    assert [shot["sku"] for shot in shots] == ["MUG-RED", "LAMP-01", "CHR-OAK"]
+    assert (
+        shots[1]["prompt"] == "studio photo of a desk lamp in white, white background, soft shadow"
+    )
+    assert all(Path(shot["uri"]).is_file() for shot in shots)
+    assert "3 images, 0 API calls" in run()  # the second run pays for nothing
+    assert flow_env.stats.requests == 0  # the example's own emulator answered, not this one
