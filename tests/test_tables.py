@@ -24,6 +24,7 @@ from flux_flows.flows import generate_images, generate_images_from_file
 from flux_flows.planning.sources import read_prompts
 from flux_flows.planning.templates import table_spec
 from flux_flows.storage.metadata import ROW_FIELDS_MAX, row_metadata, s3_metadata
+from helpers.common import cli, summary_row
 
 TEMPLATE = "studio photo of a {name} in {colour}, white background"
 CATALOGUE = [
@@ -314,37 +315,13 @@ def test_cli_plan_finds_a_template_error_before_spending(
     tmp_path: Path, cli_env: dict[str, str], flow_env: Any
 ) -> None:
     source = write_table(CATALOGUE, tmp_path / "catalogue.parquet")
-    command = [
-        sys.executable,
-        "-m",
-        "flux_flows.cli",
-        "plan",
-        str(source),
-        "--to",
-        str(tmp_path / "out"),
-    ]
-    bad = subprocess.run(
-        [*command, "--template", TEMPLATE], env=cli_env, capture_output=True, text=True, timeout=120
-    )
+    plan = ("plan", str(source), "--to", str(tmp_path / "out"), "--template", TEMPLATE)
+    bad = cli(*plan, env=cli_env)
     assert bad.returncode == 2, bad.stderr
     assert "catalogue.parquet row 2: has no 'colour'" in bad.stderr
-    good = subprocess.run(
-        [
-            *command,
-            "--template",
-            TEMPLATE,
-            "--template-default",
-            "colour=white",
-            "--keep-columns",
-            "sku",
-        ],
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    good = cli(*plan, "--template-default", "colour=white", "--keep-columns", "sku", env=cli_env)
     assert good.returncode == 0, good.stderr
-    assert "│ to generate                 │ 3" in good.stdout
+    assert summary_row(good.stdout, "to generate") == "3"
     assert flow_env.stats.requests == 0
 
 
