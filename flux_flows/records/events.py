@@ -62,6 +62,7 @@ PAYLOAD_KEYS = (
 )
 MAX_PROBLEMS = 5
 MAX_PROBLEM_CHARS = 300
+MAX_NESTING = 5  # parent flow runs walked up to find the deployment
 
 
 def beside(root: str, name: str) -> str:
@@ -143,13 +144,41 @@ def _report_of(state: State) -> BatchReport | None:
     return report if isinstance(report, BatchReport) else None
 
 
-def _deployment_name() -> str:
-    """The deployment this run, or the flow run it is nested in, was started from; "" if none."""
+def _deployment_name(context: Any) -> str:
+    """The deployment this run, or the flow run it is nested in, was started from; "" if none.
+
+    Read with the run's own sync client, walking up parent flow runs: `prefect.runtime.deployment`
+    goes through Prefect's global loop thread, which made a flow run take about 1 s longer to
+    end (measured with bench_events.py's runs while this was being written: a scratch figure).
+    """
+    from prefect.client.orchestration import SyncPrefectClient
+
+    try:
+        client = getattr(context, "client", None)
+        flow_run = getattr(context, "flow_run", None)
+        if not isinstance(client, SyncPrefectClient) or flow_run is None:
+            return _runtime_deployment_name()
+        for _ in range(MAX_NESTING):
+            if flow_run.deployment_id is not None:
+                return str(client.read_deployment(flow_run.deployment_id).name or "")
+            if flow_run.parent_task_run_id is None:
+                return ""
+            parent = client.read_task_run(flow_run.parent_task_run_id).flow_run_id
+            if parent is None:
+                return ""
+            flow_run = client.read_flow_run(parent)
+        return ""
+    except Exception:  # a label is never worth failing the batch
+        return ""
+
+
+def _runtime_deployment_name() -> str:
+    """Prefect's own answer, for a run without a sync client (an async engine)."""
     try:
         from prefect.runtime import deployment
 
         return str(deployment.name or "")
-    except Exception:  # a label is never worth failing the batch
+    except Exception:
         return ""
 
 
@@ -231,7 +260,7 @@ def _resource(summary: Mapping[str, Any], flow_run: Any, context: Any) -> dict[s
         "flux-flows.outcome": summary["outcome"],
         "flux-flows.dry-run": "true" if summary["dry_run"] else "false",
         "flux-flows.flow": str(getattr(flow, "name", "") or ""),
-        "flux-flows.deployment": _deployment_name(),
+        "flux-flows.deployment": _deployment_name(context),
     }
 
 
