@@ -79,7 +79,9 @@ def test_options_take_their_fields_from_any_parameters() -> None:
     )
     assert (options.destination, options.variants) == ("s3://b/p", 3)
     assert options.as_defaults()["model"] == "flux-1-dev-fp8"
-    assert set(options.as_defaults()) == set(BatchSettings.model_fields) & set(options.as_defaults())
+    assert set(options.as_defaults()) == set(BatchSettings.model_fields) & set(
+        options.as_defaults()
+    )
 
 
 @pytest.mark.parametrize(
