@@ -53,7 +53,7 @@ def run_batch(
     rows: Iterable[PromptRow], options: BatchOptions, *, source: str | None = None
 ) -> State:
     """The body shared by the flows; returns the final state carrying the BatchReport. Its end
-    is announced as one Prefect event, its manifest as an asset (`batch_events`)."""
+    is announced as one Prefect event, its manifest as an asset (`records.events`)."""
     with BatchAnnouncer(options, source) as announcer:
         return announcer.ended(_run_batch(rows, options, announcer))
 

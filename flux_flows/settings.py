@@ -89,13 +89,13 @@ class BatchSettings(RequestDefaults):
     chunk_deployment: str | None = None
     # FLUX Kontext edit batch: a list of image references, or a folder / s3:// prefix to list.
     input_images: list[str] | str | None = None
-    # Prompts from table columns (`prompt_templates`): "photo of a {name}" rendered per row, its
+    # Prompts from table columns (`planning.templates`): "photo of a {name}" rendered per row, its
     # fields' defaults, and the columns carried into the manifest and the S3 metadata.
     prompt_template: str | None = None
     template_defaults: dict[str, str] | None = None
     keep_columns: list[str] | None = None
     # When the batch ends: a `flux-flows.batch.*` Prefect event and the manifest as an asset
-    # (`batch_events`), so the next job can start on a trigger instead of polling.
+    # (`records.events`), so the next job can start on a trigger instead of polling.
     events: bool = True
 
     @field_validator(*_LOWER_BOUNDS, mode="before")

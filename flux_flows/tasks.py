@@ -3,7 +3,7 @@
 Retries live in one layer, the client (which knows about `Retry-After`), so the tasks set
 `retries=0`: task retries on top would multiply API calls and spend. Clients are never task
 arguments: each process builds its own from the credentials and keeps it (`shared_client`).
-The work itself is in `render` (storing) and the client (generating); these are thin.
+The work itself is in `rendering.one_image` (storing) and the client (generating); these are thin.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`--template`, `--template-default` and `--keep-columns` for `run` and `plan`.
 
 They become the settings `prompt_template`, `template_defaults` and `keep_columns`
-(`prompt_templates`), checked here so a bad template fails before a Prefect server starts.
+(`planning.templates`), checked here so a bad template fails before a Prefect server starts.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 No Pillow here (decoding a 300 KB JPEG to learn its size costs more than the rest of an
 answer): the type comes from the magic bytes, completeness from the trailer, the size from the
-JPEG frame header or the PNG IHDR chunk. Input images (`images_in`) use `image_type` too.
+JPEG frame header or the PNG IHDR chunk. Input images (`inputs.images`) use `image_type` too.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class PlannedImage:
     item_id: str | None
     values: tuple[Any, ...] = field(repr=False)
     fields_set: frozenset[str] = field(repr=False)
-    # The row's kept columns (`prompt_templates`), one dict shared by its variants.
+    # The row's kept columns (`planning.templates`), one dict shared by its variants.
     columns: dict[str, str] | None = field(default=None, compare=False)
 
     @classmethod

@@ -32,4 +32,4 @@ class PromptRow(NamedTuple):
     where: str
     index: int | None = None  # type: ignore[assignment]  # typeshed's tuple.index; the field wins at runtime
     variant: int | None = None
-    columns: dict[str, str] | None = None  # kept columns (`prompt_templates`), for the manifest
+    columns: dict[str, str] | None = None  # kept columns (`planning.templates`), for the manifest

@@ -308,8 +308,8 @@ def iter_prompts(
 
     The source's name and file type are checked now, before anything is read (a typo in the
     extension costs no S3 round trip); problems inside the file are raised as they are reached.
-    `table` (`prompt_templates.table_spec`) renders each row's prompt from a template and keeps
-    the columns it names; `.parquet` files are read by `prompt_tables`.
+    `table` (`planning.templates.table_spec`) renders each row's prompt from a template and keeps
+    the columns it names; `.parquet` files are read by `planning.tables`.
     """
     if not isinstance(source, str | Path) or not str(source).strip():
         raise PromptSourceError("prompt source is empty: pass a file path or s3://BUCKET/KEY")
@@ -374,7 +374,7 @@ def normalize_prompts(
     """Rows from what a flow caller passes: strings, dicts of overrides, or ImageRequest models.
 
     A bare string is refused rather than iterated, which would turn "a cat" into five prompts.
-    With `table`, each dict is a table row (`prompt_templates`) and a string is its `prompt`.
+    With `table`, each dict is a table row (`planning.templates`) and a string is its `prompt`.
     """
     if isinstance(prompts, str | bytes | Mapping | BaseModel) or not isinstance(prompts, Iterable):
         raise TypeError(

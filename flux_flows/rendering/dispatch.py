@@ -110,7 +110,7 @@ def render_all(
 
     Local threads (the default): one windowed loop, no task runs. `per_image_tasks`: a task run
     per image. Any other runner (Dask, Ray): chunks, one task run each. `chunk_deployment`:
-    chunks as flow runs on a work pool (see `pools`), staged under `work_dir`. `on_results` sees each
+    chunks as flow runs on a work pool (see `rendering.work_pools`), staged under `work_dir`. `on_results` sees each
     batch of finished results (a chunk, or every few hundred images) so records can be written
     as the run goes.
     """
